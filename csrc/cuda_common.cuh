@@ -1,0 +1,107 @@
+// Shared device helpers for the lsjax CUDA kernels: float conversion of the
+// storage types, 16-byte vector access, warp/row reductions, launch helpers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lsjax::cuda {
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// VEC consecutive elements moved as aligned accesses of up to 16 bytes.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC < 16 ? sizeof(T) * VEC : 16) Vec {
+  T v[VEC];
+};
+
+// Elements per 16-byte access.
+template <typename T>
+constexpr int kVec16 = 16 / sizeof(T);
+
+template <typename T, int VEC>
+__device__ __forceinline__ void LoadFloats(const T* p, float (&out)[VEC]) {
+  const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = ToFloat(v.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void StoreFloats(T* p, const float (&in)[VEC]) {
+  Vec<T, VEC> v;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) v.v[i] = FromFloat<T>(in[i]);
+  *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum of two values over the blockDim.x threads of one row of a 2-D block
+// (threadIdx.y picks the row). `smem` holds at least 2 * blockDim.y * 32
+// floats. Every thread of the block must call it (it has barriers).
+__device__ __forceinline__ void RowSum2(float& a, float& b, float* smem) {
+  a = WarpSum(a);
+  b = WarpSum(b);
+  const int warps = blockDim.x / 32;
+  if (warps == 1) return;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* row = smem + threadIdx.y * 64;
+  __syncthreads();
+  if (lane == 0) {
+    row[warp] = a;
+    row[32 + warp] = b;
+  }
+  __syncthreads();
+  a = 0.f;
+  b = 0.f;
+  for (int w = 0; w < warps; ++w) {
+    a += row[w];
+    b += row[32 + w];
+  }
+}
+
+inline bool Aligned(const void* p, int bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Multiprocessor count of the current device, queried once per device.
+inline int NumSMs() {
+  static int cached[64] = {0};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device);
+  }
+  return cached[device];
+}
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int NextPow2(int64_t v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+}  // namespace lsjax::cuda

@@ -1,0 +1,398 @@
+// CUDA layer norm (forward and backward), LightSeq-style but without a hidden
+// size cap.
+//
+// Fast path ("register" kernels): when cols divides into 16-byte vectors and
+// the row fits in registers (<= 256 threads x ITEMS vectors), each row is read
+// once into registers, reduced twice (mean, then centred variance: exact
+// two-pass statistics at no extra memory traffic) and written once. A 256-thread
+// block holds 256 / threads_per_row rows. Otherwise the "generic" kernels work on
+// any size with one block per row and re-read the row (L1/L2 resident).
+//
+// Backward column sums (dscale, dbias) are deterministic: each row-slot of a
+// persistent grid accumulates its rows in registers, writes one partial row,
+// and a second kernel sums the partials in a fixed order. No float atomics.
+#include <algorithm>
+#include <type_traits>
+
+#include "csrc/cuda_common.cuh"
+#include "csrc/layer_norm.h"
+
+namespace lsjax {
+namespace {
+
+using cuda::CeilDiv;
+using cuda::FromFloat;
+using cuda::LoadFloats;
+using cuda::NextPow2;
+using cuda::RowSum2;
+using cuda::StoreFloats;
+using cuda::ToFloat;
+
+constexpr int kBlock = 256;        // threads per block, all kernels
+constexpr int kMaxRowsPerBlock = kBlock / 32;
+constexpr int kMaxItemsFwd = 8;    // vectors per thread held in registers
+constexpr int kMaxItemsBwd = 4;
+
+// ---------------------------------------------------------------- forward --
+
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kBlock) LnFwdRegister(LayerNormFwdArgs<T> a) {
+  __shared__ float smem[kMaxRowsPerBlock * 64];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = row < a.rows;
+  const int nvec = static_cast<int>(a.cols / VEC);
+  const int64_t off = row * a.cols;
+  float v[ITEMS][VEC];
+  float sum = 0.f, unused = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * blockDim.x + threadIdx.x;
+    if (active && idx < nvec) {
+      LoadFloats<T, VEC>(a.x + off + idx * VEC, v[i]);
+      if (a.residual) {
+        float r[VEC];
+        LoadFloats<T, VEC>(a.residual + off + idx * VEC, r);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[i][k] += r[k];
+        StoreFloats<T, VEC>(a.z + off + idx * VEC, v[i]);
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += v[i][k];
+    }
+  }
+  RowSum2(sum, unused, smem);
+  const float mean = sum / a.cols;
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * blockDim.x + threadIdx.x;
+    if (active && idx < nvec) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sq += (v[i][k] - mean) * (v[i][k] - mean);
+    }
+  }
+  RowSum2(sq, unused, smem);
+  const float rstd = rsqrtf(sq / a.cols + a.eps);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * blockDim.x + threadIdx.x;
+    if (active && idx < nvec) {
+      float s[VEC], b[VEC];
+      LoadFloats<float, VEC>(a.scale + idx * VEC, s);
+      LoadFloats<float, VEC>(a.bias + idx * VEC, b);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[i][k] = (v[i][k] - mean) * rstd * s[k] + b[k];
+      StoreFloats<T, VEC>(a.y + off + idx * VEC, v[i]);
+    }
+  }
+  if (active && threadIdx.x == 0) {
+    a.mean[row] = mean;
+    a.rstd[row] = rstd;
+  }
+}
+
+// Any cols: one block per row (grid-stride), the row re-read from cache.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) LnFwdGeneric(LayerNormFwdArgs<T> a) {
+  __shared__ float smem[64];
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const int64_t off = row * a.cols;
+    auto load = [&](int64_t c) {
+      float v = ToFloat(a.x[off + c]);
+      if (a.residual) v += ToFloat(a.residual[off + c]);
+      return v;
+    };
+    float sum = 0.f, unused = 0.f;
+    for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
+      const float v = load(c);
+      if (a.residual) a.z[off + c] = FromFloat<T>(v);
+      sum += v;
+    }
+    RowSum2(sum, unused, smem);
+    const float mean = sum / a.cols;
+    float sq = 0.f;
+    for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
+      const float d = load(c) - mean;
+      sq += d * d;
+    }
+    RowSum2(sq, unused, smem);
+    const float rstd = rsqrtf(sq / a.cols + a.eps);
+    for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
+      a.y[off + c] = FromFloat<T>((load(c) - mean) * rstd * a.scale[c] + a.bias[c]);
+    }
+    if (threadIdx.x == 0) {
+      a.mean[row] = mean;
+      a.rstd[row] = rstd;
+    }
+  }
+}
+
+// --------------------------------------------------------------- backward --
+
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kBlock)
+    LnBwdRegister(LayerNormBwdArgs<T> a, float* partial_dscale, float* partial_dbias) {
+  __shared__ float smem[kMaxRowsPerBlock * 64];
+  const int nvec = static_cast<int>(a.cols / VEC);
+  float sc[ITEMS][VEC], dsc[ITEMS][VEC], dbi[ITEMS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * blockDim.x + threadIdx.x;
+    if (idx < nvec) LoadFloats<float, VEC>(a.scale + idx * VEC, sc[i]);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dsc[i][k] = dbi[i][k] = 0.f;
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows; base += stride) {
+    const int64_t row = base + threadIdx.y;
+    const bool active = row < a.rows;
+    const int64_t off = row * a.cols;
+    const float mean = active ? a.mean[row] : 0.f;
+    const float rstd = active ? a.rstd[row] : 0.f;
+    float xhat[ITEMS][VEC], dy[ITEMS][VEC];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int idx = i * blockDim.x + threadIdx.x;
+      if (active && idx < nvec) {
+        LoadFloats<T, VEC>(a.z + off + idx * VEC, xhat[i]);
+        LoadFloats<T, VEC>(a.dy + off + idx * VEC, dy[i]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          xhat[i][k] = (xhat[i][k] - mean) * rstd;
+          const float g = dy[i][k] * sc[i][k];
+          sum_g += g;
+          sum_gx += g * xhat[i][k];
+          dsc[i][k] += dy[i][k] * xhat[i][k];
+          dbi[i][k] += dy[i][k];
+        }
+      }
+    }
+    RowSum2(sum_g, sum_gx, smem);
+    const float mean_g = sum_g / a.cols, mean_gx = sum_gx / a.cols;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int idx = i * blockDim.x + threadIdx.x;
+      if (active && idx < nvec) {
+        float d[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          d[k] = rstd * (dy[i][k] * sc[i][k] - mean_g - xhat[i][k] * mean_gx);
+        }
+        if (a.dz_out) {
+          float extra[VEC];
+          LoadFloats<T, VEC>(a.dz_out + off + idx * VEC, extra);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) d[k] += extra[k];
+        }
+        StoreFloats<T, VEC>(a.dz + off + idx * VEC, d);
+      }
+    }
+  }
+  const int64_t slot = (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * a.cols;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * blockDim.x + threadIdx.x;
+    if (idx < nvec) {
+      StoreFloats<float, VEC>(partial_dscale + slot + idx * VEC, dsc[i]);
+      StoreFloats<float, VEC>(partial_dbias + slot + idx * VEC, dbi[i]);
+    }
+  }
+}
+
+// Any cols: one block per row (grid-stride); each block accumulates its rows'
+// column sums into its own partial row (zeroed beforehand).
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+    LnBwdGeneric(LayerNormBwdArgs<T> a, float* partial_dscale, float* partial_dbias) {
+  __shared__ float smem[64];
+  float* pds = partial_dscale + static_cast<int64_t>(blockIdx.x) * a.cols;
+  float* pdb = partial_dbias + static_cast<int64_t>(blockIdx.x) * a.cols;
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const int64_t off = row * a.cols;
+    const float mean = a.mean[row], rstd = a.rstd[row];
+    float sum_g = 0.f, sum_gx = 0.f;
+    for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
+      const float xhat = (ToFloat(a.z[off + c]) - mean) * rstd;
+      const float dy = ToFloat(a.dy[off + c]);
+      const float g = dy * a.scale[c];
+      sum_g += g;
+      sum_gx += g * xhat;
+      pds[c] += dy * xhat;
+      pdb[c] += dy;
+    }
+    RowSum2(sum_g, sum_gx, smem);
+    const float mean_g = sum_g / a.cols, mean_gx = sum_gx / a.cols;
+    for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
+      const float xhat = (ToFloat(a.z[off + c]) - mean) * rstd;
+      float d = rstd * (ToFloat(a.dy[off + c]) * a.scale[c] - mean_g - xhat * mean_gx);
+      if (a.dz_out) d += ToFloat(a.dz_out[off + c]);
+      a.dz[off + c] = FromFloat<T>(d);
+    }
+  }
+}
+
+// out[c] = sum_p partial[p, c] for the two partial tensors (blockIdx.y picks),
+// in a fixed order: deterministic.
+__global__ void __launch_bounds__(kBlock) ColumnSum(const float* partial_dscale,
+                                                    const float* partial_dbias, int64_t parts,
+                                                    int64_t cols, float* dscale, float* dbias) {
+  __shared__ float smem[8][33];
+  const float* in = blockIdx.y == 0 ? partial_dscale : partial_dbias;
+  float* out = blockIdx.y == 0 ? dscale : dbias;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (c < cols) {
+    for (int64_t p = threadIdx.y; p < parts; p += 8) acc += in[p * cols + c];
+  }
+  smem[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) total += smem[k][threadIdx.x];
+    out[c] = total;
+  }
+}
+
+// ------------------------------------------------------------ launch plan --
+
+// How a [rows, cols] problem maps onto the kernels.
+struct Plan {
+  int vec = 1;          // elements per access (1: generic kernel)
+  int items = 0;        // vectors per thread; 0 selects the generic kernel
+  int threads_per_row = kBlock;
+  int rows_per_block = 1;
+};
+
+template <typename T>
+Plan MakePlan(int64_t cols, int max_items, const void* const* ptrs, int n_ptrs) {
+  Plan plan;
+  constexpr int kVec = cuda::kVec16<T>;
+  bool vectorisable = cols % kVec == 0;
+  for (int i = 0; i < n_ptrs; ++i) vectorisable = vectorisable && cuda::Aligned(ptrs[i], 16);
+  const int vec = vectorisable ? kVec : 1;
+  const int64_t nvec = cols / vec;
+  // Aim for 4 vectors per thread; one warp per row at least, 256 threads at most.
+  const int tpr = static_cast<int>(std::min<int64_t>(kBlock, std::max(32, NextPow2(CeilDiv(nvec, 4)))));
+  const int items = NextPow2(CeilDiv(nvec, tpr));
+  if (items > max_items) return plan;  // generic
+  plan.vec = vec;
+  plan.items = items;
+  plan.threads_per_row = tpr;
+  plan.rows_per_block = kBlock / tpr;
+  return plan;
+}
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Calls f(Int<VEC>, Int<ITEMS>) for the plan's register kernel.
+template <typename T, int MAX_ITEMS, typename F>
+void DispatchRegister(const Plan& plan, F&& f) {
+  auto by_items = [&](auto vec) {
+    if (plan.items == 1) {
+      f(vec, Int<1>{});
+    } else if (plan.items == 2) {
+      f(vec, Int<2>{});
+    } else if (plan.items == 4) {
+      f(vec, Int<4>{});
+    } else if constexpr (MAX_ITEMS >= 8) {
+      f(vec, Int<8>{});
+    }
+  };
+  if (plan.vec == 1) {
+    by_items(Int<1>{});
+  } else {
+    by_items(Int<cuda::kVec16<T>>{});
+  }
+}
+
+template <typename T>
+Plan FwdPlan(const LayerNormFwdArgs<T>& a) {
+  const void* ptrs[] = {a.x, a.residual, a.z, a.y, a.scale, a.bias};
+  return MakePlan<T>(a.cols, kMaxItemsFwd, ptrs, 6);
+}
+
+template <typename T>
+Plan BwdPlan(const LayerNormBwdArgs<T>& a) {
+  const void* ptrs[] = {a.dy, a.dz_out, a.z, a.dz, a.scale};
+  return MakePlan<T>(a.cols, kMaxItemsBwd, ptrs, 5);
+}
+
+// Persistent grid for the backward: enough row slots to fill the GPU.
+int64_t BwdGrid(const Plan& plan, int64_t rows) {
+  const int64_t blocks_needed = CeilDiv(rows, plan.rows_per_block);
+  return std::max<int64_t>(1, std::min<int64_t>(blocks_needed, 4 * cuda::NumSMs()));
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t LayerNormFwdCuda(const LayerNormFwdArgs<T>& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.cols == 0) return cudaSuccess;
+  const Plan plan = FwdPlan(a);
+  if (plan.items == 0) {
+    const int64_t grid = std::min<int64_t>(a.rows, 65535LL * 16);
+    LnFwdGeneric<T><<<grid, kBlock, 0, stream>>>(a);
+  } else {
+    const dim3 block(plan.threads_per_row, plan.rows_per_block);
+    const int64_t grid = CeilDiv(a.rows, plan.rows_per_block);
+    DispatchRegister<T, kMaxItemsFwd>(plan, [&](auto vec, auto items) {
+      LnFwdRegister<T, decltype(vec)::value, decltype(items)::value><<<grid, block, 0, stream>>>(a);
+    });
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+size_t LayerNormBwdWorkspaceBytes(int64_t rows, int64_t cols) {
+  LayerNormBwdArgs<T> probe{};
+  probe.rows = rows;
+  probe.cols = cols;
+  const Plan plan = BwdPlan(probe);  // null pointers count as aligned
+  const int64_t slots = BwdGrid(plan, rows) * plan.rows_per_block;
+  return 2 * static_cast<size_t>(slots) * static_cast<size_t>(cols) * sizeof(float);
+}
+
+template <typename T>
+cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, void* workspace, cudaStream_t stream) {
+  if (a.cols == 0) return cudaSuccess;
+  if (a.rows == 0) {
+    cudaMemsetAsync(a.dscale, 0, a.cols * sizeof(float), stream);
+    cudaMemsetAsync(a.dbias, 0, a.cols * sizeof(float), stream);
+    return cudaGetLastError();
+  }
+  // Misaligned pointers can only demote the plan to the generic kernel, whose
+  // min(rows, 4 * SMs) slots fit in the workspace sized for the register plan.
+  const Plan plan = BwdPlan(a);
+  const int64_t grid = BwdGrid(plan, a.rows);
+  const int64_t slots = grid * plan.rows_per_block;
+  float* partial_dscale = static_cast<float*>(workspace);
+  float* partial_dbias = partial_dscale + slots * a.cols;
+  if (plan.items == 0) {
+    cudaMemsetAsync(workspace, 0, 2 * slots * a.cols * sizeof(float), stream);
+    LnBwdGeneric<T><<<grid, kBlock, 0, stream>>>(a, partial_dscale, partial_dbias);
+  } else {
+    const dim3 block(plan.threads_per_row, plan.rows_per_block);
+    DispatchRegister<T, kMaxItemsBwd>(plan, [&](auto vec, auto items) {
+      LnBwdRegister<T, decltype(vec)::value, decltype(items)::value>
+          <<<grid, block, 0, stream>>>(a, partial_dscale, partial_dbias);
+    });
+  }
+  const dim3 sum_grid(static_cast<unsigned>(CeilDiv(a.cols, 32)), 2);
+  ColumnSum<<<sum_grid, dim3(32, 8), 0, stream>>>(partial_dscale, partial_dbias, slots, a.cols,
+                                                   a.dscale, a.dbias);
+  return cudaGetLastError();
+}
+
+#define LSJAX_INSTANTIATE(T)                                                                  \
+  template cudaError_t LayerNormFwdCuda<T>(const LayerNormFwdArgs<T>&, cudaStream_t);         \
+  template size_t LayerNormBwdWorkspaceBytes<T>(int64_t, int64_t);                            \
+  template cudaError_t LayerNormBwdCuda<T>(const LayerNormBwdArgs<T>&, void*, cudaStream_t);
+LSJAX_INSTANTIATE(float)
+LSJAX_INSTANTIATE(__half)
+LSJAX_INSTANTIATE(__nv_bfloat16)
+#undef LSJAX_INSTANTIATE
+
+}  // namespace lsjax

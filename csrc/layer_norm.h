@@ -1,0 +1,66 @@
+// Layer norm over the last axis of a [rows, cols] tensor, optionally of
+// (x + residual). Statistics and math in float32; scale/bias and their
+// gradients are float32 [cols]. Framework-free: pointers, sizes, stream.
+//
+// Forward:  z = x (+ residual);  mean, rstd = stats(z);  y = (z - mean) * rstd * scale + bias
+// Backward: xhat = (z - mean) * rstd;  g = dy * scale
+//           dz = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dz_out)
+//           dscale = sum_rows(dy * xhat);  dbias = sum_rows(dy)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef LSJAX_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace lsjax {
+
+template <typename T>
+struct LayerNormFwdArgs {
+  const T* x;
+  const T* residual;  // nullable: no residual add
+  const float* scale;
+  const float* bias;
+  T* y;
+  T* z;  // x + residual, written only when residual != nullptr
+  float* mean;
+  float* rstd;
+  int64_t rows;
+  int64_t cols;
+  float eps;
+};
+
+template <typename T>
+struct LayerNormBwdArgs {
+  const T* dy;
+  const T* dz_out;  // nullable: cotangent of the z output (residual form)
+  const T* z;       // the normalised input (x, or x + residual)
+  const float* scale;
+  const float* mean;
+  const float* rstd;
+  T* dz;  // gradient w.r.t. z (= dx = dresidual)
+  float* dscale;
+  float* dbias;
+  int64_t rows;
+  int64_t cols;
+};
+
+template <typename T>
+void LayerNormFwdCpu(const LayerNormFwdArgs<T>& a);
+template <typename T>
+void LayerNormBwdCpu(const LayerNormBwdArgs<T>& a);
+
+#ifdef LSJAX_WITH_CUDA
+template <typename T>
+cudaError_t LayerNormFwdCuda(const LayerNormFwdArgs<T>& a, cudaStream_t stream);
+// Bytes of device workspace LayerNormBwdCuda needs for deterministic
+// column sums (per-block partials, reduced in a fixed order).
+template <typename T>
+size_t LayerNormBwdWorkspaceBytes(int64_t rows, int64_t cols);
+template <typename T>
+cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, void* workspace, cudaStream_t stream);
+#endif
+
+}  // namespace lsjax

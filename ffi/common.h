@@ -1,0 +1,86 @@
+// Shared plumbing for the lsjax XLA FFI handlers: dtype dispatch onto each
+// platform's storage types, shape helpers, CUDA error conversion.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "csrc/cpu_dtypes.h"
+#include "xla/ffi/api/ffi.h"
+
+#ifdef LSJAX_WITH_CUDA
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#endif
+
+namespace lsjax::ffi {
+
+namespace xffi = ::xla::ffi;
+
+// Element storage types of one platform.
+struct CpuTypes {
+  using F32 = float;
+  using F16 = cpu::Half;
+  using BF16 = cpu::BFloat16;
+};
+#ifdef LSJAX_WITH_CUDA
+struct CudaTypes {
+  using F32 = float;
+  using F16 = __half;
+  using BF16 = __nv_bfloat16;
+};
+#endif
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with the platform's storage type for a float dtype.
+template <typename Types, typename F>
+xffi::Error DispatchFloat(xffi::DataType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case xffi::DataType::F32:
+      return f(TypeTag<typename Types::F32>{});
+    case xffi::DataType::F16:
+      return f(TypeTag<typename Types::F16>{});
+    case xffi::DataType::BF16:
+      return f(TypeTag<typename Types::BF16>{});
+    default:
+      return xffi::Error::InvalidArgument(std::string(op) +
+                                          ": expected a float32, float16 or bfloat16 input");
+  }
+}
+
+// (product of leading dims, last dim) of a buffer of rank >= 1.
+inline std::pair<int64_t, int64_t> RowsCols(const xffi::AnyBuffer& buf) {
+  const auto dims = buf.dimensions();
+  if (dims.size() == 0) return {1, 1};
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
+  return {rows, dims.back()};
+}
+
+template <typename T>
+const T* In(const xffi::AnyBuffer& buf) {
+  return static_cast<const T*>(buf.untyped_data());
+}
+template <typename T>
+T* Out(xffi::Result<xffi::AnyBuffer>& buf) {
+  return static_cast<T*>(buf->untyped_data());
+}
+
+inline xffi::Error Expect(bool ok, const char* op, const std::string& what) {
+  return ok ? xffi::Error::Success() : xffi::Error::InvalidArgument(std::string(op) + ": " + what);
+}
+
+#ifdef LSJAX_WITH_CUDA
+inline xffi::Error CudaStatus(cudaError_t err, const char* op) {
+  if (err == cudaSuccess) return xffi::Error::Success();
+  return xffi::Error::Internal(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
+}
+#endif
+
+}  // namespace lsjax::ffi

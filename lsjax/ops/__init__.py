@@ -1,0 +1,28 @@
+"""Fused ops: each a pure-JAX reference, a CPU FFI twin and a CUDA kernel.
+
+Choose the implementation with :func:`use_backend` or ``LSJAX_BACKEND``
+(``"cuda" | "cpu_ffi" | "xla"``); see :mod:`lsjax.ops.backend`.
+"""
+
+from lsjax.ops.backend import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    default_backend,
+    get_backend,
+    registered_targets,
+    use_backend,
+)
+from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "default_backend",
+    "get_backend",
+    "layer_norm",
+    "layer_norm_reference",
+    "registered_targets",
+    "use_backend",
+]

@@ -1,0 +1,173 @@
+"""Sharding and vmap support shared by the row-wise fused ops.
+
+A row-wise op treats every operand and result as one of four kinds:
+
+* ``ROWS``:  ``[..., d]`` - leading dims are independent rows, the last dim is
+  reduced over inside the kernel (so it must not be sharded);
+* ``STATS``: ``[...]`` - one value per row (per-row statistics, labels, ids);
+* ``PARAM``: any shape, read whole by every row (scale, bias, tables);
+* ``ROW_SUM``: result only; a sum over all rows (e.g. ``dscale``).
+
+:func:`rowwise` wraps a function of local arrays (which calls the FFI target)
+so that under a mesh the rows stay sharded as the first ``ROWS``/``STATS``
+operand is (no all-gather): ``PARAM`` operands are replicated and ``ROW_SUM``
+results are ``psum``-ed over the mesh axes that shard the rows. Under
+``jax.vmap`` the mapped axis becomes one more row dim; when a ``PARAM`` operand
+is mapped, or a ``ROW_SUM`` result must be per-example, it falls back to a
+sequential ``lax.map``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+ROWS, STATS, PARAM, ROW_SUM = "rows", "stats", "param", "row_sum"
+
+
+def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
+    """Partition spec entries of the row dims, from the first ROWS/STATS operand."""
+    for shape, kind in zip(arg_shapes, in_kinds):
+        if kind not in (ROWS, STATS):
+            continue
+        n_rows = len(shape.shape) - (1 if kind == ROWS else 0)
+        sharding = shape.sharding
+        spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+        spec = spec + (None,) * (len(shape.shape) - len(spec))
+        return spec[:n_rows]
+    return ()
+
+
+def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh) -> NamedSharding:
+    if kind in (PARAM, ROW_SUM):
+        return NamedSharding(mesh, PartitionSpec())
+    n_rows = rank - (1 if kind == ROWS else 0)
+    lead = row_spec[len(row_spec) - n_rows :] if n_rows <= len(row_spec) else (None,) * n_rows
+    return NamedSharding(mesh, PartitionSpec(*lead, *((None,) if kind == ROWS else ())))
+
+
+def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
+    axes: list[str] = []
+    for entry in row_spec:
+        if entry is None:
+            continue
+        axes.extend(entry if isinstance(entry, tuple) else (entry,))
+    return tuple(axes)
+
+
+def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks) -> str:
+    """Shardy rule: row dims are shared factors, everything else its own factor."""
+    n_rows = max(r - (1 if k == ROWS else 0) for k, r in zip(in_kinds, in_ranks) if k in (ROWS, STATS))
+    row = [f"r{i}" for i in range(n_rows)]
+    fresh = iter(f"c{i}" for i in range(1000))
+    own: list[str] = []
+
+    def dims(kind: str, rank: int) -> str:
+        if kind == STATS:
+            return " ".join(row[n_rows - rank :])
+        if kind == ROWS:
+            last = next(fresh)
+            own.append(last)
+            return " ".join(row[n_rows - (rank - 1) :] + [last])
+        names = [next(fresh) for _ in range(rank)]
+        own.extend(names)
+        return " ".join(names)
+
+    ins = ", ".join(dims(k, r) for k, r in zip(in_kinds, in_ranks))
+    outs = ", ".join(dims(k, r) for k, r in zip(out_kinds, out_ranks))
+    return f"{ins} -> {outs}", own
+
+
+def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_static: int):
+    """custom_partitioning of ``local_fn(*static, *arrays)``."""
+    static_argnums = tuple(range(n_static))
+    fn = custom_partitioning(local_fn, static_argnums=static_argnums)
+
+    def shardings(mesh, arg_shapes, result_shapes):
+        row_spec = _row_spec(arg_shapes, in_kinds)
+        args = tuple(_sharding_for(k, len(s.shape), row_spec, mesh) for k, s in zip(in_kinds, arg_shapes))
+        results = tuple(_sharding_for(k, len(s.shape), row_spec, mesh) for k, s in zip(out_kinds, result_shapes))
+        return row_spec, args, results
+
+    def infer(*args):
+        *static, mesh, arg_shapes, result_shape = args
+        _, _, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
+        return results if isinstance(result_shape, (tuple, list)) else results[0]
+
+    def partition(*args):
+        *static, mesh, arg_shapes, result_shape = args
+        row_spec, arg_shardings, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
+        axes = _mesh_axes(row_spec)
+
+        def lower(*arrays):
+            outs = local_fn(*static, *arrays)
+            flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+            flat = tuple(
+                jax.lax.psum(o, axes) if (k == ROW_SUM and axes) else o for o, k in zip(flat, out_kinds)
+            )
+            return flat if isinstance(outs, (tuple, list)) else flat[0]
+
+        out_shardings = results if isinstance(result_shape, (tuple, list)) else results[0]
+        return mesh, lower, out_shardings, arg_shardings
+
+    def sharding_rule(*args):
+        *static, mesh, value_types, result_types = args
+        ranks_in = [len(t.shape) for t in value_types]
+        ranks_out = [len(t.shape) for t in result_types]
+        rule, own = _rule(in_kinds, out_kinds, ranks_in, ranks_out)
+        return rule, {"need_replication_factors": tuple(own)}
+
+    fn.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule)
+    return fn
+
+
+def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0):
+    """Decorator: make ``local_fn(*static, *arrays)`` shard- and vmap-aware.
+
+    ``static`` are hashable trace-time constants (attributes, dtypes). The
+    returned function has the same signature.
+    """
+    in_kinds, out_kinds = tuple(in_kinds), tuple(out_kinds)
+
+    def wrap(local_fn: Callable) -> Callable:
+        partitioned = _make_partitioned(local_fn, in_kinds, out_kinds, n_static)
+
+        @functools.wraps(local_fn)
+        def call(*args):
+            static, arrays = args[:n_static], args[n_static:]
+            fn = jax.custom_batching.custom_vmap(lambda *a: partitioned(*static, *a))
+
+            @fn.def_vmap
+            def _vmap_rule(axis_size, in_batched, *a):
+                return _batched(lambda *x: partitioned(*static, *x), in_kinds, out_kinds, axis_size, in_batched, a)
+
+            return fn(*arrays)
+
+        return call
+
+    return wrap
+
+
+def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
+    """vmap rule: the mapped axis (at 0) becomes a leading row dim when possible."""
+    mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k == PARAM)
+    if mapped_param or ROW_SUM in out_kinds:
+        batched_args = [a for a, b in zip(args, in_batched) if b]
+
+        def one(xs):
+            it = iter(xs)
+            return f(*(next(it) if b else a for a, b in zip(args, in_batched)))
+
+        outs = jax.lax.map(one, batched_args)
+        flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return outs, (type(outs)(True for _ in flat) if isinstance(outs, (tuple, list)) else True)
+    full = [a if (b or k == PARAM) else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b, k in zip(args, in_batched, in_kinds)]
+    outs = f(*full)
+    flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+    return outs, (type(outs)(True for _ in flat) if isinstance(outs, (tuple, list)) else True)
