@@ -52,8 +52,9 @@ __global__ void __launch_bounds__(kBlock) LnFwdRegister(LayerNormFwdArgs<T> a) {
       if (a.residual) {
         float r[VEC];
         LoadFloats<T, VEC>(a.residual + off + idx * VEC, r);
+        // Normalise the rounded sum, as an unfused `z = x + r; layer_norm(z)`.
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) v[i][k] += r[k];
+        for (int k = 0; k < VEC; ++k) v[i][k] = ToFloat(FromFloat<T>(v[i][k] + r[k]));
         StoreFloats<T, VEC>(a.z + off + idx * VEC, v[i]);
       }
 #pragma unroll
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(kBlock) LnFwdGeneric(LayerNormFwdArgs<T> a) {
     const int64_t off = row * a.cols;
     auto load = [&](int64_t c) {
       float v = ToFloat(a.x[off + c]);
-      if (a.residual) v += ToFloat(a.residual[off + c]);
+      if (a.residual) v = ToFloat(FromFloat<T>(v + ToFloat(a.residual[off + c])));
       return v;
     };
     float sum = 0.f, unused = 0.f;

@@ -2,7 +2,7 @@
 // (x + residual). Statistics and math in float32; scale/bias and their
 // gradients are float32 [cols]. Framework-free: pointers, sizes, stream.
 //
-// Forward:  z = x (+ residual);  mean, rstd = stats(z);  y = (z - mean) * rstd * scale + bias
+// Forward:  z = x (+ residual, rounded to the input dtype);  mean, rstd = stats(z);  y = (z - mean) * rstd * scale + bias
 // Backward: xhat = (z - mean) * rstd;  g = dy * scale
 //           dz = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dz_out)
 //           dscale = sum_rows(dy * xhat);  dbias = sum_rows(dy)

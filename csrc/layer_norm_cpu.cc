@@ -20,8 +20,9 @@ void LayerNormFwdCpu(const LayerNormFwdArgs<T>& a) {
     for (int64_t c = 0; c < a.cols; ++c) {
       v[c] = ToFloat(a.x[off + c]);
       if (a.residual) {
-        v[c] += ToFloat(a.residual[off + c]);
-        a.z[off + c] = FromFloat<T>(v[c]);
+        // Normalise the rounded sum, as an unfused `z = x + r; layer_norm(z)`.
+        a.z[off + c] = FromFloat<T>(v[c] + ToFloat(a.residual[off + c]));
+        v[c] = ToFloat(a.z[off + c]);
       }
       sum += v[c];
     }

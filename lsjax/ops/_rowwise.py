@@ -6,7 +6,8 @@ A row-wise op treats every operand and result as one of four kinds:
   reduced over inside the kernel (so it must not be sharded);
 * ``STATS``: ``[...]`` - one value per row (per-row statistics, labels, ids);
 * ``PARAM``: any shape, read whole by every row (scale, bias, tables);
-* ``ROW_SUM``: result only; a sum over all rows (e.g. ``dscale``).
+* ``ROW_SUM``: result only; a sum over all rows (e.g. ``dscale``);
+* ``RNG``: the ``uint32[4]`` dropout operand of :mod:`lsjax.ops._philox`.
 
 :func:`rowwise` wraps a function of local arrays (which calls the FFI target)
 so that under a mesh the rows stay sharded as the first ``ROWS``/``STATS``
@@ -15,6 +16,10 @@ results are ``psum``-ed over the mesh axes that shard the rows. Under
 ``jax.vmap`` the mapped axis becomes one more row dim; when a ``PARAM`` operand
 is mapped, or a ``ROW_SUM`` result must be per-example, it falls back to a
 sequential ``lax.map``.
+
+Dropout under a mesh: each shard adds ``shard_index * local_elements`` (of the
+first ``ROWS`` result) to the ``RNG`` offset, so shards draw disjoint streams.
+When only the first dim is sharded this is exactly the unsharded mask.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-ROWS, STATS, PARAM, ROW_SUM = "rows", "stats", "param", "row_sum"
+ROWS, STATS, PARAM, ROW_SUM, RNG = "rows", "stats", "param", "row_sum", "rng"
 
 
 def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
@@ -45,7 +51,7 @@ def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
 
 
 def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh) -> NamedSharding:
-    if kind in (PARAM, ROW_SUM):
+    if kind in (PARAM, ROW_SUM, RNG):
         return NamedSharding(mesh, PartitionSpec())
     n_rows = rank - (1 if kind == ROWS else 0)
     lead = row_spec[len(row_spec) - n_rows :] if n_rows <= len(row_spec) else (None,) * n_rows
@@ -84,6 +90,38 @@ def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks
     return f"{ins} -> {outs}", own
 
 
+def _shard_index(row_spec: tuple, mesh) -> jax.Array:
+    """Row-major index of this shard over the mesh axes sharding the rows (uint32)."""
+    index = jnp.uint32(0)
+    for entry in row_spec:
+        if entry is None:
+            continue
+        for axis in entry if isinstance(entry, tuple) else (entry,):
+            index = index * jnp.uint32(mesh.shape[axis]) + jax.lax.axis_index(axis).astype(jnp.uint32)
+    return index
+
+
+def _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, mesh):
+    """Adds shard_index * local_elements to every RNG operand's 64-bit offset."""
+    from lsjax.ops._philox import _mulhilo  # the one uint32 wide multiply
+
+    results = jax.tree.leaves(result_shape)
+    ref = next(r for r, k in zip(results, out_kinds) if k == ROWS)
+    total = int(np.prod(ref.shape, dtype=np.int64))
+    local = total // int(np.prod([mesh.shape[a] for a in _mesh_axes(row_spec)], dtype=np.int64))
+    sid = _shard_index(row_spec, mesh)
+    hi, lo = _mulhilo(sid, np.uint32(local & 0xFFFFFFFF))
+    hi = hi + sid * np.uint32(local >> 32)
+    out = list(arrays)
+    for i, kind in enumerate(in_kinds):
+        if kind == RNG:
+            rng = out[i]
+            new_lo = rng[2] + lo
+            new_hi = rng[3] + hi + (new_lo < lo).astype(jnp.uint32)
+            out[i] = jnp.stack([rng[0], rng[1], new_lo, new_hi])
+    return tuple(out)
+
+
 def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_static: int):
     """custom_partitioning of ``local_fn(*static, *arrays)``."""
     static_argnums = tuple(range(n_static))
@@ -106,6 +144,8 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
         axes = _mesh_axes(row_spec)
 
         def lower(*arrays):
+            if RNG in in_kinds and axes:
+                arrays = _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, mesh)
             outs = local_fn(*static, *arrays)
             flat = outs if isinstance(outs, (tuple, list)) else (outs,)
             flat = tuple(
@@ -156,8 +196,10 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
 
 def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
     """vmap rule: the mapped axis (at 0) becomes a leading row dim when possible."""
-    mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k == PARAM)
-    if mapped_param or ROW_SUM in out_kinds:
+    mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k in (PARAM, RNG))
+    # RNG ops map sequentially too: every instance must see the same mask
+    # as an unbatched call with the same key.
+    if mapped_param or ROW_SUM in out_kinds or RNG in in_kinds:
         batched_args = [a for a, b in zip(args, in_batched) if b]
 
         def one(xs):
@@ -167,7 +209,7 @@ def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
         outs = jax.lax.map(one, batched_args)
         flat = outs if isinstance(outs, (tuple, list)) else (outs,)
         return outs, (type(outs)(True for _ in flat) if isinstance(outs, (tuple, list)) else True)
-    full = [a if (b or k == PARAM) else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b, k in zip(args, in_batched, in_kinds)]
+    full = [a if (b or k in (PARAM, RNG)) else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b, k in zip(args, in_batched, in_kinds)]
     outs = f(*full)
     flat = outs if isinstance(outs, (tuple, list)) else (outs,)
     return outs, (type(outs)(True for _ in flat) if isinstance(outs, (tuple, list)) else True)

@@ -25,12 +25,14 @@ _F32 = jnp.float32
 def layer_norm_reference(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float = 1e-5,
                          residual: jax.Array | None = None):
     """Pure-JAX layer norm with float32 statistics; same contract as :func:`layer_norm`."""
-    z32 = x.astype(_F32) if residual is None else x.astype(_F32) + residual.astype(_F32)
+    # With a residual, normalise the rounded sum, as an unfused `layer_norm(x + r)`.
+    z = x if residual is None else (x.astype(_F32) + residual.astype(_F32)).astype(x.dtype)
+    z32 = z.astype(_F32)
     mean = jnp.mean(z32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(z32 - mean), axis=-1, keepdims=True)
     y = (z32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(_F32) + bias.astype(_F32)
     y = y.astype(x.dtype)
-    return y if residual is None else (y, z32.astype(x.dtype))
+    return y if residual is None else (y, z)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float = 1e-5,

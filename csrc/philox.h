@@ -1,0 +1,84 @@
+// Philox4x32-10 counter-based RNG (Salmon et al., SC'11) for dropout, shared
+// by the CUDA kernels and the CPU twins; lsjax/ops/_philox.py implements the
+// same function in jnp so masks are bit-identical on every backend.
+//
+// Mask convention (every op that drops elements):
+//   rng = uint32[4] {k0, k1, off_lo, off_hi} (from a JAX PRNG key + offset)
+//   element e (flat row-major index into the op's output, plus the 64-bit offset)
+//   bits  = Philox(counter = {b_lo, b_hi, 0, 0}, key = {k0, k1})[e % 4], b = e / 4
+//   keep  = bits >= threshold,  threshold = floor(rate * 2^32)
+//   out   = keep ? v / (1 - rate) : 0
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LSJAX_HD __host__ __device__ __forceinline__
+#else
+#define LSJAX_HD inline
+#endif
+
+namespace lsjax {
+
+struct PhiloxOut {
+  uint32_t w[4];
+};
+
+LSJAX_HD uint32_t MulHi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Four 32-bit words for counter (c0, c1, 0, 0) under key (k0, k1).
+LSJAX_HD PhiloxOut Philox4x32(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  uint32_t x0 = c0, x1 = c1, x2 = 0u, x3 = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = MulHi32(kM0, x0), lo0 = kM0 * x0;
+    const uint32_t hi1 = MulHi32(kM1, x2), lo1 = kM1 * x2;
+    const uint32_t y0 = hi1 ^ x1 ^ k0, y2 = hi0 ^ x3 ^ k1;
+    x0 = y0;
+    x1 = lo1;
+    x2 = y2;
+    x3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return PhiloxOut{{x0, x1, x2, x3}};
+}
+
+// The dropout RNG state an op receives: key words and a 64-bit element offset.
+struct DropoutRng {
+  uint32_t k0, k1;
+  uint64_t offset;
+  uint32_t threshold;  // floor(rate * 2^32); keep iff bits >= threshold
+  float scale;         // 1 / (1 - rate)
+
+  // Random bits of the 4-aligned group holding flat element `e` (offset added).
+  LSJAX_HD PhiloxOut Group(uint64_t e) const {
+    const uint64_t b = (e + offset) >> 2;
+    return Philox4x32(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), k0, k1);
+  }
+  LSJAX_HD bool Keep(uint64_t e) const { return Group(e).w[(e + offset) & 3u] >= threshold; }
+};
+
+// rng: {k0, k1, off_lo, off_hi}; rate in [0, 1).
+LSJAX_HD DropoutRng MakeDropoutRng(const uint32_t* rng, float rate) {
+  DropoutRng r;
+  r.k0 = rng[0];
+  r.k1 = rng[1];
+  r.offset = static_cast<uint64_t>(rng[2]) | (static_cast<uint64_t>(rng[3]) << 32);
+  const double t = static_cast<double>(rate) * 4294967296.0;
+  r.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  r.scale = rate > 0.f ? 1.f / (1.f - rate) : 1.f;
+  return r;
+}
+
+}  // namespace lsjax
