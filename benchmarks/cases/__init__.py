@@ -1,0 +1,1 @@
+"""One module per op; each defines ``cases() -> list[harness.Case]``."""

@@ -1,0 +1,105 @@
+"""Timing harness for the op benchmarks (same-run comparison against XLA).
+
+Each timed call is one ``jax.jit`` program that applies the op to ``K``
+different fresh random inputs (rotating buffers, so neither caches nor a
+single dispatch dominate); the per-op time is the median over repeats of the
+program's wall time (after ``block_until_ready``) divided by ``K``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark row: our op vs its XLA reference on the same inputs.
+
+    ``make_inputs(rng)`` returns a tuple of arrays; ``ours``/``ref`` take them
+    and return an array or a tuple of arrays. ``grad_argnums`` are the inputs
+    differentiated in the fwd+bwd timing. Bytes are the minimum a perfect
+    kernel moves (each input read once, each output written once).
+    """
+
+    op: str
+    shape: str
+    dtype: str
+    make_inputs: Callable[[np.random.Generator], tuple]
+    ours: Callable
+    ref: Callable
+    bytes_fwd: float
+    bytes_fwd_bwd: float
+    grad_argnums: Sequence[int] = (0,)
+
+
+def _scalar_loss(fn, argnums):
+    def loss(*args):
+        out = fn(*args)
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
+    return jax.grad(loss, argnums=tuple(argnums))
+
+
+def _fwd_bwd(fn, argnums):
+    """fwd + bwd with a random-free but non-trivial cotangent (ones)."""
+    def run(*args):
+        out, vjp = jax.vjp(fn, *args)
+        cot = jax.tree.map(jnp.ones_like, out)
+        grads = vjp(cot)
+        return out, tuple(grads[i] for i in argnums)
+    return run
+
+
+def time_fn(fn: Callable, inputs: list[tuple], repeats: int = 15, warmup: int = 3) -> float:
+    """Median seconds per application of ``fn`` over the list of input tuples."""
+    k = len(inputs)
+    prog = jax.jit(lambda ins: [fn(*x) for x in ins])
+    for _ in range(warmup):
+        jax.block_until_ready(prog(inputs))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(prog(inputs))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / k
+
+
+def copies_for(nbytes: float, budget: float = 2e9, max_k: int = 16) -> int:
+    """How many rotating input sets fit a memory budget (at least 2)."""
+    return int(max(2, min(max_k, budget // max(nbytes, 1))))
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth in bytes/s (bytes read + written) of ``x + 1``."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(nbytes // 2, dtype=np.float32)).astype(jnp.bfloat16)
+    t = time_fn(lambda a: a + 1, [(x,)], repeats=20)
+    return 2 * x.size * 2 / t
+
+
+def run_case(case: Case, rng: np.random.Generator, copy_bw: float) -> list[dict]:
+    """Times fwd and fwd+bwd of ours and the reference; returns result rows."""
+    from lsjax import ops
+
+    one = case.make_inputs(rng)
+    per_set = sum(a.size * a.dtype.itemsize for a in one)
+    k = copies_for(per_set * 3)
+    inputs = [one] + [case.make_inputs(rng) for _ in range(k - 1)]
+    rows = []
+    for mode, nbytes in (("fwd", case.bytes_fwd), ("fwd+bwd", case.bytes_fwd_bwd)):
+        wrap = (lambda f: f) if mode == "fwd" else (lambda f: _fwd_bwd(f, case.grad_argnums))
+        with ops.use_backend("xla"):
+            t_ref = time_fn(wrap(case.ref), inputs)
+        t_ours = time_fn(wrap(case.ours), inputs)
+        rows.append({
+            "op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": mode,
+            "ours_ms": t_ours * 1e3, "xla_ms": t_ref * 1e3,
+            "ours_GBps": nbytes / t_ours / 1e9, "xla_GBps": nbytes / t_ref / 1e9,
+            "ours_frac_copy_bw": nbytes / t_ours / copy_bw, "speedup": t_ref / t_ours,
+        })
+    return rows
