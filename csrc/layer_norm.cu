@@ -8,9 +8,11 @@
 // block holds 256 / threads_per_row rows. Otherwise the "generic" kernels work on
 // any size with one block per row and re-read the row (L1/L2 resident).
 //
-// Backward column sums (dscale, dbias) are deterministic: each row-slot of a
-// persistent grid accumulates its rows in registers, writes one partial row,
-// and a second kernel sums the partials in a fixed order. No float atomics.
+// Backward column sums (dscale, dbias) are deterministic: each block of a
+// persistent grid (<= kLayerNormBwdMaxPartials blocks) accumulates its rows in
+// registers, combines its row groups in shared memory in a fixed order, writes
+// one partial row to the caller's workspace, and a second kernel sums the
+// partials in a fixed order. No float atomics.
 #include <algorithm>
 #include <type_traits>
 
@@ -32,6 +34,9 @@ constexpr int kBlock = 256;        // threads per block, all kernels
 constexpr int kMaxRowsPerBlock = kBlock / 32;
 constexpr int kMaxItemsFwd = 8;    // vectors per thread held in registers
 constexpr int kMaxItemsBwd = 4;
+// A block holds several rows only when threads_per_row < kBlock, i.e. when
+// cols / vec <= 512: at most 4096 (16-bit) columns to combine.
+constexpr int kCombineCols = 4096;
 
 // ---------------------------------------------------------------- forward --
 
@@ -190,14 +195,44 @@ __global__ void __launch_bounds__(kBlock)
       }
     }
   }
-  const int64_t slot = (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * a.cols;
+  float* out_dscale = partial_dscale + static_cast<int64_t>(blockIdx.x) * a.cols;
+  float* out_dbias = partial_dbias + static_cast<int64_t>(blockIdx.x) * a.cols;
+  if (blockDim.y == 1) {
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int idx = i * blockDim.x + threadIdx.x;
-    if (idx < nvec) {
-      StoreFloats<float, VEC>(partial_dscale + slot + idx * VEC, dsc[i]);
-      StoreFloats<float, VEC>(partial_dbias + slot + idx * VEC, dbi[i]);
+    for (int i = 0; i < ITEMS; ++i) {
+      const int idx = i * blockDim.x + threadIdx.x;
+      if (idx < nvec) {
+        StoreFloats<float, VEC>(out_dscale + idx * VEC, dsc[i]);
+        StoreFloats<float, VEC>(out_dbias + idx * VEC, dbi[i]);
+      }
     }
+    return;
+  }
+  // Several row groups (only when cols <= kCombineCols): add them up in
+  // shared memory, group 0 first, then write the block's partial row.
+  __shared__ float combine[2 * kCombineCols];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int c = tid; c < 2 * a.cols; c += kBlock) combine[c] = 0.f;
+  for (int group = 0; group < blockDim.y; ++group) {
+    __syncthreads();
+    if (threadIdx.y == group) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int idx = i * blockDim.x + threadIdx.x;
+        if (idx < nvec) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            combine[idx * VEC + k] += dsc[i][k];
+            combine[a.cols + idx * VEC + k] += dbi[i][k];
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int c = tid; c < a.cols; c += kBlock) {
+    out_dscale[c] = combine[c];
+    out_dbias[c] = combine[a.cols + c];
   }
 }
 
@@ -321,10 +356,10 @@ Plan BwdPlan(const LayerNormBwdArgs<T>& a) {
   return MakePlan<T>(a.cols, kMaxItemsBwd, ptrs, 5);
 }
 
-// Persistent grid for the backward: enough row slots to fill the GPU.
+// Persistent grid for the backward: one partial row per block.
 int64_t BwdGrid(const Plan& plan, int64_t rows) {
   const int64_t blocks_needed = CeilDiv(rows, plan.rows_per_block);
-  return std::max<int64_t>(1, std::min<int64_t>(blocks_needed, 4 * cuda::NumSMs()));
+  return std::max<int64_t>(1, std::min<int64_t>(blocks_needed, kLayerNormBwdMaxPartials));
 }
 
 }  // namespace
@@ -347,32 +382,23 @@ cudaError_t LayerNormFwdCuda(const LayerNormFwdArgs<T>& a, cudaStream_t stream) 
 }
 
 template <typename T>
-size_t LayerNormBwdWorkspaceBytes(int64_t rows, int64_t cols) {
-  LayerNormBwdArgs<T> probe{};
-  probe.rows = rows;
-  probe.cols = cols;
-  const Plan plan = BwdPlan(probe);  // null pointers count as aligned
-  const int64_t slots = BwdGrid(plan, rows) * plan.rows_per_block;
-  return 2 * static_cast<size_t>(slots) * static_cast<size_t>(cols) * sizeof(float);
-}
-
-template <typename T>
-cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, void* workspace, cudaStream_t stream) {
+cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream) {
   if (a.cols == 0) return cudaSuccess;
   if (a.rows == 0) {
     cudaMemsetAsync(a.dscale, 0, a.cols * sizeof(float), stream);
     cudaMemsetAsync(a.dbias, 0, a.cols * sizeof(float), stream);
     return cudaGetLastError();
   }
-  // Misaligned pointers can only demote the plan to the generic kernel, whose
-  // min(rows, 4 * SMs) slots fit in the workspace sized for the register plan.
+  // a.partials: float32 [2, min(rows, kLayerNormBwdMaxPartials), cols]; the
+  // first `grid` rows of each half are used.
   const Plan plan = BwdPlan(a);
   const int64_t grid = BwdGrid(plan, a.rows);
-  const int64_t slots = grid * plan.rows_per_block;
-  float* partial_dscale = static_cast<float*>(workspace);
-  float* partial_dbias = partial_dscale + slots * a.cols;
+  const int64_t capacity = std::min<int64_t>(a.rows, kLayerNormBwdMaxPartials);
+  float* partial_dscale = a.partials;
+  float* partial_dbias = a.partials + capacity * a.cols;
   if (plan.items == 0) {
-    cudaMemsetAsync(workspace, 0, 2 * slots * a.cols * sizeof(float), stream);
+    cudaMemsetAsync(partial_dscale, 0, grid * a.cols * sizeof(float), stream);
+    cudaMemsetAsync(partial_dbias, 0, grid * a.cols * sizeof(float), stream);
     LnBwdGeneric<T><<<grid, kBlock, 0, stream>>>(a, partial_dscale, partial_dbias);
   } else {
     const dim3 block(plan.threads_per_row, plan.rows_per_block);
@@ -382,15 +408,14 @@ cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, void* workspace, cuda
     });
   }
   const dim3 sum_grid(static_cast<unsigned>(CeilDiv(a.cols, 32)), 2);
-  ColumnSum<<<sum_grid, dim3(32, 8), 0, stream>>>(partial_dscale, partial_dbias, slots, a.cols,
+  ColumnSum<<<sum_grid, dim3(32, 8), 0, stream>>>(partial_dscale, partial_dbias, grid, a.cols,
                                                    a.dscale, a.dbias);
   return cudaGetLastError();
 }
 
 #define LSJAX_INSTANTIATE(T)                                                                  \
   template cudaError_t LayerNormFwdCuda<T>(const LayerNormFwdArgs<T>&, cudaStream_t);         \
-  template size_t LayerNormBwdWorkspaceBytes<T>(int64_t, int64_t);                            \
-  template cudaError_t LayerNormBwdCuda<T>(const LayerNormBwdArgs<T>&, void*, cudaStream_t);
+  template cudaError_t LayerNormBwdCuda<T>(const LayerNormBwdArgs<T>&, cudaStream_t);
 LSJAX_INSTANTIATE(float)
 LSJAX_INSTANTIATE(__half)
 LSJAX_INSTANTIATE(__nv_bfloat16)

@@ -17,6 +17,9 @@
 
 namespace lsjax {
 
+// Rows of the backward's partial-sum workspace: min(rows, this).
+constexpr int64_t kLayerNormBwdMaxPartials = 512;
+
 template <typename T>
 struct LayerNormFwdArgs {
   const T* x;
@@ -43,6 +46,9 @@ struct LayerNormBwdArgs {
   T* dz;  // gradient w.r.t. z (= dx = dresidual)
   float* dscale;
   float* dbias;
+  // Workspace for deterministic column sums (used by the CUDA kernels only):
+  // float32 [2, min(rows, kLayerNormBwdMaxPartials), cols].
+  float* partials;
   int64_t rows;
   int64_t cols;
 };
@@ -55,12 +61,10 @@ void LayerNormBwdCpu(const LayerNormBwdArgs<T>& a);
 #ifdef LSJAX_WITH_CUDA
 template <typename T>
 cudaError_t LayerNormFwdCuda(const LayerNormFwdArgs<T>& a, cudaStream_t stream);
-// Bytes of device workspace LayerNormBwdCuda needs for deterministic
-// column sums (per-block partials, reduced in a fixed order).
+// The backward's column sums go through per-block partial rows in
+// a.partials (XLA allocates it as an extra output), reduced in a fixed order.
 template <typename T>
-size_t LayerNormBwdWorkspaceBytes(int64_t rows, int64_t cols);
-template <typename T>
-cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, void* workspace, cudaStream_t stream);
+cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream);
 #endif
 
 }  // namespace lsjax

@@ -2,10 +2,13 @@
 // call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
 //   layer_norm_fwd          (x, scale, bias)           -> (y, mean, rstd)
 //   layer_norm_residual_fwd (x, residual, scale, bias) -> (y, z, mean, rstd)
-//   layer_norm_bwd          (dy, x, scale, mean, rstd)    -> (dx, dscale, dbias)
-//   layer_norm_residual_bwd (dy, dz, z, scale, mean, rstd) -> (dz_total, dscale, dbias)
+//   layer_norm_bwd          (dy, x, scale, mean, rstd)     -> (dx, dscale, dbias, partials)
+//   layer_norm_residual_bwd (dy, dz, z, scale, mean, rstd) -> (dz_total, dscale, dbias, partials)
 // x/z/y/dy: [..., H] in f32/f16/bf16; scale, bias, dscale, dbias: f32 [H];
-// mean, rstd: f32 [...].
+// mean, rstd: f32 [...]; partials: f32 [2, min(rows, 512), H] workspace for
+// the deterministic column sums (written by the CUDA kernels, unused on CPU).
+#include <algorithm>
+
 #include "csrc/layer_norm.h"
 #include "ffi/common.h"
 #include "ffi/registry.h"
@@ -61,12 +64,18 @@ xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* residual, Buf scale
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* dz_out, Buf z, Buf scale, Buf mean,
-                Buf rstd, Res dz, Res dscale, Res dbias) {
+                Buf rstd, Res dz, Res dscale, Res dbias, Res partials) {
   if (auto e = CheckShapes(op, z, &dy, scale, mean); e.failure()) return e;
   if (auto e = CheckShapes(op, z, dz_out, scale, rstd); e.failure()) return e;
+  const auto [rows, cols] = RowsCols(z);
+  const int64_t needed = 2 * std::min(rows, kLayerNormBwdMaxPartials) * cols;
+  if (auto e = Expect(partials->element_type() == xffi::DataType::F32 &&
+                          static_cast<int64_t>(partials->element_count()) == needed,
+                      op, "partials workspace must be float32 [2, min(rows, 512), hidden]");
+      e.failure())
+    return e;
   return DispatchFloat<Types>(z.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const auto [rows, cols] = RowsCols(z);
     LayerNormBwdArgs<T> a{In<T>(dy),
                           dz_out ? In<T>(*dz_out) : nullptr,
                           In<T>(z),
@@ -76,6 +85,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* dz_out, Buf z, Buf
                           Out<T>(dz),
                           Out<float>(dscale),
                           Out<float>(dbias),
+                          Out<float>(partials),
                           rows,
                           cols};
     return run(a);
@@ -121,9 +131,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     LayerNormBwdCpuHandler,
-    [](Buf dy, Buf x, Buf scale, Buf mean, Buf rstd, Res dx, Res dscale, Res dbias) {
+    [](Buf dy, Buf x, Buf scale, Buf mean, Buf rstd, Res dx, Res dscale, Res dbias, Res partials) {
       return Bwd<CpuTypes>("layer_norm_bwd", RunBwdCpu, dy, nullptr, x, scale, mean, rstd, dx,
-                           dscale, dbias);
+                           dscale, dbias, partials);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -133,13 +143,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
-        .Ret<Buf>());
+        .Ret<Buf>()
+        .Ret<Buf>(),
+    {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     LayerNormResidualBwdCpuHandler,
-    [](Buf dy, Buf dz_out, Buf z, Buf scale, Buf mean, Buf rstd, Res dz, Res dscale, Res dbias) {
+    [](Buf dy, Buf dz_out, Buf z, Buf scale, Buf mean, Buf rstd, Res dz, Res dscale, Res dbias,
+       Res partials) {
       return Bwd<CpuTypes>("layer_norm_residual_bwd", RunBwdCpu, dy, &dz_out, z, scale, mean, rstd,
-                           dz, dscale, dbias);
+                           dz, dscale, dbias, partials);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -150,7 +163,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
-        .Ret<Buf>());
+        .Ret<Buf>()
+        .Ret<Buf>(),
+    {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CPU("layer_norm_fwd", LayerNormFwdCpuHandler);
 LSJAX_FFI_TARGET_CPU("layer_norm_residual_fwd", LayerNormResidualFwdCpuHandler);
@@ -164,18 +179,8 @@ auto RunFwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(LayerNormFwdCuda(a, stream), "layer_norm_fwd"); };
 }
 
-auto RunBwdCuda(cudaStream_t stream, xffi::ScratchAllocator& scratch) {
-  return [stream, &scratch](const auto& a) {
-    using T = std::remove_cv_t<std::remove_pointer_t<decltype(a.dy)>>;
-    const size_t bytes = LayerNormBwdWorkspaceBytes<T>(a.rows, a.cols);
-    auto workspace = scratch.Allocate(bytes, 256);
-    if (!workspace.has_value()) {
-      return xffi::Error(xffi::ErrorCode::kResourceExhausted,
-                         "layer_norm_bwd: could not allocate " + std::to_string(bytes) +
-                             " bytes of workspace");
-    }
-    return CudaStatus(LayerNormBwdCuda(a, *workspace, stream), "layer_norm_bwd");
-  };
+auto RunBwdCuda(cudaStream_t stream) {
+  return [stream](const auto& a) { return CudaStatus(LayerNormBwdCuda(a, stream), "layer_norm_bwd"); };
 }
 
 using Stream = xffi::PlatformStream<cudaStream_t>;
@@ -219,14 +224,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     LayerNormBwdCudaHandler,
-    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf dy, Buf x, Buf scale, Buf mean,
-       Buf rstd, Res dx, Res dscale, Res dbias) {
-      return Bwd<CudaTypes>("layer_norm_bwd", RunBwdCuda(stream, scratch), dy, nullptr, x, scale,
-                            mean, rstd, dx, dscale, dbias);
+    [](cudaStream_t stream, Buf dy, Buf x, Buf scale, Buf mean, Buf rstd, Res dx, Res dscale,
+       Res dbias, Res partials) {
+      return Bwd<CudaTypes>("layer_norm_bwd", RunBwdCuda(stream), dy, nullptr, x, scale, mean, rstd,
+                            dx, dscale, dbias, partials);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
-        .Ctx<xffi::ScratchAllocator>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
@@ -234,18 +238,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
-        .Ret<Buf>());
+        .Ret<Buf>()
+        .Ret<Buf>(),
+    {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     LayerNormResidualBwdCudaHandler,
-    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf dy, Buf dz_out, Buf z, Buf scale,
-       Buf mean, Buf rstd, Res dz, Res dscale, Res dbias) {
-      return Bwd<CudaTypes>("layer_norm_residual_bwd", RunBwdCuda(stream, scratch), dy, &dz_out, z,
-                            scale, mean, rstd, dz, dscale, dbias);
+    [](cudaStream_t stream, Buf dy, Buf dz_out, Buf z, Buf scale, Buf mean, Buf rstd, Res dz,
+       Res dscale, Res dbias, Res partials) {
+      return Bwd<CudaTypes>("layer_norm_residual_bwd", RunBwdCuda(stream), dy, &dz_out, z, scale,
+                            mean, rstd, dz, dscale, dbias, partials);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
-        .Ctx<xffi::ScratchAllocator>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
@@ -254,7 +259,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
-        .Ret<Buf>());
+        .Ret<Buf>()
+        .Ret<Buf>(),
+    {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("layer_norm_fwd", LayerNormFwdCudaHandler);
 LSJAX_FFI_TARGET_CUDA("layer_norm_residual_fwd", LayerNormResidualFwdCudaHandler);

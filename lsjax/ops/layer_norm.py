@@ -10,6 +10,7 @@ centred variance) in float32.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,21 +90,27 @@ def _residual_fwd(eps, backend, x, residual, scale, bias):
         x, residual, scale, bias, eps=np.float32(eps))
 
 
-def _grad_shapes(z):
+# Rows of the backward's float32 [2, min(rows, _MAX_PARTIALS), hidden]
+# workspace for deterministic column sums (csrc: kLayerNormBwdMaxPartials).
+_MAX_PARTIALS = 512
+
+
+def _grad_call(target, z, *args):
+    rows = math.prod(z.shape[:-1])
     vec = jax.ShapeDtypeStruct(z.shape[-1:], _F32)
-    return (jax.ShapeDtypeStruct(z.shape, z.dtype), vec, vec)
+    partials = jax.ShapeDtypeStruct((2, min(rows, _MAX_PARTIALS), z.shape[-1]), _F32)
+    dz, dscale, dbias, _ = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct(z.shape, z.dtype), vec, vec, partials))(*args)
+    return dz, dscale, dbias
 
 
 @rowwise([ROWS, ROWS, PARAM, STATS, STATS], [ROWS, ROW_SUM, ROW_SUM], n_static=1)
 def _bwd(backend, dy, x, scale, mean, rstd):
-    return jax.ffi.ffi_call(_backend.ffi_target("layer_norm_bwd", backend), _grad_shapes(x))(
-        dy, x, scale, mean, rstd)
+    return _grad_call(_backend.ffi_target("layer_norm_bwd", backend), x, dy, x, scale, mean, rstd)
 
 
 @rowwise([ROWS, ROWS, ROWS, PARAM, STATS, STATS], [ROWS, ROW_SUM, ROW_SUM], n_static=1)
 def _residual_bwd(backend, dy, dz, z, scale, mean, rstd):
-    return jax.ffi.ffi_call(_backend.ffi_target("layer_norm_residual_bwd", backend), _grad_shapes(z))(
-        dy, dz, z, scale, mean, rstd)
+    return _grad_call(_backend.ffi_target("layer_norm_residual_bwd", backend), z, dy, dz, z, scale, mean, rstd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
