@@ -61,3 +61,18 @@ def test_missing_extension_still_imports(monkeypatch):
         with ops.use_backend("cpu_ffi"):
             pass
     assert lsjax.ops.layer_norm is not None
+
+
+def test_jit_retraces_under_another_backend():
+    x, s, b = jnp.ones((4, 8)), jnp.ones(8), jnp.zeros(8)
+    step = jax.jit(lambda x: ops.layer_norm(x, s, b))
+
+    def targets():
+        return "lsjax_layer_norm_fwd_cpu" in step.lower(x).compile().as_text()
+
+    with ops.use_backend("xla"):
+        step(x)
+        assert not targets()
+    with ops.use_backend("cpu_ffi"):
+        step(x)
+        assert targets()

@@ -10,14 +10,13 @@ targets were built, else ``"xla"``. ``LSJAX_BACKEND`` and :func:`use_backend`
 override it; a forced backend that is unavailable raises
 :class:`BackendUnavailableError` (never a silent fallback).
 
-The backend is read when a function is traced: a ``jax.jit`` function keeps the
-backend it was first traced with.
+The backend is part of JAX's trace context (like ``jax.default_matmul_precision``):
+a ``jax.jit`` function retraces when it is called under another backend.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 from collections.abc import Iterator
@@ -35,7 +34,18 @@ _BUILD_HINT = (
     "force them with LSJAX_CUDA=ON)."
 )
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("lsjax_backend", default=None)
+# A JAX config state, so the forced backend is part of jit's cache key and a
+# function traced under one backend is retraced under another.
+from jax._src import config as _jax_config  # noqa: E402
+
+_override = _jax_config.optional_enum_state(
+    name="lsjax_backend",
+    enum_values=BACKENDS,
+    default=None,
+    help="Backend forced by lsjax.ops.use_backend (None: LSJAX_BACKEND or the default).",
+    include_in_jit_key=True,
+    include_in_trace_context=True,
+)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -108,7 +118,7 @@ def _checked(name: str, source: str) -> str:
 
 def get_backend() -> str:
     """The backend ops use now: :func:`use_backend` > ``LSJAX_BACKEND`` > default."""
-    forced = _override.get()
+    forced = _override.value
     if forced is not None:
         return forced
     env = os.environ.get("LSJAX_BACKEND")
@@ -120,11 +130,8 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Context manager forcing the ops' backend; raises if it cannot run here."""
-    token = _override.set(_checked(name, "lsjax.ops.use_backend"))
-    try:
+    with _override(_checked(name, "lsjax.ops.use_backend")):
         yield name
-    finally:
-        _override.reset(token)
 
 
 def ffi_target(op: str, backend: str) -> str:
