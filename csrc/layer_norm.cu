@@ -34,8 +34,8 @@ constexpr int kBlock = 256;        // threads per block, all kernels
 constexpr int kMaxRowsPerBlock = kBlock / 32;
 constexpr int kMaxItemsFwd = 8;    // vectors per thread held in registers
 constexpr int kMaxItemsBwd = 4;
-// A block holds several rows only when threads_per_row < kBlock, i.e. when
-// cols / vec <= 512: at most 4096 (16-bit) columns to combine.
+// A backward block holds several rows only when threads_per_row < kBlock, i.e.
+// when cols / vec <= 256 (items target 2): at most 2048 16-bit columns.
 constexpr int kCombineCols = 4096;
 
 // ---------------------------------------------------------------- forward --
@@ -306,16 +306,19 @@ struct Plan {
   int rows_per_block = 1;
 };
 
+// items_target: vectors per thread to aim for (fewer threads per row when
+// larger); the backward keeps 3 register arrays per vector, so it aims lower.
 template <typename T>
-Plan MakePlan(int64_t cols, int max_items, const void* const* ptrs, int n_ptrs) {
+Plan MakePlan(int64_t cols, int items_target, int max_items, const void* const* ptrs, int n_ptrs) {
   Plan plan;
   constexpr int kVec = cuda::kVec16<T>;
   bool vectorisable = cols % kVec == 0;
   for (int i = 0; i < n_ptrs; ++i) vectorisable = vectorisable && cuda::Aligned(ptrs[i], 16);
   const int vec = vectorisable ? kVec : 1;
   const int64_t nvec = cols / vec;
-  // Aim for 4 vectors per thread; one warp per row at least, 256 threads at most.
-  const int tpr = static_cast<int>(std::min<int64_t>(kBlock, std::max(32, NextPow2(CeilDiv(nvec, 4)))));
+  // One warp per row at least, 256 threads at most.
+  const int tpr = static_cast<int>(
+      std::min<int64_t>(kBlock, std::max(32, NextPow2(CeilDiv(nvec, items_target)))));
   const int items = NextPow2(CeilDiv(nvec, tpr));
   if (items > max_items) return plan;  // generic
   plan.vec = vec;
@@ -352,13 +355,13 @@ void DispatchRegister(const Plan& plan, F&& f) {
 template <typename T>
 Plan FwdPlan(const LayerNormFwdArgs<T>& a) {
   const void* ptrs[] = {a.x, a.residual, a.z, a.y, a.scale, a.bias};
-  return MakePlan<T>(a.cols, kMaxItemsFwd, ptrs, 6);
+  return MakePlan<T>(a.cols, 4, kMaxItemsFwd, ptrs, 6);
 }
 
 template <typename T>
 Plan BwdPlan(const LayerNormBwdArgs<T>& a) {
   const void* ptrs[] = {a.dy, a.dz_out, a.z, a.dz, a.scale};
-  return MakePlan<T>(a.cols, kMaxItemsBwd, ptrs, 5);
+  return MakePlan<T>(a.cols, 2, kMaxItemsBwd, ptrs, 5);
 }
 
 // Persistent grid for the backward: one partial row per block.
