@@ -172,3 +172,13 @@ def test_cuda_writes_every_output(rng, shape):
     y_ref, z_ref = layer_norm_reference(x, s, b, residual=r)
     assert_close(y, y_ref, 2e-2, "poisoned y")
     assert_close(z, z_ref, 2e-2, "poisoned z")
+
+
+def test_nested_vmap(rng):
+    x, s, b, _ = _inputs(rng, (3, 4, 5, 16), jnp.float32)
+    with ops.use_backend("cpu_ffi"):
+        y = jax.vmap(jax.vmap(lambda x: layer_norm(x, s, b)))(x)
+        g = jax.vmap(jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(layer_norm(x, s, b))))))(x)
+    assert_close(y, layer_norm_reference(x, s, b), 1e-5, "nested vmap")
+    g_ref = jax.vmap(jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(layer_norm_reference(x, s, b))))))(x)
+    assert_close(g, g_ref, 1e-4, "nested vmap grads")

@@ -185,7 +185,9 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
 
             @fn.def_vmap
             def _vmap_rule(axis_size, in_batched, *a):
-                return _batched(lambda *x: partitioned(*static, *x), in_kinds, out_kinds, axis_size, in_batched, a)
+                # Re-enter `fn` (not the bare partitioned call) so nested vmaps
+                # reach this rule again.
+                return _batched(fn, in_kinds, out_kinds, axis_size, in_batched, a)
 
             return fn(*arrays)
 
