@@ -29,6 +29,11 @@ from lsjax.ops._rowwise import ROWS, STATS, rowwise
 _F32 = jnp.float32
 _INT32 = np.iinfo(np.int32)
 
+try:
+    _Tracer = jax.core.Tracer
+except AttributeError:  # pragma: no cover - should jax.core stop exporting it
+    from jax._src.core import Tracer as _Tracer
+
 
 def cross_entropy_reference(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
                             ignore_id: int = -1) -> tuple[jax.Array, jax.Array]:
@@ -83,9 +88,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
     check_shape(op, "labels", labels, logits.shape[:-1])
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"{op}: labels must be an integer array, got {labels.dtype}")
-    if isinstance(label_smoothing, jax.core.Tracer) or not 0.0 <= float(label_smoothing) <= 1.0:
+    if isinstance(label_smoothing, _Tracer) or not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be a Python float in [0, 1], got {label_smoothing}")
-    if isinstance(ignore_id, jax.core.Tracer) or not _INT32.min <= int(ignore_id) <= _INT32.max:
+    if isinstance(ignore_id, _Tracer) or not _INT32.min <= int(ignore_id) <= _INT32.max:
         raise ValueError(f"{op}: ignore_id must be a Python int in the int32 range, got {ignore_id}")
     vocab = logits.shape[-1]
     if vocab > _INT32.max:
@@ -110,7 +115,7 @@ def _count(labels: jax.Array, ignore_id: int) -> jax.Array:
 
 def _check_labels(op: str, labels, vocab: int, ignore_id: int) -> None:
     """ValueError for out-of-range labels, when their values are known here."""
-    if isinstance(labels, jax.core.Tracer):
+    if isinstance(labels, _Tracer):
         return  # inside jit/vmap/grad: the kernels return NaN for such tokens
     if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
         return
