@@ -84,7 +84,7 @@ def test_label_smoothing_definition(rng):
 
 def test_reference_gradients(rng):
     x, y, w = _inputs(rng, (3, 4, 9), jnp.float32)
-    check_grads(_loss(cross_entropy_reference, y, w, label_smoothing=0.1), (x,), order=2, modes=["rev"],
+    check_grads(_loss(cross_entropy_reference, y, w, label_smoothing=0.1), (x,), order=1, modes=["rev"], eps=1e-2,
                 atol=1e-2, rtol=1e-2)
 
 

@@ -13,12 +13,15 @@ from lsjax.ops.backend import (
     registered_targets,
     use_backend,
 )
+from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "cross_entropy",
+    "cross_entropy_reference",
     "default_backend",
     "get_backend",
     "layer_norm",
