@@ -104,4 +104,12 @@ inline int NextPow2(int64_t v) {
   return p;
 }
 
+// Deterministic column sums of per-block partial rows, the second pass of
+// every backward that reduces over rows (dscale, dbias, ...):
+//   out_y[c] = sum_{p < parts} partials[y, p, c]   for y in {0, 1}
+// with partials laid out [n_outputs, capacity, cols] (capacity >= parts);
+// out1 may be null (one output). Summed in a fixed order; no atomics.
+cudaError_t LaunchColumnSums(const float* partials, int64_t capacity, int64_t parts, int64_t cols,
+                             float* out0, float* out1, cudaStream_t stream);
+
 }  // namespace lsjax::cuda

@@ -268,34 +268,6 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// out[c] = sum_p partial[p, c] for the two partial tensors (blockIdx.y picks),
-// in a fixed order: deterministic. 8 lanes per column, 4 independent chains each.
-__global__ void __launch_bounds__(kBlock) ColumnSum(const float* partial_dscale,
-                                                    const float* partial_dbias, int64_t parts,
-                                                    int64_t cols, float* dscale, float* dbias) {
-  __shared__ float smem[8][33];
-  const float* in = blockIdx.y == 0 ? partial_dscale : partial_dbias;
-  float* out = blockIdx.y == 0 ? dscale : dbias;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (c < cols) {
-    int64_t p = threadIdx.y;
-    for (; p + 24 < parts; p += 32) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] += in[(p + 8 * j) * cols + c];
-    }
-    for (; p < parts; p += 8) acc[0] += in[p * cols + c];
-  }
-  smem[threadIdx.y][threadIdx.x] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    float total = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) total += smem[k][threadIdx.x];
-    out[c] = total;
-  }
-}
-
 // ------------------------------------------------------------ launch plan --
 
 // How a [rows, cols] problem maps onto the kernels.
@@ -416,10 +388,7 @@ cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream) 
           <<<grid, block, 0, stream>>>(a, partial_dscale, partial_dbias);
     });
   }
-  const dim3 sum_grid(static_cast<unsigned>(CeilDiv(a.cols, 32)), 2);
-  ColumnSum<<<sum_grid, dim3(32, 8), 0, stream>>>(partial_dscale, partial_dbias, grid, a.cols,
-                                                   a.dscale, a.dbias);
-  return cudaGetLastError();
+  return cuda::LaunchColumnSums(a.partials, capacity, grid, a.cols, a.dscale, a.dbias, stream);
 }
 
 #define LSJAX_INSTANTIATE(T)                                                                  \
