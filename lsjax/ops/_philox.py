@@ -28,8 +28,12 @@ def rng_operand(key: jax.Array, offset: int = 0) -> jax.Array:
 
 
 def dropout_threshold(rate: float) -> np.uint32:
-    """``floor(rate * 2**32)`` clamped to uint32: keep iff bits >= threshold."""
-    return np.uint32(min(int(float(rate) * 4294967296.0), 0xFFFFFFFF))
+    """``floor(float32(rate) * 2**32)`` clamped to uint32: keep iff bits >= threshold.
+
+    The kernels receive the rate as a float32 attribute, so the rate is rounded
+    to float32 first (0.1 would otherwise give a different threshold).
+    """
+    return np.uint32(min(int(float(np.float32(rate)) * 4294967296.0), 0xFFFFFFFF))
 
 
 def _mulhilo(a: jax.Array, b: np.uint32) -> tuple[jax.Array, jax.Array]:
