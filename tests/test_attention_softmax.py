@@ -13,7 +13,7 @@ from lsjax.ops.attention_softmax import attention_softmax, attention_softmax_ref
 from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, compiled_hlo, normal
 
 # [batch, heads, q_len, k_len]: length 1, odd k, k not a multiple of 8, long rows.
-SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (2, 2, 9, 128), (1, 2, 3, 1000), (1, 1, 2, 4097)]
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (2, 2, 9, 128), (1, 1, 2, 4097)]
 VARIANTS = {
     "plain": dict(),
     "mask_dropout": dict(mask=True, dropout_rate=0.25),
@@ -56,8 +56,14 @@ def _compare(backend, rng, shape, dtype, variant, fwd_rtol, grad_rtol):
         grad = jax.jit(jax.grad(_loss(attention_softmax, kw)))(x, w)
     what = f"{backend} {variant} {shape} {jnp.dtype(dtype).name}"
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    # Dropped / masked elements are exactly the same ones.
-    np.testing.assert_array_equal(np.asarray(actual == 0), np.asarray(expected == 0), err_msg=what)
+    # Masked elements are exactly 0, and dropout drops exactly the reference's
+    # elements (judged where p is not so small that a 16-bit output underflows).
+    nodrop = {k: v for k, v in kw.items() if k not in ("dropout_rate", "key")}
+    p32 = np.asarray(attention_softmax_reference(x.astype(jnp.float32), **nodrop))
+    a, e = np.asarray(actual), np.asarray(expected)
+    assert np.all(a[p32 == 0] == 0), f"{what}: masked elements not zero"
+    big = p32 > 1e-5
+    np.testing.assert_array_equal(a[big] == 0, e[big] == 0, err_msg=f"{what}: dropout mask")
     assert_close(actual, expected, fwd_rtol, f"{what} forward")
     assert grad.dtype == x.dtype
     assert_close(grad, grad_ref, grad_rtol, f"{what} dx")
@@ -244,7 +250,7 @@ def test_bad_input(backend):
 
 # ------------------------------------------------------------------- GPU --
 
-GPU_SHAPES = SHAPES + [(8, 8, 16, 128), (2, 4, 8, 512), (2, 2, 8, 1024), (1, 2, 4, 4096), (1, 1, 4, 8192),
+GPU_SHAPES = SHAPES + [(1, 2, 3, 1000), (8, 8, 16, 128), (2, 4, 8, 512), (2, 2, 8, 1024), (1, 2, 4, 4096), (1, 1, 4, 8192),
                        (1, 1, 3, 16384 + 8), (1, 1, 2, 40000)]
 
 
