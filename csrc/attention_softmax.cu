@@ -1,0 +1,407 @@
+// CUDA attention softmax (forward and backward) with key-padding / causal
+// masks and Philox dropout, LightSeq-style but with no length cap.
+//
+// Launch plan by k_len (as LightSeq picks block sizes by sequence length):
+// * "register" kernels: the row is read once into fp32 registers with 16-byte
+//   vector loads, reduced (max, then sum of exp) with warp shuffles (plus one
+//   shared-memory step when a row spans several warps) and written once.
+//   Threads per row = next_pow2(vectors / 4) in [1, 256], so short rows pack
+//   many rows into one 256-thread block (k=128 bf16: 4 threads per row, 64
+//   rows per block) and long rows use up to 8 warps; each thread holds
+//   ITEMS (template: 1, 2, 4, 8) vectors. That covers k <= 16384 (bf16/fp16)
+//   and k <= 8192 (fp32) in the forward, half of that in the backward.
+// * "generic" kernels: any k, one block per row (grid-stride), the row
+//   streamed twice from L2 (online max/sum, then the write).
+// Dropout: one Philox call per group of 4 consecutive elements in the vector
+// path (when the rng offset is a multiple of 4, the usual case), per element
+// otherwise. The backward regenerates the mask and recomputes p from the
+// scores and the saved row statistics. Deterministic: no atomics.
+#include <algorithm>
+#include <type_traits>
+
+#include "csrc/attention_softmax.h"
+#include "csrc/cuda_common.cuh"
+#include "csrc/philox.h"
+
+namespace lsjax {
+namespace {
+
+using cuda::CeilDiv;
+using cuda::FromFloat;
+using cuda::LoadFloats;
+using cuda::NextPow2;
+using cuda::StoreFloats;
+using cuda::ToFloat;
+
+constexpr int kBlock = 256;  // threads per block, all kernels
+constexpr int kMaxItemsFwd = 8;
+constexpr int kMaxItemsBwd = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Reduction (max or sum) over the `tpr` consecutive threads of a row slot
+// (tpr a power of two in [1, kBlock]); smem holds kBlock / 32 floats. Every
+// thread of the block must call it: it has barriers when tpr > 32.
+template <bool kMax>
+__device__ __forceinline__ float RowReduce(float v, int tpr, float* smem) {
+  const int width = tpr < 32 ? tpr : 32;
+  for (int o = width / 2; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, other) : v + other;
+  }
+  if (tpr <= 32) return v;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wpr = tpr / 32;
+  __syncthreads();  // the previous reduction's reads of smem are done
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const int first = warp / wpr * wpr;
+  float r = smem[first];
+  for (int w = 1; w < wpr; ++w) r = kMax ? fmaxf(r, smem[first + w]) : r + smem[first + w];
+  return r;
+}
+
+struct Origin {
+  int32_t b0, h0, q0;
+};
+
+__device__ __forceinline__ Origin ReadOrigin(const AttnSoftmaxGeometry& g) {
+  if (g.origin == nullptr) return Origin{0, 0, 0};
+  return Origin{g.origin[0], g.origin[1], g.origin[2]};
+}
+
+// Validity of VEC consecutive columns starting at col (key padding + causal).
+template <int VEC>
+__device__ __forceinline__ void ValidVec(const AttnSoftmaxGeometry& g, const AttnRow& row,
+                                         int64_t col, bool (&valid)[VEC]) {
+  uint8_t keep[VEC];
+  if (g.mask != nullptr) {
+    const auto m = *reinterpret_cast<const cuda::Vec<uint8_t, VEC>*>(g.mask + row.b * g.k_len + col);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) keep[k] = m.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) keep[k] = 1;
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) valid[k] = keep[k] != 0 && col + k < row.limit;
+}
+
+// v[k] *= keep(e0 + k) / (1 - rate), or 0 where dropped.
+template <int VEC>
+__device__ __forceinline__ void Dropout(const DropoutRng& rng, bool grouped, uint64_t e0,
+                                        float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+    if (grouped) {  // (e0 + offset) % 4 == 0: one Philox call per 4 elements
+#pragma unroll
+      for (int j = 0; j < VEC / 4; ++j) {
+        const PhiloxOut w = rng.Group(e0 + 4 * j);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          v[4 * j + l] = w.w[l] >= rng.threshold ? v[4 * j + l] * rng.scale : 0.f;
+        }
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v[k] = rng.Keep(e0 + k) ? v[k] * rng.scale : 0.f;
+}
+
+// ---------------------------------------------------------------- forward --
+
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kBlock) FwdRegister(AttnSoftmaxFwdArgs<T> a, int tpr) {
+  __shared__ float smem[kBlock / 32];
+  const AttnSoftmaxGeometry& g = a.g;
+  const int slot = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlock / tpr) + slot;
+  const bool active = r < g.rows();
+  const int64_t K = g.k_len;
+  const int nvec = static_cast<int>(K / VEC);
+  const Origin o = ReadOrigin(g);
+  const AttnRow row = LocateRow(g, active ? r : 0, o.b0, o.h0, o.q0);
+  const int64_t off = r * K;
+  const float zscale = g.scale * kLog2e;  // work in log2 units: exp(z) = exp2(z * log2 e)
+  float z[ITEMS][VEC];
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * tpr + t;
+    if (active && idx < nvec) {
+      LoadFloats<T, VEC>(a.x + off + static_cast<int64_t>(idx) * VEC, z[i]);
+      bool valid[VEC];
+      ValidVec<VEC>(g, row, static_cast<int64_t>(idx) * VEC, valid);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        z[i][k] = valid[k] ? z[i][k] * zscale : -INFINITY;
+        m = fmaxf(m, z[i][k]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[i][k] = -INFINITY;
+    }
+  }
+  m = RowReduce<true>(m, tpr, smem);
+  if (m == -INFINITY) m = 0.f;  // no valid column: all p are 0, never NaN
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      z[i][k] = exp2f(z[i][k] - m);
+      s += z[i][k];
+    }
+  }
+  s = RowReduce<false>(s, tpr, smem);
+  const float inv = s > 0.f ? 1.f / s : 0.f;
+  const bool dropout = g.rate > 0.f;
+  DropoutRng rng{};
+  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
+  const bool grouped = dropout && ((rng.offset & 3u) == 0) && (K % 4 == 0);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * tpr + t;
+    if (active && idx < nvec) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[i][k] *= inv;
+      if (dropout) Dropout<VEC>(rng, grouped, row.global_row * K + static_cast<uint64_t>(idx) * VEC, z[i]);
+      StoreFloats<T, VEC>(a.y + off + static_cast<int64_t>(idx) * VEC, z[i]);
+    }
+  }
+  if (active && t == 0) {
+    a.row_max[r] = m;
+    a.row_inv[r] = inv;
+  }
+}
+
+// Any k: one block per row (grid-stride); online max/sum, then the write.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) FwdGeneric(AttnSoftmaxFwdArgs<T> a) {
+  __shared__ float smem[kBlock / 32];
+  const AttnSoftmaxGeometry& g = a.g;
+  const int64_t K = g.k_len;
+  const Origin o = ReadOrigin(g);
+  const float zscale = g.scale * kLog2e;
+  const bool dropout = g.rate > 0.f;
+  DropoutRng rng{};
+  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
+  for (int64_t r = blockIdx.x; r < g.rows(); r += gridDim.x) {
+    const AttnRow row = LocateRow(g, r, o.b0, o.h0, o.q0);
+    const int64_t off = r * K;
+    const uint8_t* mask = g.mask ? g.mask + row.b * K : nullptr;
+    auto load = [&](int64_t c) {
+      const bool valid = c < row.limit && (mask == nullptr || mask[c] != 0);
+      return valid ? ToFloat(a.x[off + c]) * zscale : -INFINITY;
+    };
+    float m = -INFINITY, s = 0.f;
+    for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+      const float z = load(c);
+      if (z == -INFINITY) continue;
+      if (z > m) {
+        s = s * exp2f(m - z) + 1.f;
+        m = z;
+      } else {
+        s += exp2f(z - m);
+      }
+    }
+    float row_m = RowReduce<true>(m, kBlock, smem);
+    if (row_m == -INFINITY) row_m = 0.f;
+    s = m == -INFINITY ? 0.f : s * exp2f(m - row_m);
+    s = RowReduce<false>(s, kBlock, smem);
+    const float inv = s > 0.f ? 1.f / s : 0.f;
+    for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+      float p = exp2f(load(c) - row_m) * inv;
+      if (dropout) p = rng.Keep(row.global_row * K + c) ? p * rng.scale : 0.f;
+      a.y[off + c] = FromFloat<T>(p);
+    }
+    if (threadIdx.x == 0) {
+      a.row_max[r] = row_m;
+      a.row_inv[r] = inv;
+    }
+  }
+}
+
+// --------------------------------------------------------------- backward --
+
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kBlock) BwdRegister(AttnSoftmaxBwdArgs<T> a, int tpr) {
+  __shared__ float smem[kBlock / 32];
+  const AttnSoftmaxGeometry& g = a.g;
+  const int slot = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlock / tpr) + slot;
+  const bool active = r < g.rows();
+  const int64_t K = g.k_len;
+  const int nvec = static_cast<int>(K / VEC);
+  const Origin o = ReadOrigin(g);
+  const AttnRow row = LocateRow(g, active ? r : 0, o.b0, o.h0, o.q0);
+  const int64_t off = r * K;
+  const float zscale = g.scale * kLog2e;
+  const float m = active ? a.row_max[r] : 0.f;
+  const float inv = active ? a.row_inv[r] : 0.f;
+  const bool dropout = g.rate > 0.f;
+  DropoutRng rng{};
+  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
+  const bool grouped = dropout && ((rng.offset & 3u) == 0) && (K % 4 == 0);
+  float p[ITEMS][VEC], gr[ITEMS][VEC];
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * tpr + t;
+    if (active && idx < nvec) {
+      const int64_t col = static_cast<int64_t>(idx) * VEC;
+      LoadFloats<T, VEC>(a.x + off + col, p[i]);
+      LoadFloats<T, VEC>(a.dy + off + col, gr[i]);
+      bool valid[VEC];
+      ValidVec<VEC>(g, row, col, valid);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) p[i][k] = valid[k] ? exp2f(p[i][k] * zscale - m) * inv : 0.f;
+      if (dropout) Dropout<VEC>(rng, grouped, row.global_row * K + static_cast<uint64_t>(col), gr[i]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += gr[i][k] * p[i][k];
+    }
+  }
+  sum = RowReduce<false>(sum, tpr, smem);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * tpr + t;
+    if (active && idx < nvec) {
+      float d[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) d[k] = g.scale * p[i][k] * (gr[i][k] - sum);
+      StoreFloats<T, VEC>(a.dx + off + static_cast<int64_t>(idx) * VEC, d);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) BwdGeneric(AttnSoftmaxBwdArgs<T> a) {
+  __shared__ float smem[kBlock / 32];
+  const AttnSoftmaxGeometry& g = a.g;
+  const int64_t K = g.k_len;
+  const Origin o = ReadOrigin(g);
+  const float zscale = g.scale * kLog2e;
+  const bool dropout = g.rate > 0.f;
+  DropoutRng rng{};
+  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
+  for (int64_t r = blockIdx.x; r < g.rows(); r += gridDim.x) {
+    const AttnRow row = LocateRow(g, r, o.b0, o.h0, o.q0);
+    const int64_t off = r * K;
+    const uint8_t* mask = g.mask ? g.mask + row.b * K : nullptr;
+    const float m = a.row_max[r], inv = a.row_inv[r];
+    auto prob = [&](int64_t c) {
+      const bool valid = c < row.limit && (mask == nullptr || mask[c] != 0);
+      return valid ? exp2f(ToFloat(a.x[off + c]) * zscale - m) * inv : 0.f;
+    };
+    auto grad = [&](int64_t c) {
+      const float d = ToFloat(a.dy[off + c]);
+      if (!dropout) return d;
+      return rng.Keep(row.global_row * K + c) ? d * rng.scale : 0.f;
+    };
+    float sum = 0.f;
+    for (int64_t c = threadIdx.x; c < K; c += blockDim.x) sum += grad(c) * prob(c);
+    sum = RowReduce<false>(sum, kBlock, smem);
+    for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+      a.dx[off + c] = FromFloat<T>(g.scale * prob(c) * (grad(c) - sum));
+    }
+  }
+}
+
+// ------------------------------------------------------------ launch plan --
+
+struct Plan {
+  int vec = 1;    // elements per access
+  int items = 0;  // vectors per thread; 0 selects the generic kernel
+  int tpr = kBlock;
+};
+
+template <typename T>
+Plan MakePlan(const AttnSoftmaxGeometry& g, int max_items, const void* const* ptrs, int n_ptrs) {
+  Plan plan;
+  constexpr int kVec = cuda::kVec16<T>;
+  bool vectorisable = g.k_len % kVec == 0 && cuda::Aligned(g.mask, kVec);
+  for (int i = 0; i < n_ptrs; ++i) vectorisable = vectorisable && cuda::Aligned(ptrs[i], 16);
+  const int vec = vectorisable ? kVec : 1;
+  const int64_t nvec = g.k_len / vec;
+  // Aim for 4 vectors per thread (loads in flight), 1..256 threads per row.
+  const int tpr = static_cast<int>(std::min<int64_t>(kBlock, NextPow2(CeilDiv(nvec, 4))));
+  const int items = NextPow2(CeilDiv(nvec, tpr));
+  if (items > max_items) return plan;  // generic
+  plan.vec = vec;
+  plan.items = items;
+  plan.tpr = tpr;
+  return plan;
+}
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Calls f(Int<VEC>, Int<ITEMS>) for the plan's register kernel.
+template <typename T, int MAX_ITEMS, typename F>
+void DispatchRegister(const Plan& plan, F&& f) {
+  auto by_items = [&](auto vec) {
+    if (plan.items == 1) {
+      f(vec, Int<1>{});
+    } else if (plan.items == 2) {
+      f(vec, Int<2>{});
+    } else if (plan.items == 4) {
+      f(vec, Int<4>{});
+    } else if constexpr (MAX_ITEMS >= 8) {
+      f(vec, Int<8>{});
+    }
+  };
+  if (plan.vec == 1) {
+    by_items(Int<1>{});
+  } else {
+    by_items(Int<cuda::kVec16<T>>{});
+  }
+}
+
+int64_t GenericGrid(int64_t rows) { return std::min<int64_t>(rows, 65535LL * 16); }
+
+}  // namespace
+
+template <typename T>
+cudaError_t AttnSoftmaxFwdCuda(const AttnSoftmaxFwdArgs<T>& a, cudaStream_t stream) {
+  const int64_t rows = a.g.rows();
+  if (rows == 0 || a.g.k_len == 0) return cudaSuccess;
+  const void* ptrs[] = {a.x, a.y};
+  const Plan plan = MakePlan<T>(a.g, kMaxItemsFwd, ptrs, 2);
+  if (plan.items == 0) {
+    FwdGeneric<T><<<GenericGrid(rows), kBlock, 0, stream>>>(a);
+  } else {
+    const int64_t grid = CeilDiv(rows, kBlock / plan.tpr);
+    DispatchRegister<T, kMaxItemsFwd>(plan, [&](auto vec, auto items) {
+      FwdRegister<T, decltype(vec)::value, decltype(items)::value>
+          <<<grid, kBlock, 0, stream>>>(a, plan.tpr);
+    });
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t AttnSoftmaxBwdCuda(const AttnSoftmaxBwdArgs<T>& a, cudaStream_t stream) {
+  const int64_t rows = a.g.rows();
+  if (rows == 0 || a.g.k_len == 0) return cudaSuccess;
+  const void* ptrs[] = {a.dy, a.x, a.dx};
+  const Plan plan = MakePlan<T>(a.g, kMaxItemsBwd, ptrs, 3);
+  if (plan.items == 0) {
+    BwdGeneric<T><<<GenericGrid(rows), kBlock, 0, stream>>>(a);
+  } else {
+    const int64_t grid = CeilDiv(rows, kBlock / plan.tpr);
+    DispatchRegister<T, kMaxItemsBwd>(plan, [&](auto vec, auto items) {
+      BwdRegister<T, decltype(vec)::value, decltype(items)::value>
+          <<<grid, kBlock, 0, stream>>>(a, plan.tpr);
+    });
+  }
+  return cudaGetLastError();
+}
+
+#define LSJAX_INSTANTIATE(T)                                                              \
+  template cudaError_t AttnSoftmaxFwdCuda<T>(const AttnSoftmaxFwdArgs<T>&, cudaStream_t); \
+  template cudaError_t AttnSoftmaxBwdCuda<T>(const AttnSoftmaxBwdArgs<T>&, cudaStream_t);
+LSJAX_INSTANTIATE(float)
+LSJAX_INSTANTIATE(__half)
+LSJAX_INSTANTIATE(__nv_bfloat16)
+#undef LSJAX_INSTANTIATE
+
+}  // namespace lsjax
