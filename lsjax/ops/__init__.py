@@ -4,6 +4,7 @@ Choose the implementation with :func:`use_backend` or ``LSJAX_BACKEND``
 (``"cuda" | "cpu_ffi" | "xla"``); see :mod:`lsjax.ops.backend`.
 """
 
+from lsjax.ops.attention_softmax import attention_softmax, attention_softmax_reference
 from lsjax.ops.backend import (
     BACKENDS,
     BackendUnavailableError,
@@ -17,6 +18,8 @@ from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
 
 __all__ = [
+    "attention_softmax",
+    "attention_softmax_reference",
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
