@@ -6,6 +6,10 @@ shard, so shards draw disjoint streams); with dropout off (rate 0 or no key)
 the op is deterministic and the local function passes a constant dummy, so the
 wrapped op has no ``RNG`` operand at all (no offset arithmetic under a mesh,
 and vmap batches it instead of mapping sequentially).
+
+Dropout ops run on the ``[rows, hidden]`` view of their operands (see
+:func:`dropout_rowwise`): the mask is then the unsharded one under any row
+sharding, at the price of a reshard when a non-leading row dim is sharded.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._philox import check_rate, dropout_mask, rng_operand
-from lsjax.ops._rowwise import RNG, rowwise
+from lsjax.ops._rowwise import RNG, ROWS, rowwise
 
 _F32 = jnp.float32
 
@@ -63,16 +67,29 @@ def dropout_rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static:
     def wrap(local_fn: Callable) -> Callable:
         with_rng = rowwise([*in_kinds, RNG], out_kinds, n_static)(local_fn)
 
-        @functools.wraps(local_fn)
         def local_det(*args):
             return local_fn(*args, jnp.zeros((4,), jnp.uint32))
 
+        local_det.__name__ = f"{local_fn.__name__}_deterministic"
         without_rng = rowwise(in_kinds, out_kinds, n_static)(local_det)
 
         @functools.wraps(local_fn)
         def call(*args):
             *rest, rng = args
-            return without_rng(*rest) if rng is None else with_rng(*rest, rng)
+            if rng is None:
+                return without_rng(*rest)
+            # With dropout, run on the [rows, hidden] view: its shards are
+            # contiguous row blocks, so the per-shard RNG offsets reproduce the
+            # unsharded mask exactly, however XLA partitions each call (the
+            # backward regenerates the forward's mask even if dy is sharded
+            # differently). Free when only the leading dim is sharded.
+            static, arrays = rest[:n_static], rest[n_static:]
+            shape = next(a.shape for a, k in zip(arrays, in_kinds) if k == ROWS)
+            flat = [a.reshape(-1, a.shape[-1]) if k == ROWS else a for a, k in zip(arrays, in_kinds)]
+            outs = with_rng(*static, *flat, rng)
+            if not isinstance(outs, (tuple, list)):
+                return outs.reshape(shape)
+            return tuple(o.reshape(shape) if k == ROWS else o for o, k in zip(outs, out_kinds))
 
         return call
 
