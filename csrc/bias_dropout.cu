@@ -1,0 +1,336 @@
+// CUDA bias + activation + dropout (+ residual), forward and backward.
+//
+// One templated kernel pair serves every variant: the activation is a
+// template functor (identity/relu/gelu/gelu_tanh, csrc/bias_dropout.h);
+// residual, bias and dropout are uniform runtime branches.
+//
+// Layout: a 2-D grid over (column vectors, rows). Each thread owns VEC
+// consecutive columns (16-byte accesses when cols and the pointers allow),
+// keeps their bias in registers, and walks rows with a grid stride, holding
+// kUnroll rows of loads in flight. Dropout draws one Philox call per 4
+// consecutive elements (two when the stream offset is not a multiple of 4).
+//
+// Backward dbias is deterministic: each thread accumulates its columns over
+// its rows in float32 registers, the block reduces its row lanes through
+// shared memory in a fixed order into one partial row per blockIdx.y, and a
+// second kernel sums the partial rows in a fixed order. No float atomics.
+#include <algorithm>
+#include <type_traits>
+
+#include "csrc/bias_dropout.h"
+#include "csrc/cuda_common.cuh"
+#include "csrc/philox.h"
+
+namespace lsjax {
+namespace {
+
+using cuda::CeilDiv;
+using cuda::LoadFloats;
+using cuda::NextPow2;
+using cuda::StoreFloats;
+
+constexpr int kBlock = 256;  // threads per block
+constexpr int kUnroll = 4;   // rows in flight per thread
+constexpr int kMaxVec = 8;   // 16 bytes of 16-bit elements
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// ------------------------------------------------------------- dropout --
+
+// Word i (0 <= i < 8) of the concatenation of two Philox outputs, by selects
+// (no dynamically indexed local arrays).
+__device__ __forceinline__ uint32_t Word(const PhiloxOut& a, const PhiloxOut& b, int i) {
+  uint32_t w = a.w[0];
+  w = i == 1 ? a.w[1] : w;
+  w = i == 2 ? a.w[2] : w;
+  w = i == 3 ? a.w[3] : w;
+  w = i == 4 ? b.w[0] : w;
+  w = i == 5 ? b.w[1] : w;
+  w = i == 6 ? b.w[2] : w;
+  w = i == 7 ? b.w[3] : w;
+  return w;
+}
+
+// v[k] = keep(e + k) ? v[k] * scale : 0 for the VEC elements from flat index
+// e (VEC == 1, or VEC % 4 == 0 and e % 4 == 0).
+template <int VEC>
+__device__ __forceinline__ void Dropout(const DropoutRng& rng, uint64_t e, float (&v)[VEC]) {
+  const int lane = static_cast<int>((e + rng.offset) & 3u);  // uniform over the grid for VEC > 1
+  if constexpr (VEC == 1) {
+    const PhiloxOut g = rng.Group(e);
+    v[0] = Word(g, g, lane) >= rng.threshold ? v[0] * rng.scale : 0.f;
+  } else {
+    static_assert(VEC % 4 == 0, "vector width must be 1 or a multiple of 4");
+#pragma unroll
+    for (int j = 0; j < VEC / 4; ++j) {
+      const PhiloxOut a = rng.Group(e + 4 * j);
+      uint32_t bits[4];
+      if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) bits[k] = a.w[k];
+      } else {  // the 4 elements straddle two Philox groups
+        const PhiloxOut b = rng.Group(e + 4 * j + 4);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) bits[k] = Word(a, b, lane + k);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[4 * j + k] = bits[k] >= rng.threshold ? v[4 * j + k] * rng.scale : 0.f;
+    }
+  }
+}
+
+__device__ __forceinline__ DropoutRng LoadRng(const uint32_t* rng, float rate) {
+  if (rate <= 0.f) return DropoutRng{0u, 0u, 0u, 0u, 1.f};
+  const uint32_t words[4] = {rng[0], rng[1], rng[2], rng[3]};  // 16 bytes, cached
+  return MakeDropoutRng(words, rate);
+}
+
+// ------------------------------------------------------------- kernels --
+
+template <typename T, int VEC, typename Act>
+__global__ void __launch_bounds__(kBlock) BiasDropoutFwdKernel(BiasDropoutFwdArgs<T> a) {
+  const int64_t nvec = a.cols / VEC;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cv >= nvec) return;  // no barriers below
+  const int64_t c0 = cv * VEC;
+  float b[VEC];
+  if (a.bias) {
+    LoadFloats<float, VEC>(a.bias + c0, b);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) b[k] = 0.f;
+  }
+  const bool drop = a.rate > 0.f;
+  const DropoutRng rng = LoadRng(a.rng, a.rate);
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r0 < a.rows;
+       r0 += stride * kUnroll) {
+    float v[kUnroll][VEC], res[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = r0 + u * stride;
+      if (r < a.rows) {
+        LoadFloats<T, VEC>(a.x + r * a.cols + c0, v[u]);
+        if (a.residual) LoadFloats<T, VEC>(a.residual + r * a.cols + c0, res[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = r0 + u * stride;
+      if (r < a.rows) {
+        const int64_t e = r * a.cols + c0;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[u][k] = Act::F(v[u][k] + b[k]);
+        if (drop) Dropout<VEC>(rng, static_cast<uint64_t>(e), v[u]);
+        if (a.residual) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) v[u][k] += res[u][k];
+        }
+        StoreFloats<T, VEC>(a.y + e, v[u]);
+      }
+    }
+  }
+}
+
+// partial: [gridDim.y, cols] float32, or nullptr without dbias.
+template <typename T, int VEC, typename Act>
+__global__ void __launch_bounds__(kBlock) BiasDropoutBwdKernel(BiasDropoutBwdArgs<T> a, float* partial) {
+  __shared__ float red[kBlock * kMaxVec];
+  const int64_t nvec = a.cols / VEC;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = cv < nvec;  // inactive threads still reach the barrier
+  const int64_t c0 = cv * VEC;
+  float b[VEC], acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) b[k] = acc[k] = 0.f;
+  if (Act::kNeedsInput && active && a.bias) LoadFloats<float, VEC>(a.bias + c0, b);
+  const bool drop = a.rate > 0.f;
+  const DropoutRng rng = LoadRng(a.rng, a.rate);
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; active && r0 < a.rows;
+       r0 += stride * kUnroll) {
+    float g[kUnroll][VEC], x[kUnroll][VEC];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = r0 + u * stride;
+      if (r < a.rows) {
+        LoadFloats<T, VEC>(a.dy + r * a.cols + c0, g[u]);
+        if constexpr (Act::kNeedsInput) LoadFloats<T, VEC>(a.x + r * a.cols + c0, x[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = r0 + u * stride;
+      if (r < a.rows) {
+        const int64_t e = r * a.cols + c0;
+        if (drop) Dropout<VEC>(rng, static_cast<uint64_t>(e), g[u]);
+        if constexpr (Act::kNeedsInput) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) g[u][k] *= Act::D(x[u][k] + b[k]);
+        }
+        StoreFloats<T, VEC>(a.dx + e, g[u]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] += g[u][k];
+      }
+    }
+  }
+  if (partial == nullptr) return;  // uniform over the block
+  if (blockDim.y > 1) {            // uniform: reduce the row lanes, lane 0 first
+    const int width = blockDim.x * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) red[threadIdx.y * width + threadIdx.x * VEC + k] = acc[k];
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      for (int y = 1; y < static_cast<int>(blockDim.y); ++y) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] += red[y * width + threadIdx.x * VEC + k];
+      }
+    }
+  }
+  if (threadIdx.y == 0 && active) {
+    float* out = partial + static_cast<int64_t>(blockIdx.y) * a.cols + c0;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = acc[k];
+  }
+}
+
+// out[c] = sum_p partial[p, c] in a fixed order: deterministic.
+__global__ void __launch_bounds__(kBlock)
+    ColumnSum(const float* partial, int64_t parts, int64_t cols, float* out) {
+  __shared__ float smem[8][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (c < cols) {
+    for (int64_t p = threadIdx.y; p < parts; p += 8) acc += partial[p * cols + c];
+  }
+  smem[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) total += smem[k][threadIdx.x];
+    out[c] = total;
+  }
+}
+
+// ------------------------------------------------------------ launch plan --
+
+struct Plan {
+  int vec = 1;
+  dim3 block;
+  int64_t grid_x = 1;
+};
+
+// Widest access the size and every pointer allow: 16 bytes, 4 elements, or 1.
+template <typename T>
+int PickVec(int64_t cols, const void* const* ptrs, int n_ptrs, const float* bias) {
+  auto fits = [&](int vec) {
+    if (cols % vec != 0) return false;
+    const int bytes = std::min<int>(16, vec * static_cast<int>(sizeof(T)));
+    for (int i = 0; i < n_ptrs; ++i) {
+      if (!cuda::Aligned(ptrs[i], bytes)) return false;
+    }
+    return cuda::Aligned(bias, std::min<int>(16, vec * static_cast<int>(sizeof(float))));
+  };
+  if (fits(cuda::kVec16<T>)) return cuda::kVec16<T>;
+  if (fits(4)) return 4;
+  return 1;
+}
+
+Plan MakePlan(int vec, int64_t cols) {
+  Plan plan;
+  plan.vec = vec;
+  const int64_t nvec = cols / vec;
+  const int bx = static_cast<int>(std::min<int64_t>(kBlock, std::max(32, NextPow2(nvec))));
+  plan.block = dim3(bx, kBlock / bx);
+  plan.grid_x = CeilDiv(nvec, bx);
+  return plan;
+}
+
+// Row blocks of the backward: enough to fill the GPU (4 blocks per SM), at
+// least 32 rows each so the partial rows stay small next to the data, and at
+// most one per kUnroll rows of each thread. Never more than DbiasParts(rows).
+int64_t DbiasParts(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(4 * cuda::NumSMs(), rows / 32));
+}
+
+int64_t BwdGridY(const Plan& plan, int64_t rows) {
+  const int64_t fill = std::max<int64_t>(1, 4 * cuda::NumSMs() / plan.grid_x);
+  return std::max<int64_t>(1, std::min({CeilDiv(rows, plan.block.y * kUnroll), fill, DbiasParts(rows)}));
+}
+
+template <typename T, typename F>
+void DispatchVec(int vec, F&& f) {
+  constexpr int kV = cuda::kVec16<T>;
+  if (vec == kV) {
+    f(Int<kV>{});
+    return;
+  }
+  if constexpr (kV > 4) {
+    if (vec == 4) {
+      f(Int<4>{});
+      return;
+    }
+  }
+  f(Int<1>{});
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t BiasDropoutFwdCuda(const BiasDropoutFwdArgs<T>& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.cols == 0) return cudaSuccess;
+  const void* ptrs[] = {a.x, a.residual, a.y};
+  const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, a.bias), a.cols);
+  const int64_t grid_y = std::min<int64_t>(CeilDiv(a.rows, plan.block.y * kUnroll), 65535);
+  const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
+  bool known = DispatchActivation(a.act, [&](auto act) {
+    DispatchVec<T>(plan.vec, [&](auto vec) {
+      BiasDropoutFwdKernel<T, decltype(vec)::value, decltype(act)><<<grid, plan.block, 0, stream>>>(a);
+    });
+  });
+  if (!known) return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+size_t BiasDropoutBwdWorkspaceBytes(int64_t rows, int64_t cols, bool has_dbias) {
+  if (!has_dbias || rows == 0 || cols == 0) return 0;
+  return static_cast<size_t>(DbiasParts(rows)) * static_cast<size_t>(cols) * sizeof(float);
+}
+
+template <typename T>
+cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, void* workspace, cudaStream_t stream) {
+  if (a.cols == 0) return cudaSuccess;
+  if (a.rows == 0) {
+    if (a.dbias) cudaMemsetAsync(a.dbias, 0, a.cols * sizeof(float), stream);
+    return cudaGetLastError();
+  }
+  const bool needs_x = a.act != Activation::kIdentity;
+  const void* ptrs[] = {a.dy, a.dx, needs_x ? a.x : nullptr};
+  const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, needs_x ? a.bias : nullptr), a.cols);
+  const int64_t grid_y = BwdGridY(plan, a.rows);  // <= DbiasParts: fits the workspace
+  const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
+  float* partial = a.dbias ? static_cast<float*>(workspace) : nullptr;
+  bool known = DispatchActivation(a.act, [&](auto act) {
+    DispatchVec<T>(plan.vec, [&](auto vec) {
+      BiasDropoutBwdKernel<T, decltype(vec)::value, decltype(act)><<<grid, plan.block, 0, stream>>>(a, partial);
+    });
+  });
+  if (!known) return cudaErrorInvalidValue;
+  if (a.dbias) {
+    ColumnSum<<<static_cast<unsigned>(CeilDiv(a.cols, 32)), dim3(32, 8), 0, stream>>>(partial, grid_y, a.cols,
+                                                                                      a.dbias);
+  }
+  return cudaGetLastError();
+}
+
+#define LSJAX_INSTANTIATE(T)                                                                \
+  template cudaError_t BiasDropoutFwdCuda<T>(const BiasDropoutFwdArgs<T>&, cudaStream_t); \
+  template cudaError_t BiasDropoutBwdCuda<T>(const BiasDropoutBwdArgs<T>&, void*, cudaStream_t);
+LSJAX_INSTANTIATE(float)
+LSJAX_INSTANTIATE(__half)
+LSJAX_INSTANTIATE(__nv_bfloat16)
+#undef LSJAX_INSTANTIATE
+
+}  // namespace lsjax

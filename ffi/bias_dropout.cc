@@ -1,0 +1,310 @@
+// XLA FFI handlers for bias + activation + dropout (+ residual): decode and
+// check buffers, dispatch dtype, call csrc/. Targets (each for "cpu" and,
+// when built, "CUDA"; attrs: rate f32, activation i32 where listed):
+//   bias_dropout_residual_fwd (x, bias, residual, rng) -> y
+//   bias_dropout_residual_bwd (dy, rng)                -> (dx, dbias)
+//   bias_act_dropout_fwd      (x, bias, rng)           -> y          [activation]
+//   bias_act_dropout_bwd      (dy, x, bias, rng)       -> (dx, dbias) [activation]
+//   dropout_fwd               (x, rng)                 -> y
+//   dropout_bwd               (dy, rng)                -> dx
+// x/y/dy/dx/residual: [..., H] in f32/f16/bf16; bias, dbias: f32 [H];
+// rng: u32[4] (ignored when rate == 0). Activation codes: csrc/bias_dropout.h.
+#include <optional>
+#include <string>
+
+#include "csrc/bias_dropout.h"
+#include "ffi/common.h"
+#include "ffi/registry.h"
+
+namespace lsjax::ffi {
+namespace {
+
+using Buf = xffi::AnyBuffer;
+using Res = xffi::Result<xffi::AnyBuffer>;
+
+xffi::Error CheckCommon(const char* op, const Buf& x, const Buf* bias, const Buf& rng, float rate,
+                        int32_t act) {
+  const int64_t cols = RowsCols(x).second;
+  if (auto e = Expect(x.dimensions().size() >= 1, op, "input must have rank >= 1"); e.failure()) return e;
+  if (auto e = Expect(bias == nullptr || (bias->element_type() == xffi::DataType::F32 &&
+                                          static_cast<int64_t>(bias->element_count()) == cols),
+                      op, "bias must be float32 [hidden]");
+      e.failure())
+    return e;
+  if (auto e = Expect(rng.element_type() == xffi::DataType::U32 && rng.element_count() == 4, op,
+                      "rng must be uint32[4]");
+      e.failure())
+    return e;
+  if (auto e = Expect(rate >= 0.f && rate < 1.f, op, "rate must be in [0, 1)"); e.failure()) return e;
+  return Expect(act >= static_cast<int32_t>(Activation::kIdentity) &&
+                    act <= static_cast<int32_t>(Activation::kGeluTanh),
+                op, "unknown activation code");
+}
+
+xffi::Error CheckLike(const char* op, const Buf& x, const Buf& other, const char* what) {
+  return Expect(other.element_type() == x.element_type() && other.element_count() == x.element_count(), op,
+                std::string(what) + " must match the input's shape and dtype");
+}
+
+// Shared body of the forward handlers; `run(args)` launches on the platform.
+template <typename Types, typename Run>
+xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* bias, const Buf* residual, Buf rng, Res y,
+                float rate, int32_t act) {
+  if (auto e = CheckCommon(op, x, bias, rng, rate, act); e.failure()) return e;
+  if (residual) {
+    if (auto e = CheckLike(op, x, *residual, "residual"); e.failure()) return e;
+  }
+  if (auto e = CheckLike(op, x, *y, "output"); e.failure()) return e;
+  return DispatchFloat<Types>(x.element_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto [rows, cols] = RowsCols(x);
+    BiasDropoutFwdArgs<T> a{In<T>(x),
+                            bias ? In<float>(*bias) : nullptr,
+                            residual ? In<T>(*residual) : nullptr,
+                            In<uint32_t>(rng),
+                            Out<T>(y),
+                            rows,
+                            cols,
+                            rate,
+                            static_cast<Activation>(act)};
+    return run(a);
+  });
+}
+
+template <typename Types, typename Run>
+xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias, Buf rng, Res dx, Res* dbias,
+                float rate, int32_t act) {
+  if (auto e = CheckCommon(op, dy, bias, rng, rate, act); e.failure()) return e;
+  if (x) {
+    if (auto e = CheckLike(op, dy, *x, "x"); e.failure()) return e;
+  }
+  if (auto e = CheckLike(op, dy, *dx, "dx"); e.failure()) return e;
+  if (dbias) {
+    const int64_t cols = RowsCols(dy).second;
+    if (auto e = Expect((*dbias)->element_type() == xffi::DataType::F32 &&
+                            static_cast<int64_t>((*dbias)->element_count()) == cols,
+                        op, "dbias must be float32 [hidden]");
+        e.failure())
+      return e;
+  }
+  if (auto e = Expect(act == static_cast<int32_t>(Activation::kIdentity) || x != nullptr, op,
+                      "an activation's backward needs its input");
+      e.failure())
+    return e;
+  return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto [rows, cols] = RowsCols(dy);
+    BiasDropoutBwdArgs<T> a{In<T>(dy),
+                            x ? In<T>(*x) : nullptr,
+                            bias ? In<float>(*bias) : nullptr,
+                            In<uint32_t>(rng),
+                            Out<T>(dx),
+                            dbias ? Out<float>(*dbias) : nullptr,
+                            rows,
+                            cols,
+                            rate,
+                            static_cast<Activation>(act)};
+    return run(a);
+  });
+}
+
+constexpr int32_t kIdentity = static_cast<int32_t>(Activation::kIdentity);
+
+// The six targets' bodies, on a platform (Types) with its launchers.
+template <typename Types, typename RunF, typename RunB>
+struct Targets {
+  RunF fwd;
+  RunB bwd;
+
+  xffi::Error BdrFwd(Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate) {
+    return Fwd<Types>("bias_dropout_residual_fwd", fwd, x, &bias, &residual, rng, y, rate, kIdentity);
+  }
+  xffi::Error BdrBwd(Buf dy, Buf rng, Res dx, Res dbias, float rate) {
+    return Bwd<Types>("bias_dropout_residual_bwd", bwd, dy, nullptr, nullptr, rng, dx, &dbias, rate, kIdentity);
+  }
+  xffi::Error BadFwd(Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
+    return Fwd<Types>("bias_act_dropout_fwd", fwd, x, &bias, nullptr, rng, y, rate, act);
+  }
+  xffi::Error BadBwd(Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, float rate, int32_t act) {
+    return Bwd<Types>("bias_act_dropout_bwd", bwd, dy, &x, &bias, rng, dx, &dbias, rate, act);
+  }
+  xffi::Error DropFwd(Buf x, Buf rng, Res y, float rate) {
+    return Fwd<Types>("dropout_fwd", fwd, x, nullptr, nullptr, rng, y, rate, kIdentity);
+  }
+  xffi::Error DropBwd(Buf dy, Buf rng, Res dx, float rate) {
+    return Bwd<Types>("dropout_bwd", bwd, dy, nullptr, nullptr, rng, dx, nullptr, rate, kIdentity);
+  }
+};
+
+// ------------------------------------------------------------------- CPU --
+
+auto RunFwdCpu = [](const auto& a) {
+  BiasDropoutFwdCpu(a);
+  return xffi::Error::Success();
+};
+auto RunBwdCpu = [](const auto& a) {
+  BiasDropoutBwdCpu(a);
+  return xffi::Error::Success();
+};
+
+Targets<CpuTypes, decltype(RunFwdCpu), decltype(RunBwdCpu)> Cpu() { return {RunFwdCpu, RunBwdCpu}; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BdrFwdCpuHandler,
+    [](Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate) {
+      return Cpu().BdrFwd(x, bias, residual, rng, y, rate);
+    },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BdrBwdCpuHandler,
+    [](Buf dy, Buf rng, Res dx, Res dbias, float rate) { return Cpu().BdrBwd(dy, rng, dx, dbias, rate); },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BadFwdCpuHandler,
+    [](Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
+      return Cpu().BadFwd(x, bias, rng, y, rate, act);
+    },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int32_t>(
+        "activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BadBwdCpuHandler,
+    [](Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, float rate, int32_t act) {
+      return Cpu().BadBwd(dy, x, bias, rng, dx, dbias, rate, act);
+    },
+    xffi::Ffi::Bind()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate")
+        .Attr<int32_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DropFwdCpuHandler, [](Buf x, Buf rng, Res y, float rate) { return Cpu().DropFwd(x, rng, y, rate); },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DropBwdCpuHandler, [](Buf dy, Buf rng, Res dx, float rate) { return Cpu().DropBwd(dy, rng, dx, rate); },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"));
+
+LSJAX_FFI_TARGET_CPU("bias_dropout_residual_fwd", BdrFwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("bias_dropout_residual_bwd", BdrBwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("bias_act_dropout_fwd", BadFwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("bias_act_dropout_bwd", BadBwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("dropout_fwd", DropFwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("dropout_bwd", DropBwdCpuHandler);
+
+// ------------------------------------------------------------------ CUDA --
+#ifdef LSJAX_WITH_CUDA
+
+auto RunFwdCuda(cudaStream_t stream) {
+  return [stream](const auto& a) { return CudaStatus(BiasDropoutFwdCuda(a, stream), "bias_dropout_fwd"); };
+}
+
+// scratch: nullable for the targets that need no workspace (no dbias).
+auto RunBwdCuda(cudaStream_t stream, xffi::ScratchAllocator* scratch) {
+  return [stream, scratch](const auto& a) {
+    const size_t bytes = BiasDropoutBwdWorkspaceBytes(a.rows, a.cols, a.dbias != nullptr);
+    void* workspace = nullptr;
+    if (bytes > 0) {
+      auto allocated = scratch ? scratch->Allocate(bytes, 256) : std::nullopt;
+      if (!allocated.has_value()) {
+        return xffi::Error(xffi::ErrorCode::kResourceExhausted,
+                           "bias_dropout_bwd: could not allocate " + std::to_string(bytes) + " bytes of workspace");
+      }
+      workspace = *allocated;
+    }
+    return CudaStatus(BiasDropoutBwdCuda(a, workspace, stream), "bias_dropout_bwd");
+  };
+}
+
+using Stream = xffi::PlatformStream<cudaStream_t>;
+using Scratch = xffi::ScratchAllocator;
+
+auto Cuda(cudaStream_t stream, Scratch* scratch = nullptr) {
+  auto fwd = RunFwdCuda(stream);
+  auto bwd = RunBwdCuda(stream, scratch);
+  return Targets<CudaTypes, decltype(fwd), decltype(bwd)>{fwd, bwd};
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BdrFwdCudaHandler,
+    [](cudaStream_t stream, Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate) {
+      return Cuda(stream).BdrFwd(x, bias, residual, rng, y, rate);
+    },
+    xffi::Ffi::Bind()
+        .Ctx<Stream>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate"),
+    {xffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BdrBwdCudaHandler,
+    [](cudaStream_t stream, Scratch scratch, Buf dy, Buf rng, Res dx, Res dbias, float rate) {
+      return Cuda(stream, &scratch).BdrBwd(dy, rng, dx, dbias, rate);
+    },
+    xffi::Ffi::Bind().Ctx<Stream>().Ctx<Scratch>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BadFwdCudaHandler,
+    [](cudaStream_t stream, Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
+      return Cuda(stream).BadFwd(x, bias, rng, y, rate, act);
+    },
+    xffi::Ffi::Bind()
+        .Ctx<Stream>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate")
+        .Attr<int32_t>("activation"),
+    {xffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BadBwdCudaHandler,
+    [](cudaStream_t stream, Scratch scratch, Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, float rate,
+       int32_t act) { return Cuda(stream, &scratch).BadBwd(dy, x, bias, rng, dx, dbias, rate, act); },
+    xffi::Ffi::Bind()
+        .Ctx<Stream>()
+        .Ctx<Scratch>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate")
+        .Attr<int32_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DropFwdCudaHandler,
+    [](cudaStream_t stream, Buf x, Buf rng, Res y, float rate) { return Cuda(stream).DropFwd(x, rng, y, rate); },
+    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"),
+    {xffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DropBwdCudaHandler,
+    [](cudaStream_t stream, Buf dy, Buf rng, Res dx, float rate) { return Cuda(stream).DropBwd(dy, rng, dx, rate); },
+    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"),
+    {xffi::Traits::kCmdBufferCompatible});
+
+LSJAX_FFI_TARGET_CUDA("bias_dropout_residual_fwd", BdrFwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("bias_dropout_residual_bwd", BdrBwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("bias_act_dropout_fwd", BadFwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("bias_act_dropout_bwd", BadBwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("dropout_fwd", DropFwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("dropout_bwd", DropBwdCudaHandler);
+
+#endif  // LSJAX_WITH_CUDA
+
+}  // namespace
+}  // namespace lsjax::ffi

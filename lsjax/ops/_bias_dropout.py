@@ -1,0 +1,105 @@
+"""Helpers shared by the bias/activation/dropout ops (private to them).
+
+The FFI targets of ``ffi/bias_dropout.cc`` all take a ``uint32[4]`` rng
+operand. With dropout on it comes from the key (kind ``RNG``: shifted per
+shard, so shards draw disjoint streams); with dropout off (rate 0 or no key)
+the op is deterministic and the local function passes a constant dummy, so the
+wrapped op has no ``RNG`` operand at all (no offset arithmetic under a mesh,
+and vmap batches it instead of mapping sequentially).
+
+Dropout ops run on the ``[rows, hidden]`` view of their operands (see
+:func:`dropout_rowwise`): the mask is then the unsharded one under any row
+sharding, at the price of a reshard when a non-leading row dim is sharded.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.ops import backend as _backend
+from lsjax.ops._philox import check_rate, dropout_mask, rng_operand
+from lsjax.ops._rowwise import RNG, ROWS, rowwise
+
+_F32 = jnp.float32
+
+
+def dropout_rng(op: str, rate: float, key: jax.Array | None) -> tuple[float, jax.Array | None]:
+    """Checks ``rate``; returns ``(effective rate, rng operand or None)``.
+
+    ``key is None`` or ``rate == 0`` turn dropout off: ``(0.0, None)``.
+    """
+    check_rate(op, rate)
+    if key is not None and not isinstance(key, jax.Array):
+        raise TypeError(f"{op}: key must be a JAX PRNG key (jax.random.key(...)) or None, got {type(key).__name__}")
+    rate = float(rate)
+    if key is None or rate == 0.0:
+        return 0.0, None
+    return rate, rng_operand(key)
+
+
+def keep_scale(rate: float) -> np.float32:
+    """``1 / (1 - rate)`` rounded as the kernels compute it (float32 ops)."""
+    return np.float32(1) / (np.float32(1) - np.float32(rate))
+
+
+def dropout_reference(v32: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Float32 dropout of ``v32`` with the Philox mask of :mod:`lsjax.ops._philox`."""
+    if key is None or float(rate) == 0.0:
+        return v32
+    mask = dropout_mask(rng_operand(key), v32.shape, float(rate))
+    return jnp.where(mask, v32 * keep_scale(rate), jnp.zeros((), v32.dtype))
+
+
+def ffi(target: str, backend: str, out, *args, **attrs):
+    """``jax.ffi.ffi_call`` of ``lsjax_<target>_<platform>``."""
+    return jax.ffi.ffi_call(_backend.ffi_target(target, backend), out)(*args, **attrs)
+
+
+def dropout_rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int):
+    """Like :func:`rowwise` for ``local_fn(*static, *arrays, rng)``: the last
+    argument is the rng operand, or None for the deterministic variant."""
+
+    def wrap(local_fn: Callable) -> Callable:
+        with_rng = rowwise([*in_kinds, RNG], out_kinds, n_static)(local_fn)
+
+        def local_det(*args):
+            return local_fn(*args, jnp.zeros((4,), jnp.uint32))
+
+        local_det.__name__ = f"{local_fn.__name__}_deterministic"
+        without_rng = rowwise(in_kinds, out_kinds, n_static)(local_det)
+
+        @functools.wraps(local_fn)
+        def call(*args):
+            *rest, rng = args
+            if rng is None:
+                return without_rng(*rest)
+            # With dropout, run on the [rows, hidden] view: its shards are
+            # contiguous row blocks, so the per-shard RNG offsets reproduce the
+            # unsharded mask exactly, however XLA partitions each call (the
+            # backward regenerates the forward's mask even if dy is sharded
+            # differently). Free when only the leading dim is sharded.
+            static, arrays = rest[:n_static], rest[n_static:]
+            shape = next(a.shape for a, k in zip(arrays, in_kinds) if k == ROWS)
+            flat = [a.reshape(-1, a.shape[-1]) if k == ROWS else a for a, k in zip(arrays, in_kinds)]
+            outs = with_rng(*static, *flat, rng)
+            if not isinstance(outs, (tuple, list)):
+                return outs.reshape(shape)
+            return tuple(o.reshape(shape) if k == ROWS else o for o, k in zip(outs, out_kinds))
+
+        return call
+
+    return wrap
+
+
+def like(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def vec32(x) -> jax.ShapeDtypeStruct:
+    """float32 ``[hidden]`` of ``x``'s last dim."""
+    return jax.ShapeDtypeStruct(x.shape[-1:], _F32)

@@ -1,0 +1,106 @@
+"""Fused bias + activation + dropout (``dropout(act(x + bias))``), the FFN's inner epilogue.
+
+Backends: ``"xla"`` runs :func:`bias_act_dropout_reference`; ``"cpu_ffi"``/
+``"cuda"`` run the FFI targets ``lsjax_bias_act_dropout_{fwd,bwd}_{cpu,cuda}``
+under a ``jax.custom_vjp`` that saves the pre-activation input ``x`` (which the
+preceding matmul produced anyway) and the ``uint32[4]`` rng operand: the
+backward recomputes ``act'(x + bias)`` and regenerates the Philox mask
+(``csrc/philox.h``; element index = flat index into the output). ``dbias`` is a
+deterministic float32 column sum.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.ops import backend as _backend
+from lsjax.ops._bias_dropout import dropout_reference, dropout_rng, dropout_rowwise, ffi, like, vec32
+from lsjax.ops._checks import check_float, check_rank, check_shape
+from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS
+
+_F32 = jnp.float32
+
+# Activation codes of csrc/bias_dropout.h (0 is the identity, not exposed here).
+ACTIVATIONS = {"relu": 1, "gelu": 2, "gelu_tanh": 3}
+
+
+def _act(name: str, v: jax.Array) -> jax.Array:
+    if name == "relu":
+        return jax.nn.relu(v)
+    return jax.nn.gelu(v, approximate=(name == "gelu_tanh"))
+
+
+def bias_act_dropout_reference(x: jax.Array, bias: jax.Array, *, activation: str = "relu", rate: float,
+                               key: jax.Array | None) -> jax.Array:
+    """Pure-JAX float32 ``dropout(act(x + bias))``; same contract as :func:`bias_act_dropout`."""
+    v = _act(activation, x.astype(_F32) + bias.astype(_F32))
+    return dropout_reference(v, rate, key).astype(x.dtype)
+
+
+def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str = "relu", rate: float,
+                     key: jax.Array | None) -> jax.Array:
+    """``dropout(act(x + bias))`` in one pass (float32 math, one rounding).
+
+    Args:
+      x: ``[..., hidden]`` float32, float16 or bfloat16 (any hidden size).
+      bias: ``[hidden]`` of any float dtype (used in float32).
+      activation: ``"relu"``, ``"gelu"`` (exact erf form, ``jax.nn.gelu(approximate=False)``)
+        or ``"gelu_tanh"`` (``jax.nn.gelu(approximate=True)``).
+      rate: dropout probability in ``[0, 1)``; kept values are scaled by ``1 / (1 - rate)``.
+      key: a JAX PRNG key, or None for no dropout (as ``rate == 0``: deterministic).
+
+    Returns:
+      ``y`` of ``x``'s shape and dtype; the dropout mask is the one
+      :func:`lsjax.ops.bias_dropout_residual.bias_dropout_residual` draws for
+      the same key and shape. Gradients: ``dx = mask * dy * act'(x + bias) / (1 - rate)``,
+      ``dbias = sum over rows of dx`` (float32, cast to ``bias.dtype``).
+    """
+    op = "bias_act_dropout"
+    check_rank(op, "x", x, 1)
+    check_float(op, "x", x)
+    check_shape(op, "bias", bias, (x.shape[-1],))
+    check_float(op, "bias", bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    rate, rng = dropout_rng(op, rate, key)
+    backend = _backend.get_backend()
+    if backend == "xla":
+        return bias_act_dropout_reference(x, bias, activation=activation, rate=rate,
+                                          key=key if rate > 0 else None)
+    return _bad_ffi(x, bias, rng, ACTIVATIONS[activation], rate, backend)
+
+
+# ------------------------------------------------------------- FFI path --
+
+@dropout_rowwise([ROWS, PARAM], [ROWS], n_static=3)
+def _fwd(act, rate, backend, x, bias, rng):
+    return ffi("bias_act_dropout_fwd", backend, like(x), x, bias, rng, rate=np.float32(rate),
+               activation=np.int32(act))
+
+
+@dropout_rowwise([ROWS, ROWS, PARAM], [ROWS, ROW_SUM], n_static=3)
+def _bwd(act, rate, backend, dy, x, bias, rng):
+    return ffi("bias_act_dropout_bwd", backend, (like(dy), vec32(dy)), dy, x, bias, rng, rate=np.float32(rate),
+               activation=np.int32(act))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bad_ffi(x, bias, rng, act, rate, backend):
+    return _fwd(act, rate, backend, x, bias.astype(_F32), rng)
+
+
+def _bad_ffi_fwd(x, bias, rng, act, rate, backend):
+    return _fwd(act, rate, backend, x, bias.astype(_F32), rng), (x, bias, rng)
+
+
+def _bad_ffi_bwd(act, rate, backend, saved, dy):
+    x, bias, rng = saved
+    dx, dbias = _bwd(act, rate, backend, dy, x, bias.astype(_F32), rng)
+    return dx, dbias.astype(bias.dtype), None
+
+
+_bad_ffi.defvjp(_bad_ffi_fwd, _bad_ffi_bwd)

@@ -1,0 +1,254 @@
+"""bias_act_dropout: reference vs CPU FFI vs CUDA, masks, gradients, transforms, sharding, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+from lsjax import ops
+from lsjax.ops import _philox
+from lsjax.ops.bias_act_dropout import bias_act_dropout, bias_act_dropout_reference
+from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, compiled_hlo, normal
+
+ACTS = ["relu", "gelu", "gelu_tanh"]
+SHAPES = [(3, 1), (5, 7), (2, 3, 1000), (3, 4097)]
+
+
+def _inputs(rng, shape, dtype):
+    return normal(rng, shape, dtype) * 2, normal(rng, (shape[-1],))
+
+
+def _key(rng):
+    return jax.random.key(int(rng.integers(1 << 31)))
+
+
+def _loss(fn, act, rate, key):
+    def f(x, b):
+        y = fn(x, b, activation=act, rate=rate, key=key)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+    return f
+
+
+def _tols(dtype):
+    if dtype == jnp.float32:
+        return 1e-5, 1e-4
+    return KERNEL_RTOL[jnp.dtype(dtype)], 3e-2
+
+
+def _compare(backend, rng, shape, dtype, act, rate=0.3, with_key=True):
+    fwd_rtol, grad_rtol = _tols(dtype)
+    x, b = _inputs(rng, shape, dtype)
+    key = _key(rng) if with_key else None
+    expected = bias_act_dropout_reference(x, b, activation=act, rate=rate, key=key)
+    grads_ref = jax.grad(_loss(bias_act_dropout_reference, act, rate, key), argnums=(0, 1))(x, b)
+    with ops.use_backend(backend):
+        actual = jax.jit(lambda x, b: bias_act_dropout(x, b, activation=act, rate=rate, key=key))(x, b)
+        grads = jax.jit(jax.grad(_loss(bias_act_dropout, act, rate, key), argnums=(0, 1)))(x, b)
+    what = f"{backend} {act} {shape} {jnp.dtype(dtype).name} rate={rate} key={with_key}"
+    assert actual.dtype == x.dtype and actual.shape == x.shape
+    assert_close(actual, expected, fwd_rtol, f"forward {what}")
+    for name, a, e, like in zip(["dx", "dbias"], grads, grads_ref, (x, b)):
+        assert a.dtype == like.dtype and a.shape == like.shape, name
+        assert_close(a, e, grad_rtol, f"{name} {what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+def test_cpu_ffi_matches_reference(rng, act, dtype):
+    _compare("cpu_ffi", rng, (5, 37), dtype, act)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_ffi_shapes(rng, shape):
+    _compare("cpu_ffi", rng, shape, jnp.bfloat16, "gelu")
+
+
+@pytest.mark.parametrize("rate,with_key", [(0.0, True), (0.5, False)])
+def test_cpu_ffi_without_randomness(rng, rate, with_key):
+    _compare("cpu_ffi", rng, (4, 37), jnp.float32, "gelu_tanh", rate, with_key)
+    x, b = _inputs(rng, (4, 37), jnp.float32)
+    with ops.use_backend("cpu_ffi"):
+        y = bias_act_dropout(x, b, activation="gelu", rate=rate, key=_key(rng) if with_key else None)
+    assert_close(y, jax.nn.gelu(x + b, approximate=False), 1e-5, "no dropout")
+
+
+def _masks(fn, rng, shape, dtype, act):
+    """(zeros of y, zeros of dx for dy = 1) for the same key; gelu is 0 only at 0."""
+    x, b = normal(rng, shape, dtype), normal(rng, (shape[-1],), scale=0.1)
+    key = jax.random.key(11)
+    y, vjp = jax.vjp(lambda x: fn(x, b, activation=act, rate=0.4, key=key), x)
+    (dx,) = vjp(jnp.ones(shape, dtype))
+    return np.asarray(y == 0), np.asarray(dx == 0), key
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masks_bit_identical(rng, dtype):
+    shape = (3, 5, 67)
+    y_ref, dx_ref, key = _masks(bias_act_dropout_reference, rng, shape, dtype, "gelu_tanh")
+    with ops.use_backend("cpu_ffi"):
+        y, dx, _ = _masks(jax.jit(bias_act_dropout, static_argnames=("activation", "rate")), rng, shape, dtype,
+                          "gelu_tanh")
+    dropped = ~np.asarray(_philox.dropout_mask(_philox.rng_operand(key), shape, 0.4))
+    for zeros in (y_ref, dx_ref, y, dx):
+        np.testing.assert_array_equal(zeros, dropped)
+
+
+def test_reference_gradients(rng):
+    key = _key(rng)
+    x, b = _inputs(rng, (3, 9), jnp.float32)
+    for act in ("gelu", "gelu_tanh"):
+        check_grads(lambda x, b: bias_act_dropout_reference(x, b, activation=act, rate=0.3, key=key), (x, b),
+                    order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    # relu away from its kink: |x + b| >= 0.5 and perturbations are small.
+    b = jnp.zeros(9)
+    x = jnp.where(x >= 0, x + 0.5, x - 0.5)
+    check_grads(lambda x, b: bias_act_dropout_reference(x, b, activation="relu", rate=0.3, key=key), (x, b),
+                order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_matches_jax_activations(rng):
+    x, b = _inputs(rng, (4, 16), jnp.float32)
+    for act, f in [("relu", jax.nn.relu), ("gelu", lambda v: jax.nn.gelu(v, approximate=False)),
+                   ("gelu_tanh", lambda v: jax.nn.gelu(v, approximate=True))]:
+        with ops.use_backend("cpu_ffi"):
+            y, vjp = jax.vjp(lambda x: bias_act_dropout(x, b, activation=act, rate=0.0, key=None), x)
+        y_ref, vjp_ref = jax.vjp(lambda x: f(x + b), x)
+        assert_close(y, y_ref, 1e-5, act)
+        dy = normal(rng, (4, 16))
+        assert_close(vjp(dy)[0], vjp_ref(dy)[0], 1e-5, f"{act} derivative")
+
+
+def test_cpu_ffi_custom_call_in_hlo(rng):
+    x, b = _inputs(rng, (4, 8), jnp.float32)
+    key = _key(rng)
+    with ops.use_backend("cpu_ffi"):
+        hlo = compiled_hlo(jax.value_and_grad(
+            lambda x, b: jnp.sum(bias_act_dropout(x, b, activation="gelu", rate=0.1, key=key) ** 2),
+            argnums=(0, 1)), x, b)
+    assert "lsjax_bias_act_dropout_fwd_cpu" in hlo and "lsjax_bias_act_dropout_bwd_cpu" in hlo
+
+
+def test_vmap(rng):
+    x, b = _inputs(rng, (4, 6, 33), jnp.float32)
+    keys = jax.random.split(_key(rng), 4)
+    loss = lambda f: lambda x, b, k: jnp.sum(jnp.sin(f(x, b, activation="gelu", rate=0.3, key=k)))
+    with ops.use_backend("cpu_ffi"):
+        y = jax.jit(jax.vmap(lambda x, k: bias_act_dropout(x, b, activation="relu", rate=0.3, key=k)))(x, keys)
+        grads = jax.jit(jax.vmap(jax.grad(loss(bias_act_dropout), argnums=(0, 1)), in_axes=(0, None, 0)))(x, b, keys)
+    y_ref = jax.vmap(lambda x, k: bias_act_dropout_reference(x, b, activation="relu", rate=0.3, key=k))(x, keys)
+    assert_close(y, y_ref, 1e-5, "vmap forward")
+    expected = jax.vmap(jax.grad(loss(bias_act_dropout_reference), argnums=(0, 1)), in_axes=(0, None, 0))(x, b, keys)
+    for a, e in zip(grads, expected):
+        assert_close(a, e, 1e-4, "per-example grads")
+
+
+def test_batch_sharded_has_no_all_gather(rng):
+    assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, b = _inputs(rng, (16, 3, 40), jnp.float32)
+    key = _key(rng)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", None, None)))
+    loss = lambda f: lambda x, b: jnp.sum(jnp.sin(f(x, b, activation="gelu", rate=0.3, key=key)))
+    with ops.use_backend("cpu_ffi"):
+        step = jax.jit(jax.value_and_grad(loss(bias_act_dropout), argnums=(0, 1)))
+        hlo = step.lower(xs, b).compile().as_text()
+        value, grads = step(xs, b)
+        # Without dropout the op runs on the unflattened shards.
+        det = jax.jit(jax.grad(lambda x, b: jnp.sum(bias_act_dropout(x, b, activation="relu", rate=0.0, key=None)),
+                               argnums=(0, 1)))
+        det_hlo = det.lower(xs, b).compile().as_text()
+    for text in (hlo, det_hlo):
+        assert "all-gather" not in text
+        assert "lsjax_bias_act_dropout" in text
+        assert "all-reduce" in text  # dbias summed across shards
+    assert "f32[6,40]" in hlo and "f32[2,3,40]" in det_hlo  # local shards
+    v_ref, g_ref = jax.value_and_grad(loss(bias_act_dropout_reference), argnums=(0, 1))(x, b)
+    assert_close(value, v_ref, 1e-5, "sharded loss")
+    for a, e in zip(grads, g_ref):
+        assert_close(a, e, 1e-4, "sharded grads")
+
+
+@pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
+def test_bad_input(backend):
+    x, b = jnp.ones((4, 8)), jnp.ones((8,))
+    key = jax.random.key(0)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="rank >= 1"):
+            bias_act_dropout(jnp.float32(1.0), jnp.ones(()), rate=0.1, key=key)
+        with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+            bias_act_dropout(x, jnp.ones((9,)), rate=0.1, key=key)
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            bias_act_dropout(x.astype(jnp.int8), b, rate=0.1, key=key)
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            bias_act_dropout(x, b.astype(jnp.int32), rate=0.1, key=key)
+        with pytest.raises(ValueError, match="activation must be one of"):
+            bias_act_dropout(x, b, activation="swish", rate=0.1, key=key)
+        with pytest.raises(ValueError, match="empty"):
+            bias_act_dropout(jnp.ones((0, 8)), b, rate=0.1, key=key)
+        for rate in (1.0, -0.01):
+            with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
+                bias_act_dropout(x, b, rate=rate, key=key)
+
+
+# ------------------------------------------------------------------- GPU --
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", SHAPES + [(64, 4096), (2, 65536 + 8), (257, 4100), (33, 4097)])
+def test_cuda_matches_reference(rng, shape, act, dtype):
+    _compare("cuda", rng, shape, dtype, act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rate,with_key", [(0.0, True), (0.5, False)])
+def test_cuda_without_randomness(rng, rate, with_key):
+    _compare("cuda", rng, (300, 1024), jnp.bfloat16, "gelu", rate, with_key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 67), (64, 4096), (3, 4097), (130, 4100)])
+def test_cuda_masks_bit_identical(rng, shape, dtype):
+    y_ref, dx_ref, _ = _masks(bias_act_dropout_reference, rng, shape, dtype, "gelu_tanh")
+    with ops.use_backend("cuda"):
+        y, dx, _ = _masks(jax.jit(bias_act_dropout, static_argnames=("activation", "rate")), rng, shape, dtype,
+                          "gelu_tanh")
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+
+
+@pytest.mark.gpu
+def test_cuda_dbias_deterministic(rng):
+    x, b = _inputs(rng, (4096, 4096), jnp.bfloat16)
+    key = _key(rng)
+    with ops.use_backend("cuda"):
+        g = jax.jit(jax.grad(_loss(bias_act_dropout, "gelu", 0.1, key), argnums=1))
+        first = np.asarray(g(x, b))
+        for _ in range(3):
+            np.testing.assert_array_equal(np.asarray(g(x, b)), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(257, 1024), (33, 4097)])
+def test_cuda_writes_every_output(rng, shape):
+    """Outputs poisoned with NaN (donated buffers) must be fully overwritten."""
+    x, b = _inputs(rng, shape, jnp.bfloat16)
+    key = _key(rng)
+
+    def step(poison, x):
+        y, vjp = jax.vjp(lambda x, b: bias_act_dropout(x, b, activation="gelu", rate=0.2, key=key), x, b)
+        dx, db = vjp(jnp.ones_like(y))
+        return poison, y, dx, db
+
+    with ops.use_backend("cuda"):
+        for _ in range(3):  # reuse freed NaN-filled buffers for the outputs
+            poison = jnp.full(shape, jnp.nan, jnp.bfloat16)
+            _, y, dx, db = jax.jit(step, donate_argnums=0)(poison, x)
+            for out in (y, dx, db):
+                assert bool(jnp.all(jnp.isfinite(out)))
+    expected = bias_act_dropout_reference(x, b, activation="gelu", rate=0.2, key=key)
+    assert_close(y, expected, 2e-2, "poisoned y")
