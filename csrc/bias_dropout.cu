@@ -195,25 +195,6 @@ __global__ void __launch_bounds__(kBlock) BiasDropoutBwdKernel(BiasDropoutBwdArg
   }
 }
 
-// out[c] = sum_p partial[p, c] in a fixed order: deterministic.
-__global__ void __launch_bounds__(kBlock)
-    ColumnSum(const float* partial, int64_t parts, int64_t cols, float* out) {
-  __shared__ float smem[8][33];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  float acc = 0.f;
-  if (c < cols) {
-    for (int64_t p = threadIdx.y; p < parts; p += 8) acc += partial[p * cols + c];
-  }
-  smem[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    float total = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) total += smem[k][threadIdx.x];
-    out[c] = total;
-  }
-}
-
 // ------------------------------------------------------------ launch plan --
 
 struct Plan {
@@ -250,14 +231,11 @@ Plan MakePlan(int vec, int64_t cols) {
 
 // Row blocks of the backward: enough to fill the GPU (4 blocks per SM), at
 // least 32 rows each so the partial rows stay small next to the data, and at
-// most one per kUnroll rows of each thread. Never more than DbiasParts(rows).
-int64_t DbiasParts(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(4 * cuda::NumSMs(), rows / 32));
-}
-
+// most one per kUnroll rows of each thread. Never more than the workspace's
+// BiasDropoutDbiasPartials(rows).
 int64_t BwdGridY(const Plan& plan, int64_t rows) {
   const int64_t fill = std::max<int64_t>(1, 4 * cuda::NumSMs() / plan.grid_x);
-  return std::max<int64_t>(1, std::min({CeilDiv(rows, plan.block.y * kUnroll), fill, DbiasParts(rows)}));
+  return std::max<int64_t>(1, std::min({CeilDiv(rows, plan.block.y * kUnroll), fill, BiasDropoutDbiasPartials(rows)}));
 }
 
 template <typename T, typename F>
@@ -294,13 +272,8 @@ cudaError_t BiasDropoutFwdCuda(const BiasDropoutFwdArgs<T>& a, cudaStream_t stre
   return cudaGetLastError();
 }
 
-size_t BiasDropoutBwdWorkspaceBytes(int64_t rows, int64_t cols, bool has_dbias) {
-  if (!has_dbias || rows == 0 || cols == 0) return 0;
-  return static_cast<size_t>(DbiasParts(rows)) * static_cast<size_t>(cols) * sizeof(float);
-}
-
 template <typename T>
-cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, void* workspace, cudaStream_t stream) {
+cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stream) {
   if (a.cols == 0) return cudaSuccess;
   if (a.rows == 0) {
     if (a.dbias) cudaMemsetAsync(a.dbias, 0, a.cols * sizeof(float), stream);
@@ -309,9 +282,9 @@ cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, void* workspace, 
   const bool needs_x = a.act != Activation::kIdentity;
   const void* ptrs[] = {a.dy, a.dx, needs_x ? a.x : nullptr};
   const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, needs_x ? a.bias : nullptr), a.cols);
-  const int64_t grid_y = BwdGridY(plan, a.rows);  // <= DbiasParts: fits the workspace
+  const int64_t grid_y = BwdGridY(plan, a.rows);  // <= BiasDropoutDbiasPartials: fits a.partials
   const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
-  float* partial = a.dbias ? static_cast<float*>(workspace) : nullptr;
+  float* partial = a.dbias ? a.partials : nullptr;
   bool known = DispatchActivation(a.act, [&](auto act) {
     DispatchVec<T>(plan.vec, [&](auto vec) {
       BiasDropoutBwdKernel<T, decltype(vec)::value, decltype(act)><<<grid, plan.block, 0, stream>>>(a, partial);
@@ -319,15 +292,14 @@ cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, void* workspace, 
   });
   if (!known) return cudaErrorInvalidValue;
   if (a.dbias) {
-    ColumnSum<<<static_cast<unsigned>(CeilDiv(a.cols, 32)), dim3(32, 8), 0, stream>>>(partial, grid_y, a.cols,
-                                                                                      a.dbias);
+    return cuda::LaunchColumnSums(partial, grid_y, grid_y, a.cols, a.dbias, nullptr, stream);
   }
   return cudaGetLastError();
 }
 
 #define LSJAX_INSTANTIATE(T)                                                                \
   template cudaError_t BiasDropoutFwdCuda<T>(const BiasDropoutFwdArgs<T>&, cudaStream_t); \
-  template cudaError_t BiasDropoutBwdCuda<T>(const BiasDropoutBwdArgs<T>&, void*, cudaStream_t);
+  template cudaError_t BiasDropoutBwdCuda<T>(const BiasDropoutBwdArgs<T>&, cudaStream_t);
 LSJAX_INSTANTIATE(float)
 LSJAX_INSTANTIATE(__half)
 LSJAX_INSTANTIATE(__nv_bfloat16)

@@ -105,12 +105,19 @@ struct BiasDropoutBwdArgs {
   const float* bias;    // nullable: no bias (read only for a non-identity activation)
   const uint32_t* rng;  // as in the forward
   T* dx;
-  float* dbias;  // nullable: no bias gradient
+  float* dbias;     // nullable: no bias gradient
+  float* partials;  // with dbias, CUDA only: float32 [BiasDropoutDbiasPartials(rows), cols]
   int64_t rows;
   int64_t cols;
   float rate;
   Activation act;
 };
+
+// Rows of the dbias partial-sum workspace: one per >= 32 rows, at most 512.
+inline int64_t BiasDropoutDbiasPartials(int64_t rows) {
+  const int64_t parts = rows / 32;
+  return parts < 1 ? 1 : (parts > 512 ? 512 : parts);
+}
 
 template <typename T>
 void BiasDropoutFwdCpu(const BiasDropoutFwdArgs<T>& a);
@@ -120,11 +127,10 @@ void BiasDropoutBwdCpu(const BiasDropoutBwdArgs<T>& a);
 #ifdef LSJAX_WITH_CUDA
 template <typename T>
 cudaError_t BiasDropoutFwdCuda(const BiasDropoutFwdArgs<T>& a, cudaStream_t stream);
-// Bytes of device workspace BiasDropoutBwdCuda needs for the deterministic
-// dbias (per-block partial rows, summed in a fixed order); 0 without dbias.
-size_t BiasDropoutBwdWorkspaceBytes(int64_t rows, int64_t cols, bool has_dbias);
+// dbias goes through per-block partial rows in a.partials (an extra XLA
+// output), summed in a fixed order.
 template <typename T>
-cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, void* workspace, cudaStream_t stream);
+cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stream);
 #endif
 
 }  // namespace lsjax

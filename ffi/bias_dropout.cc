@@ -2,13 +2,14 @@
 // check buffers, dispatch dtype, call csrc/. Targets (each for "cpu" and,
 // when built, "CUDA"; attrs: rate f32, activation i32 where listed):
 //   bias_dropout_residual_fwd (x, bias, residual, rng) -> y
-//   bias_dropout_residual_bwd (dy, rng)                -> (dx, dbias)
+//   bias_dropout_residual_bwd (dy, rng)                -> (dx, dbias, partials)
 //   bias_act_dropout_fwd      (x, bias, rng)           -> y          [activation]
-//   bias_act_dropout_bwd      (dy, x, bias, rng)       -> (dx, dbias) [activation]
+//   bias_act_dropout_bwd      (dy, x, bias, rng)       -> (dx, dbias, partials) [activation]
 //   dropout_fwd               (x, rng)                 -> y
 //   dropout_bwd               (dy, rng)                -> dx
 // x/y/dy/dx/residual: [..., H] in f32/f16/bf16; bias, dbias: f32 [H];
-// rng: u32[4] (ignored when rate == 0). Activation codes: csrc/bias_dropout.h.
+// rng: u32[4] (ignored when rate == 0); partials: f32 [BiasDropoutDbiasPartials(rows), H]
+// workspace for the deterministic dbias (CUDA only). Activation codes: csrc/bias_dropout.h.
 #include <optional>
 #include <string>
 
@@ -73,7 +74,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* bias, const Buf* re
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias, Buf rng, Res dx, Res* dbias,
-                float rate, int32_t act) {
+                Res* partials, float rate, int32_t act) {
   if (auto e = CheckCommon(op, dy, bias, rng, rate, act); e.failure()) return e;
   if (x) {
     if (auto e = CheckLike(op, dy, *x, "x"); e.failure()) return e;
@@ -84,6 +85,12 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias
     if (auto e = Expect((*dbias)->element_type() == xffi::DataType::F32 &&
                             static_cast<int64_t>((*dbias)->element_count()) == cols,
                         op, "dbias must be float32 [hidden]");
+        e.failure())
+      return e;
+    const int64_t needed = BiasDropoutDbiasPartials(RowsCols(dy).first) * cols;
+    if (auto e = Expect(partials && (*partials)->element_type() == xffi::DataType::F32 &&
+                            static_cast<int64_t>((*partials)->element_count()) == needed,
+                        op, "partials must be float32 [min(512, max(1, rows // 32)), hidden]");
         e.failure())
       return e;
   }
@@ -100,6 +107,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias
                             In<uint32_t>(rng),
                             Out<T>(dx),
                             dbias ? Out<float>(*dbias) : nullptr,
+                            dbias ? Out<float>(*partials) : nullptr,
                             rows,
                             cols,
                             rate,
@@ -119,20 +127,21 @@ struct Targets {
   xffi::Error BdrFwd(Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate) {
     return Fwd<Types>("bias_dropout_residual_fwd", fwd, x, &bias, &residual, rng, y, rate, kIdentity);
   }
-  xffi::Error BdrBwd(Buf dy, Buf rng, Res dx, Res dbias, float rate) {
-    return Bwd<Types>("bias_dropout_residual_bwd", bwd, dy, nullptr, nullptr, rng, dx, &dbias, rate, kIdentity);
+  xffi::Error BdrBwd(Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate) {
+    return Bwd<Types>("bias_dropout_residual_bwd", bwd, dy, nullptr, nullptr, rng, dx, &dbias, &partials, rate,
+                      kIdentity);
   }
   xffi::Error BadFwd(Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
     return Fwd<Types>("bias_act_dropout_fwd", fwd, x, &bias, nullptr, rng, y, rate, act);
   }
-  xffi::Error BadBwd(Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, float rate, int32_t act) {
-    return Bwd<Types>("bias_act_dropout_bwd", bwd, dy, &x, &bias, rng, dx, &dbias, rate, act);
+  xffi::Error BadBwd(Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int32_t act) {
+    return Bwd<Types>("bias_act_dropout_bwd", bwd, dy, &x, &bias, rng, dx, &dbias, &partials, rate, act);
   }
   xffi::Error DropFwd(Buf x, Buf rng, Res y, float rate) {
     return Fwd<Types>("dropout_fwd", fwd, x, nullptr, nullptr, rng, y, rate, kIdentity);
   }
   xffi::Error DropBwd(Buf dy, Buf rng, Res dx, float rate) {
-    return Bwd<Types>("dropout_bwd", bwd, dy, nullptr, nullptr, rng, dx, nullptr, rate, kIdentity);
+    return Bwd<Types>("dropout_bwd", bwd, dy, nullptr, nullptr, rng, dx, nullptr, nullptr, rate, kIdentity);
   }
 };
 
@@ -158,8 +167,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BdrBwdCpuHandler,
-    [](Buf dy, Buf rng, Res dx, Res dbias, float rate) { return Cpu().BdrBwd(dy, rng, dx, dbias, rate); },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"));
+    [](Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate) {
+      return Cpu().BdrBwd(dy, rng, dx, dbias, partials, rate);
+    },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadFwdCpuHandler,
@@ -171,14 +182,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadBwdCpuHandler,
-    [](Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, float rate, int32_t act) {
-      return Cpu().BadBwd(dy, x, bias, rng, dx, dbias, rate, act);
+    [](Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int32_t act) {
+      return Cpu().BadBwd(dy, x, bias, rng, dx, dbias, partials, rate, act);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("rate")
@@ -206,29 +218,15 @@ auto RunFwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(BiasDropoutFwdCuda(a, stream), "bias_dropout_fwd"); };
 }
 
-// scratch: nullable for the targets that need no workspace (no dbias).
-auto RunBwdCuda(cudaStream_t stream, xffi::ScratchAllocator* scratch) {
-  return [stream, scratch](const auto& a) {
-    const size_t bytes = BiasDropoutBwdWorkspaceBytes(a.rows, a.cols, a.dbias != nullptr);
-    void* workspace = nullptr;
-    if (bytes > 0) {
-      auto allocated = scratch ? scratch->Allocate(bytes, 256) : std::nullopt;
-      if (!allocated.has_value()) {
-        return xffi::Error(xffi::ErrorCode::kResourceExhausted,
-                           "bias_dropout_bwd: could not allocate " + std::to_string(bytes) + " bytes of workspace");
-      }
-      workspace = *allocated;
-    }
-    return CudaStatus(BiasDropoutBwdCuda(a, workspace, stream), "bias_dropout_bwd");
-  };
+auto RunBwdCuda(cudaStream_t stream) {
+  return [stream](const auto& a) { return CudaStatus(BiasDropoutBwdCuda(a, stream), "bias_dropout_bwd"); };
 }
 
 using Stream = xffi::PlatformStream<cudaStream_t>;
-using Scratch = xffi::ScratchAllocator;
 
-auto Cuda(cudaStream_t stream, Scratch* scratch = nullptr) {
+auto Cuda(cudaStream_t stream) {
   auto fwd = RunFwdCuda(stream);
-  auto bwd = RunBwdCuda(stream, scratch);
+  auto bwd = RunBwdCuda(stream);
   return Targets<CudaTypes, decltype(fwd), decltype(bwd)>{fwd, bwd};
 }
 
@@ -249,10 +247,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BdrBwdCudaHandler,
-    [](cudaStream_t stream, Scratch scratch, Buf dy, Buf rng, Res dx, Res dbias, float rate) {
-      return Cuda(stream, &scratch).BdrBwd(dy, rng, dx, dbias, rate);
+    [](cudaStream_t stream, Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate) {
+      return Cuda(stream).BdrBwd(dy, rng, dx, dbias, partials, rate);
     },
-    xffi::Ffi::Bind().Ctx<Stream>().Ctx<Scratch>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"));
+    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"),
+    {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadFwdCudaHandler,
@@ -271,19 +270,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadBwdCudaHandler,
-    [](cudaStream_t stream, Scratch scratch, Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, float rate,
-       int32_t act) { return Cuda(stream, &scratch).BadBwd(dy, x, bias, rng, dx, dbias, rate, act); },
+    [](cudaStream_t stream, Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate,
+       int32_t act) { return Cuda(stream).BadBwd(dy, x, bias, rng, dx, dbias, partials, rate, act); },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
-        .Ctx<Scratch>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("rate")
-        .Attr<int32_t>("activation"));
+        .Attr<int32_t>("activation"),
+    {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DropFwdCudaHandler,

@@ -14,6 +14,13 @@ from lsjax.ops.backend import (
     registered_targets,
     use_backend,
 )
+from lsjax.ops.bias_act_dropout import bias_act_dropout, bias_act_dropout_reference
+from lsjax.ops.bias_dropout_residual import (
+    bias_dropout_residual,
+    bias_dropout_residual_reference,
+    dropout,
+    dropout_reference,
+)
 from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
 
@@ -23,9 +30,15 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "bias_act_dropout",
+    "bias_act_dropout_reference",
+    "bias_dropout_residual",
+    "bias_dropout_residual_reference",
     "cross_entropy",
     "cross_entropy_reference",
     "default_backend",
+    "dropout",
+    "dropout_reference",
     "get_backend",
     "layer_norm",
     "layer_norm_reference",

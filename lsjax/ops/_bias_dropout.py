@@ -15,6 +15,7 @@ sharding, at the price of a reshard when a non-leading row dim is sharded.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -98,6 +99,16 @@ def dropout_rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static:
 
 def like(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def dbias_call(target: str, backend: str, dy, *args, **attrs):
+    """FFI backward returning ``(dx, dbias)``; XLA also allocates the kernels'
+    float32 ``[min(512, max(1, rows // 32)), hidden]`` dbias partial-sum
+    workspace (csrc: BiasDropoutDbiasPartials), dropped here."""
+    rows = math.prod(dy.shape[:-1])
+    partials = jax.ShapeDtypeStruct((min(512, max(1, rows // 32)), dy.shape[-1]), _F32)
+    dx, dbias, _ = ffi(target, backend, (like(dy), vec32(dy), partials), dy, *args, **attrs)
+    return dx, dbias
 
 
 def vec32(x) -> jax.ShapeDtypeStruct:

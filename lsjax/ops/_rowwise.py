@@ -17,9 +17,10 @@ results are ``psum``-ed over the mesh axes that shard the rows. Under
 is mapped, or a ``ROW_SUM`` result must be per-example, it falls back to a
 sequential ``lax.map``.
 
-Dropout under a mesh: each shard adds ``shard_index * local_elements`` (of the
-first ``ROWS`` result) to the ``RNG`` offset, so shards draw disjoint streams.
-When only the first dim is sharded this is exactly the unsharded mask.
+Dropout under a mesh: ops with an ``RNG`` operand keep only the leading dim
+sharded (others are gathered), and each shard adds ``shard_index *
+local_elements`` (of the first ``ROWS`` result) to the ``RNG`` offset: exactly
+the unsharded mask, for the forward and the backward alike.
 """
 
 from __future__ import annotations
@@ -129,6 +130,12 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
 
     def shardings(mesh, arg_shapes, result_shapes):
         row_spec = _row_spec(arg_shapes, in_kinds)
+        if RNG in in_kinds and row_spec:
+            # Only the leading dim may stay sharded: each shard then holds a
+            # contiguous block of the flat tensor, so offset + shard * local
+            # elements is exactly the unsharded mask, however the forward and
+            # backward get partitioned.
+            row_spec = (row_spec[0],) + (None,) * (len(row_spec) - 1)
         args = tuple(_sharding_for(k, len(s.shape), row_spec, mesh) for k, s in zip(in_kinds, arg_shapes))
         results = tuple(_sharding_for(k, len(s.shape), row_spec, mesh) for k, s in zip(out_kinds, result_shapes))
         return row_spec, args, results

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax.ops import backend as _backend
-from lsjax.ops._bias_dropout import dropout_reference, dropout_rng, dropout_rowwise, ffi, like, vec32
+from lsjax.ops._bias_dropout import dbias_call, dropout_reference, dropout_rng, dropout_rowwise, ffi, like
 from lsjax.ops._checks import check_float, check_rank, check_shape
 from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS
 
@@ -84,8 +84,8 @@ def _fwd(act, rate, backend, x, bias, rng):
 
 @dropout_rowwise([ROWS, ROWS, PARAM], [ROWS, ROW_SUM], n_static=3)
 def _bwd(act, rate, backend, dy, x, bias, rng):
-    return ffi("bias_act_dropout_bwd", backend, (like(dy), vec32(dy)), dy, x, bias, rng, rate=np.float32(rate),
-               activation=np.int32(act))
+    return dbias_call("bias_act_dropout_bwd", backend, dy, x, bias, rng, rate=np.float32(rate),
+                      activation=np.int32(act))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

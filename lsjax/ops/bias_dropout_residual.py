@@ -18,7 +18,7 @@ import numpy as np
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._bias_dropout import dropout_reference as _dropout32
-from lsjax.ops._bias_dropout import dropout_rng, dropout_rowwise, ffi, like, vec32
+from lsjax.ops._bias_dropout import dbias_call, dropout_rng, dropout_rowwise, ffi, like
 from lsjax.ops._checks import check_float, check_rank, check_same_dtype, check_shape
 from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS
 
@@ -103,7 +103,7 @@ def _fwd(rate, backend, x, bias, residual, rng):
 
 @dropout_rowwise([ROWS], [ROWS, ROW_SUM], n_static=2)
 def _bwd(rate, backend, dy, rng):
-    return ffi("bias_dropout_residual_bwd", backend, (like(dy), vec32(dy)), dy, rng, rate=np.float32(rate))
+    return dbias_call("bias_dropout_residual_bwd", backend, dy, rng, rate=np.float32(rate))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
