@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(r)
                 print(f"{r['op']:<22}{r['shape']:<14}{r['dtype']:<9}{r['mode']:<9}{r['ours_ms']:>9.4f}{r['xla_ms']:>9.4f}"
                       f"{r['ours_GBps']:>7.0f}{100 * r['ours_frac_copy_bw']:>6.0f}%{r['speedup']:>7.2f}x", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device.device_kind, "backend": ops.get_backend(),
-                       "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
+            if args.json:  # after every case, so a run cut short keeps its rows
+                with open(args.json, "w") as f:
+                    json.dump({"device": device.device_kind, "backend": ops.get_backend(),
+                               "copy_GBps": copy_bw / 1e9, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
