@@ -338,7 +338,8 @@ Plan BwdPlan(const LayerNormBwdArgs<T>& a) {
 
 // Persistent grid for the backward: one partial row per block.
 int64_t BwdGrid(const Plan& plan, int64_t rows) {
-  const int64_t blocks_needed = CeilDiv(rows, plan.rows_per_block);
+  // At least 32 rows per block, so the partials stay few next to the data.
+  const int64_t blocks_needed = CeilDiv(rows, std::max(plan.rows_per_block, 32));
   const int64_t fill = 4 * cuda::NumSMs();  // 1024 threads per SM
   return std::max<int64_t>(1, std::min({blocks_needed, fill, kLayerNormBwdMaxPartials}));
 }
