@@ -12,9 +12,10 @@
 //
 // Backward: deterministic segment sum, no atomics. The caller sorts the tokens
 // by key (stable), so each table row's tokens form one contiguous segment in
-// ascending token order. One (block row, threadIdx.y) per table row finds its
-// segment by binary search and sums the segment's dy rows in that order in
-// float32 registers (4 rows' loads in flight), then writes the whole row once:
+// ascending token order. A first kernel finds every row's segment start (one
+// thread per row, binary search); then one (block row, threadIdx.y) per table
+// row sums the segment's dy rows in that order in
+// float32 registers (2-4 rows' loads in flight), then writes the whole row once:
 // unused rows get zeros, so the gradient needs no memset.
 #include <algorithm>
 #include <cmath>
@@ -68,7 +69,7 @@ __device__ __forceinline__ void ApplyDropout(const DropoutRng& r, uint64_t e, fl
 // half % VEC == 0): column vector cv covers [cv*VEC, +VEC) and the same
 // columns + half.
 template <typename T, int VEC, bool LEARNED, bool PAIRED, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp) {
+__global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp) {
   const int64_t h = a.hidden;
   const int64_t half = h / 2;
   const int64_t ncv = PAIRED ? half / VEC : h / VEC;
@@ -156,31 +157,43 @@ __device__ __forceinline__ void LoadGrad(const EmbeddingBwdArgs<T>& a, const Dro
   }
 }
 
+// seg[r] = number of keys < r for r in [0, rows]: row r's segment is
+// [seg[r], seg[r + 1]). One thread per row, so the binary searches' latency
+// overlaps across the whole grid instead of serialising in EmbBwd.
+__global__ void __launch_bounds__(kBlock) SegmentStarts(const int32_t* keys, int64_t tokens, int64_t rows,
+                                                         int32_t* seg) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r <= rows) seg[r] = static_cast<int32_t>(LowerBound(keys, tokens, r));
+}
+
 template <typename T, int VEC, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock) EmbBwd(EmbeddingBwdArgs<T> a) {
+__global__ void __launch_bounds__(kBlock, 3) EmbBwd(EmbeddingBwdArgs<T> a, const int32_t* seg) {
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < a.rows; r += row_stride) {
-    const int64_t lo = LowerBound(a.keys, a.tokens, r);
-    const int64_t hi = LowerBound(a.keys, a.tokens, r + 1);
+    const int64_t lo = seg[r], hi = seg[r + 1];
     for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
       const int64_t c = cv * VEC;
       float acc[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
       int64_t i = lo;
-      // Four rows in flight; summed in ascending segment order (as the CPU twin).
-      for (; i + 4 <= hi; i += 4) {
-        float v0[VEC], v1[VEC], v2[VEC], v3[VEC];
-        LoadGrad<T, VEC, DROPOUT>(a, rng, a.order[i], c, v0);
-        LoadGrad<T, VEC, DROPOUT>(a, rng, a.order[i + 1], c, v1);
-        LoadGrad<T, VEC, DROPOUT>(a, rng, a.order[i + 2], c, v2);
-        LoadGrad<T, VEC, DROPOUT>(a, rng, a.order[i + 3], c, v3);
+      // UNROLL rows in flight (fewer with 8-wide dropout, to stay in 80
+      // registers without spills); summed in ascending segment order, as the
+      // CPU twin does.
+      constexpr int UNROLL = (DROPOUT && VEC >= 8) ? 2 : 4;
+      for (; i + UNROLL <= hi; i += UNROLL) {
+        float v[UNROLL][VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] = (((acc[k] + v0[k]) + v1[k]) + v2[k]) + v3[k];
+        for (int u = 0; u < UNROLL; ++u) LoadGrad<T, VEC, DROPOUT>(a, rng, a.order[i + u], c, v[u]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+#pragma unroll
+          for (int u = 0; u < UNROLL; ++u) acc[k] += v[u][k];
+        }
       }
       for (; i < hi; ++i) {
         float v[VEC];
@@ -254,9 +267,14 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+size_t EmbeddingBwdWorkspaceBytes(int64_t rows) { return static_cast<size_t>(rows + 1) * sizeof(int32_t); }
+
 template <typename T>
-cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) {
+cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, void* workspace, cudaStream_t stream) {
   if (a.rows == 0 || a.hidden == 0) return cudaSuccess;
+  int32_t* seg = static_cast<int32_t*>(workspace);
+  SegmentStarts<<<static_cast<unsigned>(CeilDiv(a.rows + 1, kBlock)), kBlock, 0, stream>>>(a.keys, a.tokens,
+                                                                                         a.rows, seg);
   constexpr int kVec = cuda::kVec16<T>;
   const bool vectorisable = a.hidden % kVec == 0 && cuda::Aligned(a.dy, 16) && cuda::Aligned(a.grad, 16);
   const int vec = vectorisable ? kVec : 1;
@@ -265,7 +283,7 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
   const int64_t grid = Grid(a.rows, kBlock / tx);
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto d) {
-    EmbBwd<T, decltype(v)::value, decltype(d)::value><<<grid, block, 0, stream>>>(a);
+    EmbBwd<T, decltype(v)::value, decltype(d)::value><<<grid, block, 0, stream>>>(a, seg);
   };
   auto by_dropout = [&](auto v) {
     if (dropout) {
@@ -284,7 +302,7 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
 
 #define LSJAX_INSTANTIATE(T)                                                                  \
   template cudaError_t EmbeddingFwdCuda<T>(const EmbeddingFwdArgs<T>&, cudaStream_t);         \
-  template cudaError_t EmbeddingBwdCuda<T>(const EmbeddingBwdArgs<T>&, cudaStream_t);
+  template cudaError_t EmbeddingBwdCuda<T>(const EmbeddingBwdArgs<T>&, void*, cudaStream_t);
 LSJAX_INSTANTIATE(float)
 LSJAX_INSTANTIATE(__half)
 LSJAX_INSTANTIATE(__nv_bfloat16)

@@ -66,8 +66,10 @@ void EmbeddingBwdCpu(const EmbeddingBwdArgs<T>& a);
 #ifdef LSJAX_WITH_CUDA
 template <typename T>
 cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream);
+// Device workspace EmbeddingBwdCuda needs: the rows + 1 segment starts.
+size_t EmbeddingBwdWorkspaceBytes(int64_t rows);
 template <typename T>
-cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream);
+cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, void* workspace, cudaStream_t stream);
 #endif
 
 }  // namespace lsjax

@@ -88,6 +88,7 @@ template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
                 float factor, float rate) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
+  if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
   if (auto e = CheckIndex(op, keys, tokens, "keys"); e.failure()) return e;
   if (rate > 0.f) {
@@ -191,8 +192,16 @@ LSJAX_FFI_TARGET_CPU("embedding_bwd", EmbeddingBwdCpuHandler);
 auto RunFwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(EmbeddingFwdCuda(a, stream), "embedding_fwd"); };
 }
-auto RunBwdCuda(cudaStream_t stream) {
-  return [stream](const auto& a) { return CudaStatus(EmbeddingBwdCuda(a, stream), "embedding_bwd"); };
+auto RunBwdCuda(cudaStream_t stream, xffi::ScratchAllocator& scratch) {
+  return [stream, &scratch](const auto& a) {
+    const size_t bytes = EmbeddingBwdWorkspaceBytes(a.rows);
+    auto workspace = scratch.Allocate(bytes, 256);
+    if (!workspace.has_value()) {
+      return xffi::Error(xffi::ErrorCode::kResourceExhausted,
+                         "embedding_bwd: could not allocate " + std::to_string(bytes) + " bytes of workspace");
+    }
+    return CudaStatus(EmbeddingBwdCuda(a, *workspace, stream), "embedding_bwd");
+  };
 }
 
 using Stream = xffi::PlatformStream<cudaStream_t>;
@@ -240,13 +249,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
-    [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, float factor,
-       float rate) {
-      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad, factor,
-                            rate);
+    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng,
+       Res grad, float factor, float rate) {
+      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream, scratch), dy, keys, order, token_index, rng, grad,
+                            factor, rate);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
+        .Ctx<xffi::ScratchAllocator>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
@@ -254,8 +264,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Attr<float>("factor")
-        .Attr<float>("rate"),
-    {xffi::Traits::kCmdBufferCompatible});
+        .Attr<float>("rate"));
 
 LSJAX_FFI_TARGET_CUDA("embedding_fwd", EmbeddingFwdCudaHandler);
 LSJAX_FFI_TARGET_CUDA("embedding_learned_fwd", EmbeddingLearnedFwdCudaHandler);
