@@ -20,6 +20,14 @@ Sinusoids use fairseq's layout: with ``half = hidden // 2`` and
 ``f_i = exp(-log(10000) * i / max(half - 1, 1))``, columns ``[0, half)`` are
 ``sin(p * f_i)``, columns ``[half, 2 half)`` are ``cos(p * f_i)``, and the last
 column is 0 when ``hidden`` is odd. They are computed in the kernel (no table).
+
+Sharding (``lsjax.ops._rowwise``): ids and the int32 positions/token indices
+are ``STATS``, the output ``ROWS``, the tables ``PARAM`` (replicated) and their
+gradients ``ROW_SUM`` (``psum`` over the shards). Positions are a cumulative
+sum computed in jnp before the kernel, and the dropout element index comes from
+a global flat token index operand (the ``uint32[4]`` rng operand is a
+replicated ``PARAM``), so every shard reproduces the unsharded output and mask
+exactly.
 """
 
 from __future__ import annotations
@@ -92,8 +100,12 @@ def embedding_reference(ids: jax.Array, table: jax.Array, *, scale: float | None
     return y.astype(table.dtype)
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _concrete(x) -> np.ndarray | None:
+    """``x`` as a NumPy array, or None when it is traced."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def _check(op, ids, table, scale, positions, padding_id, rate, offset):
@@ -135,8 +147,8 @@ def _check(op, ids, table, scale, positions, padding_id, rate, offset):
     else:
         if np.ndim(offset) != 0 or not jnp.issubdtype(jnp.asarray(offset).dtype, jnp.integer):
             raise TypeError(f"{op}: offset must be an int or an integer scalar array, got {offset!r}")
-    if _is_concrete(ids):
-        a = np.asarray(ids)
+    a = _concrete(ids)
+    if a is not None:
         bad = (a != padding_id) & ((a < 0) | (a >= vocab))
         if bad.any():
             raise ValueError(f"{op}: ids must be in [0, {vocab}) (or padding_id={padding_id}); "
