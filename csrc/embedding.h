@@ -1,0 +1,75 @@
+// Token embedding: lookup x scale + positions (sinusoidal or learned) +
+// dropout, and its deterministic backward (a sorted segment sum into the
+// table rows). Framework-free: pointers, sizes, stream.
+//
+// Forward, per token n (ids == padding_id gives an all-zero row):
+//   y[n, :] = dropout(table[clamp(ids[n])] * scale + pe(positions[n]))
+//   pe(p)[j] = sin(p * f_j) (j < half), cos(p * f_{j-half}) (half <= j < 2 half),
+//              0 (j = hidden - 1 when hidden is odd);  half = hidden / 2,
+//              f_i = exp(i * -(log(10000) / max(half - 1, 1)))   (fairseq layout)
+//   or pe(p) = pos_table[clamp(p)] for a learned table.
+//   Dropout element e = token_index[n] * hidden + j (flat index into the full,
+//   unsharded output; see csrc/philox.h).
+// Backward (segment sum), for a key per token sorted ascending with `order`
+// the token permutation (excluded tokens carry a key outside [0, rows)):
+//   grad[r, :] = factor * sum_{i : keys[i] == r, ascending i} keep(dy[order[i], :])
+//   where keep() applies the forward's dropout mask and 1 / (1 - rate).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef LSJAX_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace lsjax {
+
+template <typename T>
+struct EmbeddingFwdArgs {
+  const int32_t* ids;          // [tokens]
+  const int32_t* positions;    // [tokens] position index of each token
+  const int32_t* token_index;  // [tokens] global flat token index; read only when rate > 0
+  const uint32_t* rng;         // uint32[4]; read only when rate > 0
+  const T* table;              // [vocab, hidden]
+  const T* pos_table;          // [max_positions, hidden]; nullptr: sinusoidal positions
+  T* y;                        // [tokens, hidden]
+  int64_t tokens;
+  int64_t hidden;
+  int64_t vocab;
+  int64_t max_positions;
+  int32_t padding_id;
+  float scale;
+  float rate;
+};
+
+template <typename T>
+struct EmbeddingBwdArgs {
+  const T* dy;                 // [tokens, hidden]
+  const int32_t* keys;         // [tokens] sorted ascending
+  const int32_t* order;        // [tokens] token of each sorted key
+  const int32_t* token_index;  // [tokens] (by token, not sorted); read only when rate > 0
+  const uint32_t* rng;         // uint32[4]; read only when rate > 0
+  T* grad;                     // [rows, hidden], every element written
+  int64_t tokens;
+  int64_t hidden;
+  int64_t rows;
+  float factor;  // scale for the table, 1 for a learned position table
+  float rate;
+};
+
+template <typename T>
+void EmbeddingFwdCpu(const EmbeddingFwdArgs<T>& a);
+template <typename T>
+void EmbeddingBwdCpu(const EmbeddingBwdArgs<T>& a);
+
+#ifdef LSJAX_WITH_CUDA
+template <typename T>
+cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream);
+// Device workspace EmbeddingBwdCuda needs: the rows + 1 segment starts.
+size_t EmbeddingBwdWorkspaceBytes(int64_t rows);
+template <typename T>
+cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, void* workspace, cudaStream_t stream);
+#endif
+
+}  // namespace lsjax

@@ -1,0 +1,276 @@
+// XLA FFI handlers for the embedding op: decode and check buffers, dispatch
+// dtype, call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
+//   embedding_fwd         (ids, positions, token_index, rng, table)            -> y
+//   embedding_learned_fwd (ids, positions, token_index, rng, table, pos_table) -> y
+//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> grad
+// ids, positions, token_index, keys, order: int32 [...] (same element count:
+// tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
+// pos_table: [max_positions, H], y/dy: [..., H], grad: [rows, H], all of one
+// float dtype. Attributes: fwd scale, rate, padding_id; bwd factor, rate.
+#include <type_traits>
+
+#include "csrc/embedding.h"
+#include "ffi/common.h"
+#include "ffi/registry.h"
+
+namespace lsjax::ffi {
+namespace {
+
+using Buf = xffi::AnyBuffer;
+using Res = xffi::Result<xffi::AnyBuffer>;
+
+xffi::Error CheckIndex(const char* op, const Buf& b, int64_t tokens, const char* name) {
+  return Expect(b.element_type() == xffi::DataType::S32 && static_cast<int64_t>(b.element_count()) == tokens,
+                op, std::string(name) + " must be int32 with one element per token");
+}
+
+xffi::Error CheckRng(const char* op, const Buf& rng, float rate) {
+  if (auto e = Expect(rate >= 0.f && rate < 1.f, op, "rate must be in [0, 1)"); e.failure()) return e;
+  return Expect(rate == 0.f || (rng.element_type() == xffi::DataType::U32 && rng.element_count() == 4), op,
+                "rng must be uint32[4]");
+}
+
+// [tokens, hidden] buffer whose leading dims hold `tokens` elements.
+xffi::Error CheckRows(const char* op, const Buf& b, int64_t tokens, int64_t hidden, const char* name) {
+  const auto [rows, cols] = RowsCols(b);
+  return Expect(b.dimensions().size() >= 1 && rows == tokens && cols == hidden, op,
+                std::string(name) + " must be [..., hidden] with one row per token");
+}
+
+template <typename Types, typename Run>
+xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table,
+                const Buf* pos_table, Res y, float scale, float rate, int32_t padding_id) {
+  const int64_t tokens = static_cast<int64_t>(ids.element_count());
+  if (auto e = CheckIndex(op, ids, tokens, "ids"); e.failure()) return e;
+  if (auto e = CheckIndex(op, positions, tokens, "positions"); e.failure()) return e;
+  if (rate > 0.f) {
+    if (auto e = CheckIndex(op, token_index, tokens, "token_index"); e.failure()) return e;
+  }
+  if (auto e = CheckRng(op, rng, rate); e.failure()) return e;
+  if (auto e = Expect(table.dimensions().size() == 2 && table.dimensions()[0] >= 1, op,
+                      "table must be [vocab >= 1, hidden]");
+      e.failure())
+    return e;
+  const int64_t hidden = table.dimensions()[1];
+  if (auto e = Expect(y->element_type() == table.element_type(), op, "output dtype must match the table");
+      e.failure())
+    return e;
+  if (auto e = CheckRows(op, *y, tokens, hidden, "output"); e.failure()) return e;
+  if (pos_table) {
+    if (auto e = Expect(pos_table->element_type() == table.element_type() && pos_table->dimensions().size() == 2 &&
+                            pos_table->dimensions()[0] >= 1 && pos_table->dimensions()[1] == hidden,
+                        op, "pos_table must be [max_positions >= 1, hidden] in the table's dtype");
+        e.failure())
+      return e;
+  }
+  return DispatchFloat<Types>(table.element_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bool dropout = rate > 0.f;
+    EmbeddingFwdArgs<T> a{In<int32_t>(ids),
+                          In<int32_t>(positions),
+                          dropout ? In<int32_t>(token_index) : nullptr,
+                          dropout ? In<uint32_t>(rng) : nullptr,
+                          In<T>(table),
+                          pos_table ? In<T>(*pos_table) : nullptr,
+                          Out<T>(y),
+                          tokens,
+                          hidden,
+                          table.dimensions()[0],
+                          pos_table ? pos_table->dimensions()[0] : 0,
+                          padding_id,
+                          scale,
+                          rate};
+    return run(a);
+  });
+}
+
+template <typename Types, typename Run>
+xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
+                float factor, float rate) {
+  const int64_t tokens = static_cast<int64_t>(keys.element_count());
+  if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
+  if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
+  if (auto e = CheckIndex(op, keys, tokens, "keys"); e.failure()) return e;
+  if (rate > 0.f) {
+    if (auto e = CheckIndex(op, token_index, tokens, "token_index"); e.failure()) return e;
+  }
+  if (auto e = CheckRng(op, rng, rate); e.failure()) return e;
+  if (auto e = Expect(grad->dimensions().size() == 2 && grad->element_type() == dy.element_type(), op,
+                      "grad must be [rows, hidden] in dy's dtype");
+      e.failure())
+    return e;
+  const int64_t hidden = grad->dimensions()[1];
+  if (auto e = CheckRows(op, dy, tokens, hidden, "dy"); e.failure()) return e;
+  return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bool dropout = rate > 0.f;
+    EmbeddingBwdArgs<T> a{In<T>(dy),
+                          In<int32_t>(keys),
+                          In<int32_t>(order),
+                          dropout ? In<int32_t>(token_index) : nullptr,
+                          dropout ? In<uint32_t>(rng) : nullptr,
+                          Out<T>(grad),
+                          tokens,
+                          hidden,
+                          grad->dimensions()[0],
+                          factor,
+                          rate};
+    return run(a);
+  });
+}
+
+// ------------------------------------------------------------------- CPU --
+
+auto RunFwdCpu = [](const auto& a) {
+  EmbeddingFwdCpu(a);
+  return xffi::Error::Success();
+};
+auto RunBwdCpu = [](const auto& a) {
+  EmbeddingBwdCpu(a);
+  return xffi::Error::Success();
+};
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EmbeddingFwdCpuHandler,
+    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Res y, float scale, float rate,
+       int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, positions, token_index, rng, table, nullptr, y, scale,
+                           rate, padding_id);
+    },
+    xffi::Ffi::Bind()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("scale")
+        .Attr<float>("rate")
+        .Attr<int32_t>("padding_id"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EmbeddingLearnedFwdCpuHandler,
+    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate,
+       int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_learned_fwd", RunFwdCpu, ids, positions, token_index, rng, table, &pos_table,
+                           y, scale, rate, padding_id);
+    },
+    xffi::Ffi::Bind()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("scale")
+        .Attr<float>("rate")
+        .Attr<int32_t>("padding_id"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EmbeddingBwdCpuHandler,
+    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, float factor, float rate) {
+      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, factor, rate);
+    },
+    xffi::Ffi::Bind()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("factor")
+        .Attr<float>("rate"));
+
+LSJAX_FFI_TARGET_CPU("embedding_fwd", EmbeddingFwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("embedding_learned_fwd", EmbeddingLearnedFwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("embedding_bwd", EmbeddingBwdCpuHandler);
+
+// ------------------------------------------------------------------ CUDA --
+#ifdef LSJAX_WITH_CUDA
+
+auto RunFwdCuda(cudaStream_t stream) {
+  return [stream](const auto& a) { return CudaStatus(EmbeddingFwdCuda(a, stream), "embedding_fwd"); };
+}
+auto RunBwdCuda(cudaStream_t stream, xffi::ScratchAllocator& scratch) {
+  return [stream, &scratch](const auto& a) {
+    const size_t bytes = EmbeddingBwdWorkspaceBytes(a.rows);
+    auto workspace = scratch.Allocate(bytes, 256);
+    if (!workspace.has_value()) {
+      return xffi::Error(xffi::ErrorCode::kResourceExhausted,
+                         "embedding_bwd: could not allocate " + std::to_string(bytes) + " bytes of workspace");
+    }
+    return CudaStatus(EmbeddingBwdCuda(a, *workspace, stream), "embedding_bwd");
+  };
+}
+
+using Stream = xffi::PlatformStream<cudaStream_t>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EmbeddingFwdCudaHandler,
+    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Res y, float scale,
+       float rate, int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream), ids, positions, token_index, rng, table, nullptr,
+                            y, scale, rate, padding_id);
+    },
+    xffi::Ffi::Bind()
+        .Ctx<Stream>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("scale")
+        .Attr<float>("rate")
+        .Attr<int32_t>("padding_id"),
+    {xffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EmbeddingLearnedFwdCudaHandler,
+    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y,
+       float scale, float rate, int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_learned_fwd", RunFwdCuda(stream), ids, positions, token_index, rng, table,
+                            &pos_table, y, scale, rate, padding_id);
+    },
+    xffi::Ffi::Bind()
+        .Ctx<Stream>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("scale")
+        .Attr<float>("rate")
+        .Attr<int32_t>("padding_id"),
+    {xffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EmbeddingBwdCudaHandler,
+    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng,
+       Res grad, float factor, float rate) {
+      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream, scratch), dy, keys, order, token_index, rng, grad,
+                            factor, rate);
+    },
+    xffi::Ffi::Bind()
+        .Ctx<Stream>()
+        .Ctx<xffi::ScratchAllocator>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("factor")
+        .Attr<float>("rate"));
+
+LSJAX_FFI_TARGET_CUDA("embedding_fwd", EmbeddingFwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("embedding_learned_fwd", EmbeddingLearnedFwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("embedding_bwd", EmbeddingBwdCudaHandler);
+
+#endif  // LSJAX_WITH_CUDA
+
+}  // namespace
+}  // namespace lsjax::ffi

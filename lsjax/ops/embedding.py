@@ -1,0 +1,286 @@
+"""Fused token embedding: lookup x scale + positions + dropout (LightSeq's
+``lookup_scale_pos_dropout``), with a deterministic table gradient.
+
+Backends: ``"xla"`` runs :func:`embedding_reference`; ``"cpu_ffi"``/``"cuda"``
+run the FFI targets ``lsjax_embedding[_learned]_fwd_{cpu,cuda}`` and
+``lsjax_embedding_bwd_{cpu,cuda}`` under a ``jax.custom_vjp`` that saves only
+the int32 ids, the int32 token positions and the ``uint32[4]`` dropout operand
+(the backward regenerates the dropout mask).
+
+Position numbering (fairseq ``make_positions`` / LightSeq
+``get_tokens_position``, shifted to start at ``offset``): the position of a
+non-pad token is ``offset + (number of non-pad tokens up to and including it in
+its row) - 1``. Pads do not advance the count, so left- and right-padded
+batches embed their tokens identically. For incremental decoding, step ``t``
+(``seq == 1``) uses ``offset=t``. fairseq numbers the same tokens from
+``padding_idx + 1``: its sinusoidal embedding equals ours with
+``offset=padding_idx + 1``.
+
+Sinusoids use fairseq's layout: with ``half = hidden // 2`` and
+``f_i = exp(-log(10000) * i / max(half - 1, 1))``, columns ``[0, half)`` are
+``sin(p * f_i)``, columns ``[half, 2 half)`` are ``cos(p * f_i)``, and the last
+column is 0 when ``hidden`` is odd. They are computed in the kernel (no table).
+
+Sharding (``lsjax.ops._rowwise``): ids and the int32 positions/token indices
+are ``STATS``, the output ``ROWS``, the tables ``PARAM`` (replicated) and their
+gradients ``ROW_SUM`` (``psum`` over the shards). Positions are a cumulative
+sum computed in jnp before the kernel, and the dropout element index comes from
+a global flat token index operand (the ``uint32[4]`` rng operand is a
+replicated ``PARAM``), so every shard reproduces the unsharded output and mask
+exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.ops import backend as _backend
+from lsjax.ops._checks import check_float, check_rank
+from lsjax.ops._philox import check_rate, dropout_mask, rng_operand
+from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS, STATS, rowwise
+
+_F32 = jnp.float32
+_I32 = jnp.int32
+_EXCLUDED = np.int32(np.iinfo(np.int32).max)  # sort key of tokens without a gradient row
+
+
+def token_positions(ids: jax.Array, padding_id: int = 0, offset: int | jax.Array = 0) -> jax.Array:
+    """int32 ``[batch, seq]`` positions: ``offset + cumsum(ids != padding_id) - 1``.
+
+    Pads get the position of the last non-pad token before them (unused: pad
+    rows are zero).
+    """
+    nonpad = (ids != padding_id).astype(_I32)
+    return (jnp.asarray(offset, _I32) + jnp.cumsum(nonpad, axis=-1, dtype=_I32) - 1).astype(_I32)
+
+
+def sinusoidal_positions(positions: jax.Array, hidden: int) -> jax.Array:
+    """float32 ``[..., hidden]`` fairseq-layout sinusoids of integer ``positions``."""
+    half = hidden // 2
+    c = np.float32(-math.log(10000.0) / max(half - 1, 1))
+    freq = jnp.exp(jnp.arange(half, dtype=_F32) * c)
+    arg = positions.astype(_F32)[..., None] * freq
+    parts = [jnp.sin(arg), jnp.cos(arg)]
+    if hidden % 2:
+        parts.append(jnp.zeros(positions.shape + (1,), _F32))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _dropout_scale(rate: float) -> np.float32:
+    return np.float32(1.0) / (np.float32(1.0) - np.float32(rate))
+
+
+def embedding_reference(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
+                        positions: str | jax.Array = "sinusoidal", padding_id: int = 0, rate: float = 0.0,
+                        key: jax.Array | None = None, offset: int | jax.Array = 0) -> jax.Array:
+    """Pure-JAX embedding in float32; same contract as :func:`embedding`.
+
+    The gather reads a float32 copy of the table, so the autodiff gradient is a
+    float32 scatter-add rounded once to the table dtype.
+    """
+    ids = jnp.asarray(ids).astype(_I32)
+    hidden = table.shape[1]
+    scale = math.sqrt(hidden) if scale is None else scale
+    nonpad = ids != padding_id
+    pos = token_positions(ids, padding_id, offset)
+    y = jnp.take(table.astype(_F32), ids, axis=0, mode="clip") * np.float32(scale)
+    if isinstance(positions, str):
+        y = y + sinusoidal_positions(pos, hidden)
+    else:
+        y = y + jnp.take(positions.astype(_F32), pos, axis=0, mode="clip")
+    y = jnp.where(nonpad[..., None], y, 0.0)
+    if rate > 0 and key is not None:
+        keep = dropout_mask(rng_operand(key), y.shape, rate)
+        y = jnp.where(keep, y * _dropout_scale(rate), 0.0)
+    return y.astype(table.dtype)
+
+
+def _concrete(x) -> np.ndarray | None:
+    """``x`` as a NumPy array, or None when it is traced."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check(op, ids, table, scale, positions, padding_id, rate, offset):
+    if np.ndim(ids) != 2:
+        raise ValueError(f"{op}: ids must be [batch, seq], got shape {tuple(np.shape(ids))}")
+    check_rank(op, "ids", ids, 2)
+    if not jnp.issubdtype(getattr(ids, "dtype", None) or np.asarray(ids).dtype, jnp.integer):
+        raise TypeError(f"{op}: ids must be an integer array (int32), got {getattr(ids, 'dtype', type(ids))}")
+    if np.ndim(table) != 2:
+        raise ValueError(f"{op}: table must be [vocab, hidden], got shape {tuple(np.shape(table))}")
+    check_rank(op, "table", table, 2)
+    check_float(op, "table", table)
+    vocab, hidden = table.shape
+    if isinstance(positions, str):
+        if positions != "sinusoidal":
+            raise ValueError(f"{op}: positions must be 'sinusoidal' or a [max_positions, hidden] array, got {positions!r}")
+    else:
+        if np.ndim(positions) != 2 or positions.shape[1] != hidden:
+            raise ValueError(
+                f"{op}: a learned position table must have shape [max_positions, {hidden}], got {tuple(np.shape(positions))}")
+        check_rank(op, "positions", positions, 2)
+        check_float(op, "positions", positions)
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    try:
+        padding_id = operator.index(padding_id)
+    except TypeError:
+        raise TypeError(f"{op}: padding_id must be a Python int, got {type(padding_id).__name__}") from None
+    if not -(2**31) <= padding_id < 2**31:
+        raise ValueError(f"{op}: padding_id must fit in int32, got {padding_id}")
+    check_rate(op, rate)
+    if isinstance(offset, (int, np.integer)):
+        if offset < 0:
+            raise ValueError(f"{op}: offset must be >= 0, got {offset}")
+        if not isinstance(positions, str) and offset + ids.shape[1] > positions.shape[0]:
+            raise ValueError(
+                f"{op}: positions up to offset + seq - 1 = {offset + ids.shape[1] - 1} do not fit the learned "
+                f"position table of {positions.shape[0]} rows (max_positions); use a shorter bucket or a larger table")
+    else:
+        if np.ndim(offset) != 0 or not jnp.issubdtype(jnp.asarray(offset).dtype, jnp.integer):
+            raise TypeError(f"{op}: offset must be an int or an integer scalar array, got {offset!r}")
+    a = _concrete(ids)
+    if a is not None:
+        bad = (a != padding_id) & ((a < 0) | (a >= vocab))
+        if bad.any():
+            raise ValueError(f"{op}: ids must be in [0, {vocab}) (or padding_id={padding_id}); "
+                             f"found {int(a[bad][0])}")
+    return padding_id
+
+
+def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
+              positions: str | jax.Array = "sinusoidal", padding_id: int = 0, rate: float = 0.0,
+              key: jax.Array | None = None, offset: int | jax.Array = 0) -> jax.Array:
+    """``dropout(table[ids] * scale + pos_embedding)``, zero at pads.
+
+    Args:
+      ids: integer ``[batch, seq]`` token ids (used as int32), in
+        ``[0, vocab)`` or equal to ``padding_id``. Checked when concrete;
+        traced out-of-range ids are clamped to ``[0, vocab)`` (as a JAX gather).
+      table: ``[vocab, hidden]`` float32, float16 or bfloat16.
+      scale: multiplies the looked-up rows; default ``sqrt(hidden)``.
+      positions: ``"sinusoidal"`` (fairseq layout, computed in the kernel; see
+        the module doc) or a learned ``[max_positions, hidden]`` float table
+        (used in ``table``'s dtype; ``offset + seq <= max_positions`` is checked
+        for an int offset, a traced offset's positions are clamped).
+      padding_id: tokens equal to it give all-zero rows (no position added,
+        no gradient) and do not advance the position count.
+      rate: dropout rate in ``[0, 1)``; applied only when ``key`` is given.
+      key: JAX PRNG key for dropout (Philox mask, element index = flat index
+        into the ``[batch, seq, hidden]`` output; identical on every backend).
+      offset: position of the first non-pad token (int or traced int scalar).
+
+    Returns:
+      ``[batch, seq, hidden]`` in ``table``'s dtype (float32 math inside).
+
+    Gradients flow to ``table`` (and a learned position table): dense
+    ``[rows, hidden]``, zero for unused rows and the padding row. They are
+    deterministic without float atomics: the tokens are stably argsorted by
+    row (an XLA sort), and one thread group per table row finds its segment by
+    binary search and sums its ``dy`` rows in ascending token order in float32
+    registers (the CPU twin sums in the same order), writing each row once.
+    Under a batch-sharded mesh each shard does this locally and the partial
+    gradients are ``psum``-ed.
+    """
+    op = "embedding"
+    padding_id = _check(op, ids, table, scale, positions, padding_id, rate, offset)
+    backend = _backend.get_backend()
+    kw = dict(scale=scale, positions=positions, padding_id=padding_id, rate=rate, key=key, offset=offset)
+    if backend == "xla":
+        return embedding_reference(ids, table, **kw)
+    hidden = table.shape[1]
+    ids = jnp.asarray(ids).astype(_I32)
+    pos = token_positions(ids, padding_id, offset)
+    dropout = rate > 0 and key is not None
+    rng = rng_operand(key) if dropout else jnp.zeros((4,), jnp.uint32)
+    learned = not isinstance(positions, str)
+    pos_table = positions.astype(table.dtype) if learned else None
+    static = (
+        float(math.sqrt(hidden) if scale is None else scale),
+        float(rate) if dropout else 0.0,
+        padding_id,
+        backend,
+        table.shape[0],
+        pos_table.shape[0] if learned else 0,
+    )
+    return _embedding_ffi(table, pos_table, ids, pos, rng, static)
+
+
+# ------------------------------------------------------------- FFI path --
+
+def _attrs(scale, rate, padding_id):
+    return dict(scale=np.float32(scale), rate=np.float32(rate), padding_id=np.int32(padding_id))
+
+
+def _out_shape(ids, table):
+    return jax.ShapeDtypeStruct(ids.shape + (table.shape[1],), table.dtype)
+
+
+@rowwise([STATS, STATS, STATS, PARAM, PARAM], [ROWS], n_static=4)
+def _fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table):
+    return jax.ffi.ffi_call(_backend.ffi_target("embedding_fwd", backend), _out_shape(ids, table))(
+        ids, pos, tok, rng, table, **_attrs(scale, rate, padding_id))
+
+
+@rowwise([STATS, STATS, STATS, PARAM, PARAM, PARAM], [ROWS], n_static=4)
+def _learned_fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table, pos_table):
+    return jax.ffi.ffi_call(_backend.ffi_target("embedding_learned_fwd", backend), _out_shape(ids, table))(
+        ids, pos, tok, rng, table, pos_table, **_attrs(scale, rate, padding_id))
+
+
+@rowwise([ROWS, STATS, STATS, PARAM], [ROW_SUM], n_static=4)
+def _segment_sum(rows, factor, rate, backend, dy, keys, tok, rng):
+    """``[rows, hidden]``: sum of ``dy`` (dropout-masked) over tokens with each key, times factor."""
+    flat = keys.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(_I32)
+    out = jax.ShapeDtypeStruct((rows, dy.shape[-1]), dy.dtype)
+    return jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
+        dy, flat[order], order, tok, rng, factor=np.float32(factor), rate=np.float32(rate))
+
+
+def _token_index(ids, rate, pos):
+    """Global flat token index (dropout element = index * hidden + column); a stand-in when unused."""
+    if rate == 0.0:
+        return pos
+    return jnp.arange(ids.size, dtype=_I32).reshape(ids.shape)
+
+
+def _embedding_ffi(table, pos_table, ids, pos, rng, static):
+    return _embedding_ffi_vjp(table, pos_table, ids, pos, rng, static)
+
+
+def _ffi_fwd(table, pos_table, ids, pos, rng, static):
+    scale, rate, padding_id, backend, _, _ = static
+    tok = _token_index(ids, rate, pos)
+    if pos_table is None:
+        y = _fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table)
+    else:
+        y = _learned_fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table, pos_table)
+    return y, (ids, pos, rng)
+
+
+def _ffi_bwd(static, saved, dy):
+    scale, rate, padding_id, backend, vocab, max_positions = static
+    ids, pos, rng = saved
+    tok = _token_index(ids, rate, pos)
+    nonpad = ids != padding_id
+    keys = jnp.where(nonpad, jnp.clip(ids, 0, vocab - 1), _EXCLUDED)
+    dtable = _segment_sum(vocab, scale, rate, backend, dy, keys, tok, rng)
+    dpos = None
+    if max_positions:
+        pkeys = jnp.where(nonpad, jnp.clip(pos, 0, max_positions - 1), _EXCLUDED)
+        dpos = _segment_sum(max_positions, 1.0, rate, backend, dy, pkeys, tok, rng)
+    return dtable, dpos, None, None, None
+
+
+_embedding_ffi_vjp = jax.custom_vjp(lambda table, pos_table, ids, pos, rng, static: _ffi_fwd(
+    table, pos_table, ids, pos, rng, static)[0], nondiff_argnums=(5,))
+_embedding_ffi_vjp.defvjp(_ffi_fwd, _ffi_bwd)
