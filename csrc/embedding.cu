@@ -267,12 +267,11 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-size_t EmbeddingBwdWorkspaceBytes(int64_t rows) { return static_cast<size_t>(rows + 1) * sizeof(int32_t); }
 
 template <typename T>
-cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, void* workspace, cudaStream_t stream) {
+cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) {
   if (a.rows == 0 || a.hidden == 0) return cudaSuccess;
-  int32_t* seg = static_cast<int32_t*>(workspace);
+  int32_t* seg = a.segment_starts;
   SegmentStarts<<<static_cast<unsigned>(CeilDiv(a.rows + 1, kBlock)), kBlock, 0, stream>>>(a.keys, a.tokens,
                                                                                          a.rows, seg);
   constexpr int kVec = cuda::kVec16<T>;
@@ -302,7 +301,7 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, void* workspace, cuda
 
 #define LSJAX_INSTANTIATE(T)                                                                  \
   template cudaError_t EmbeddingFwdCuda<T>(const EmbeddingFwdArgs<T>&, cudaStream_t);         \
-  template cudaError_t EmbeddingBwdCuda<T>(const EmbeddingBwdArgs<T>&, void*, cudaStream_t);
+  template cudaError_t EmbeddingBwdCuda<T>(const EmbeddingBwdArgs<T>&, cudaStream_t);
 LSJAX_INSTANTIATE(float)
 LSJAX_INSTANTIATE(__half)
 LSJAX_INSTANTIATE(__nv_bfloat16)

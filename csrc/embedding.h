@@ -51,6 +51,7 @@ struct EmbeddingBwdArgs {
   const int32_t* token_index;  // [tokens] (by token, not sorted); read only when rate > 0
   const uint32_t* rng;         // uint32[4]; read only when rate > 0
   T* grad;                     // [rows, hidden], every element written
+  int32_t* segment_starts;     // CUDA only: workspace int32 [rows + 1]
   int64_t tokens;
   int64_t hidden;
   int64_t rows;
@@ -66,10 +67,9 @@ void EmbeddingBwdCpu(const EmbeddingBwdArgs<T>& a);
 #ifdef LSJAX_WITH_CUDA
 template <typename T>
 cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream);
-// Device workspace EmbeddingBwdCuda needs: the rows + 1 segment starts.
-size_t EmbeddingBwdWorkspaceBytes(int64_t rows);
+// a.segment_starts (an extra XLA output) holds each table row's first sorted token.
 template <typename T>
-cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, void* workspace, cudaStream_t stream);
+cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream);
 #endif
 
 }  // namespace lsjax

@@ -2,7 +2,7 @@
 // dtype, call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
 //   embedding_fwd         (ids, positions, token_index, rng, table)            -> y
 //   embedding_learned_fwd (ids, positions, token_index, rng, table, pos_table) -> y
-//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> grad
+//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> (grad, segment_starts: int32 [rows + 1] CUDA workspace)
 // ids, positions, token_index, keys, order: int32 [...] (same element count:
 // tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
 // pos_table: [max_positions, H], y/dy: [..., H], grad: [rows, H], all of one
@@ -86,7 +86,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
-                float factor, float rate) {
+                Res segment_starts, float factor, float rate) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
   if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
@@ -101,6 +101,11 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
     return e;
   const int64_t hidden = grad->dimensions()[1];
   if (auto e = CheckRows(op, dy, tokens, hidden, "dy"); e.failure()) return e;
+  if (auto e = Expect(segment_starts->element_type() == xffi::DataType::S32 &&
+                          static_cast<int64_t>(segment_starts->element_count()) == grad->dimensions()[0] + 1,
+                      op, "segment_starts must be int32 [rows + 1]");
+      e.failure())
+    return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool dropout = rate > 0.f;
@@ -110,6 +115,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                           dropout ? In<int32_t>(token_index) : nullptr,
                           dropout ? In<uint32_t>(rng) : nullptr,
                           Out<T>(grad),
+                          Out<int32_t>(segment_starts),
                           tokens,
                           hidden,
                           grad->dimensions()[0],
@@ -169,8 +175,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
-    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, float factor, float rate) {
-      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, factor, rate);
+    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res segment_starts, float factor,
+       float rate) {
+      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, segment_starts,
+                           factor, rate);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -178,6 +186,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("factor")
         .Attr<float>("rate"));
@@ -192,16 +201,8 @@ LSJAX_FFI_TARGET_CPU("embedding_bwd", EmbeddingBwdCpuHandler);
 auto RunFwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(EmbeddingFwdCuda(a, stream), "embedding_fwd"); };
 }
-auto RunBwdCuda(cudaStream_t stream, xffi::ScratchAllocator& scratch) {
-  return [stream, &scratch](const auto& a) {
-    const size_t bytes = EmbeddingBwdWorkspaceBytes(a.rows);
-    auto workspace = scratch.Allocate(bytes, 256);
-    if (!workspace.has_value()) {
-      return xffi::Error(xffi::ErrorCode::kResourceExhausted,
-                         "embedding_bwd: could not allocate " + std::to_string(bytes) + " bytes of workspace");
-    }
-    return CudaStatus(EmbeddingBwdCuda(a, *workspace, stream), "embedding_bwd");
-  };
+auto RunBwdCuda(cudaStream_t stream) {
+  return [stream](const auto& a) { return CudaStatus(EmbeddingBwdCuda(a, stream), "embedding_bwd"); };
 }
 
 using Stream = xffi::PlatformStream<cudaStream_t>;
@@ -249,22 +250,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
-    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng,
-       Res grad, float factor, float rate) {
-      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream, scratch), dy, keys, order, token_index, rng, grad,
-                            factor, rate);
+    [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res segment_starts,
+       float factor, float rate) {
+      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad,
+                            segment_starts, factor, rate);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
-        .Ctx<xffi::ScratchAllocator>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Ret<Buf>()
+        .Ret<Buf>()
         .Attr<float>("factor")
-        .Attr<float>("rate"));
+        .Attr<float>("rate"),
+    {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("embedding_fwd", EmbeddingFwdCudaHandler);
 LSJAX_FFI_TARGET_CUDA("embedding_learned_fwd", EmbeddingLearnedFwdCudaHandler);

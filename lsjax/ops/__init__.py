@@ -22,6 +22,7 @@ from lsjax.ops.bias_dropout_residual import (
     dropout_reference,
 )
 from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
+from lsjax.ops.embedding import embedding, embedding_reference, sinusoidal_positions, token_positions
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
 
 __all__ = [
@@ -38,10 +39,14 @@ __all__ = [
     "cross_entropy_reference",
     "default_backend",
     "dropout",
+    "embedding",
+    "embedding_reference",
     "dropout_reference",
     "get_backend",
     "layer_norm",
     "layer_norm_reference",
     "registered_targets",
+    "sinusoidal_positions",
+    "token_positions",
     "use_backend",
 ]

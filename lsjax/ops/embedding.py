@@ -241,9 +241,11 @@ def _segment_sum(rows, factor, rate, backend, dy, keys, tok, rng):
     """``[rows, hidden]``: sum of ``dy`` (dropout-masked) over tokens with each key, times factor."""
     flat = keys.reshape(-1)
     order = jnp.argsort(flat, stable=True).astype(_I32)
-    out = jax.ShapeDtypeStruct((rows, dy.shape[-1]), dy.dtype)
-    return jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
+    # segment_starts: the CUDA kernel's int32 [rows + 1] workspace, dropped.
+    out = (jax.ShapeDtypeStruct((rows, dy.shape[-1]), dy.dtype), jax.ShapeDtypeStruct((rows + 1,), _I32))
+    grad, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
         dy, flat[order], order, tok, rng, factor=np.float32(factor), rate=np.float32(rate))
+    return grad
 
 
 def _token_index(ids, rate, pos):
