@@ -332,30 +332,6 @@ Plan MakePlan(const AttnSoftmaxGeometry& g, int max_items, const void* const* pt
   return plan;
 }
 
-template <int N>
-using Int = std::integral_constant<int, N>;
-
-// Calls f(Int<VEC>, Int<ITEMS>) for the plan's register kernel.
-template <typename T, int MAX_ITEMS, typename F>
-void DispatchRegister(const Plan& plan, F&& f) {
-  auto by_items = [&](auto vec) {
-    if (plan.items == 1) {
-      f(vec, Int<1>{});
-    } else if (plan.items == 2) {
-      f(vec, Int<2>{});
-    } else if (plan.items == 4) {
-      f(vec, Int<4>{});
-    } else if constexpr (MAX_ITEMS >= 8) {
-      f(vec, Int<8>{});
-    }
-  };
-  if (plan.vec == 1) {
-    by_items(Int<1>{});
-  } else {
-    by_items(Int<cuda::kVec16<T>>{});
-  }
-}
-
 int64_t GenericGrid(int64_t rows) { return std::min<int64_t>(rows, 65535LL * 16); }
 
 }  // namespace
@@ -370,7 +346,7 @@ cudaError_t AttnSoftmaxFwdCuda(const AttnSoftmaxFwdArgs<T>& a, cudaStream_t stre
     FwdGeneric<T><<<GenericGrid(rows), kBlock, 0, stream>>>(a);
   } else {
     const int64_t grid = CeilDiv(rows, kBlock / plan.tpr);
-    DispatchRegister<T, kMaxItemsFwd>(plan, [&](auto vec, auto items) {
+    cuda::DispatchVecItems<T, kMaxItemsFwd>(plan.vec, plan.items, [&](auto vec, auto items) {
       FwdRegister<T, decltype(vec)::value, decltype(items)::value>
           <<<grid, kBlock, 0, stream>>>(a, plan.tpr);
     });
@@ -388,7 +364,7 @@ cudaError_t AttnSoftmaxBwdCuda(const AttnSoftmaxBwdArgs<T>& a, cudaStream_t stre
     BwdGeneric<T><<<GenericGrid(rows), kBlock, 0, stream>>>(a);
   } else {
     const int64_t grid = CeilDiv(rows, kBlock / plan.tpr);
-    DispatchRegister<T, kMaxItemsBwd>(plan, [&](auto vec, auto items) {
+    cuda::DispatchVecItems<T, kMaxItemsBwd>(plan.vec, plan.items, [&](auto vec, auto items) {
       BwdRegister<T, decltype(vec)::value, decltype(items)::value>
           <<<grid, kBlock, 0, stream>>>(a, plan.tpr);
     });

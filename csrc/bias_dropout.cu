@@ -33,8 +33,7 @@ constexpr int kBlock = 256;  // threads per block
 constexpr int kUnroll = 4;   // rows in flight per thread
 constexpr int kMaxVec = 8;   // 16 bytes of 16-bit elements
 
-template <int N>
-using Int = std::integral_constant<int, N>;
+using cuda::Int;
 
 // ------------------------------------------------------------- dropout --
 

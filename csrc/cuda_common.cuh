@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace lsjax::cuda {
 
@@ -77,6 +78,32 @@ __device__ __forceinline__ void RowSum2(float& a, float& b, float* smem) {
   for (int w = 0; w < warps; ++w) {
     a += row[w];
     b += row[32 + w];
+  }
+}
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Calls f(Int<VEC>, Int<ITEMS>) for a register-resident row kernel: VEC is 1
+// or the 16-byte width of T, ITEMS (vectors per thread) one of 1, 2, 4 and,
+// when MAX_ITEMS >= 8, 8.
+template <typename T, int MAX_ITEMS, typename F>
+void DispatchVecItems(int vec, int items, F&& f) {
+  auto by_items = [&](auto v) {
+    if (items == 1) {
+      f(v, Int<1>{});
+    } else if (items == 2) {
+      f(v, Int<2>{});
+    } else if (items == 4) {
+      f(v, Int<4>{});
+    } else if constexpr (MAX_ITEMS >= 8) {
+      f(v, Int<8>{});
+    }
+  };
+  if (vec == 1) {
+    by_items(Int<1>{});
+  } else {
+    by_items(Int<kVec16<T>>{});
   }
 }
 

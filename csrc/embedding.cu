@@ -35,8 +35,7 @@ using cuda::StoreFloats;
 
 constexpr int kBlock = 256;
 
-template <int N>
-using Int = std::integral_constant<int, N>;
+using cuda::Int;
 template <bool B>
 using Bool = std::bool_constant<B>;
 

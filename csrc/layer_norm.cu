@@ -300,30 +300,6 @@ Plan MakePlan(int64_t cols, int items_target, int max_items, const void* const* 
   return plan;
 }
 
-template <int N>
-using Int = std::integral_constant<int, N>;
-
-// Calls f(Int<VEC>, Int<ITEMS>) for the plan's register kernel.
-template <typename T, int MAX_ITEMS, typename F>
-void DispatchRegister(const Plan& plan, F&& f) {
-  auto by_items = [&](auto vec) {
-    if (plan.items == 1) {
-      f(vec, Int<1>{});
-    } else if (plan.items == 2) {
-      f(vec, Int<2>{});
-    } else if (plan.items == 4) {
-      f(vec, Int<4>{});
-    } else if constexpr (MAX_ITEMS >= 8) {
-      f(vec, Int<8>{});
-    }
-  };
-  if (plan.vec == 1) {
-    by_items(Int<1>{});
-  } else {
-    by_items(Int<cuda::kVec16<T>>{});
-  }
-}
-
 template <typename T>
 Plan FwdPlan(const LayerNormFwdArgs<T>& a) {
   const void* ptrs[] = {a.x, a.residual, a.z, a.y, a.scale, a.bias};
@@ -356,7 +332,7 @@ cudaError_t LayerNormFwdCuda(const LayerNormFwdArgs<T>& a, cudaStream_t stream) 
   } else {
     const dim3 block(plan.threads_per_row, plan.rows_per_block);
     const int64_t grid = CeilDiv(a.rows, plan.rows_per_block);
-    DispatchRegister<T, kMaxItemsFwd>(plan, [&](auto vec, auto items) {
+    cuda::DispatchVecItems<T, kMaxItemsFwd>(plan.vec, plan.items, [&](auto vec, auto items) {
       LnFwdRegister<T, decltype(vec)::value, decltype(items)::value><<<grid, block, 0, stream>>>(a);
     });
   }
@@ -384,7 +360,7 @@ cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream) 
     LnBwdGeneric<T><<<grid, kBlock, 0, stream>>>(a, partial_dscale, partial_dbias);
   } else {
     const dim3 block(plan.threads_per_row, plan.rows_per_block);
-    DispatchRegister<T, kMaxItemsBwd>(plan, [&](auto vec, auto items) {
+    cuda::DispatchVecItems<T, kMaxItemsBwd>(plan.vec, plan.items, [&](auto vec, auto items) {
       LnBwdRegister<T, decltype(vec)::value, decltype(items)::value>
           <<<grid, block, 0, stream>>>(a, partial_dscale, partial_dbias);
     });
