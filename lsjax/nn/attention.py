@@ -1,0 +1,170 @@
+"""Multi-head attention on the fused attention-softmax op, with a decode KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lsjax import ops
+from lsjax.nn.config import LayerConfig
+
+_DEFAULT_INIT = nn.initializers.xavier_uniform()
+
+
+def partitioned(init, axes: tuple[str | None, ...]):
+    """``init`` with logical axis names attached (``nn.with_logical_partitioning``)."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dropout_key(module: nn.Module, rate: float, deterministic: bool) -> jax.Array | None:
+    """A fresh key of the ``"dropout"`` stream, or None when no dropout applies."""
+    return None if deterministic or rate == 0 else module.make_rng("dropout")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None, causal: bool,
+                          impl: str = "fused", dropout_rate: float = 0.0,
+                          key: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention over heads.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``; k, v: ``[batch, k_len, heads, head_dim]``.
+      key_mask: optional bool ``[batch, k_len]``, True = attend.
+      causal: bottom-right aligned causal mask (see :func:`lsjax.ops.attention_softmax`).
+      impl: ``"fused"``: score GEMM, :func:`lsjax.ops.attention_softmax` (masks, softmax,
+        dropout in one op), value GEMM. ``"cudnn"`` / ``"xla"``:
+        ``jax.nn.dot_product_attention`` with that implementation (key padding given as
+        lengths, so keys must be right-padded; no dropout).
+      dropout_rate, key: attention-probability dropout (fused path only).
+
+    Returns:
+      ``[batch, q_len, heads, head_dim]`` in ``q``'s dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "fused":
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        probs = ops.attention_softmax(scores, key_padding_mask=key_mask, causal=causal, scale=scale,
+                                      dropout_rate=dropout_rate, key=key)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if key is not None and dropout_rate > 0:
+        raise ValueError(f"attention_impl={impl!r} has no attention dropout; use attention_impl='fused'")
+    lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=lengths,
+                                        implementation=impl)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention block: ``residual + dropout(attention(x) @ W_o + b_o)``.
+
+    The Q/K/V and output projections are XLA GEMMs (``nn.DenseGeneral``); self-attention
+    projects Q, K and V with one GEMM. The output bias, hidden dropout and residual add
+    are one fused :func:`lsjax.ops.bias_dropout_residual` op, so the output projection
+    has no bias of its own. Parameters and their logical axes (Megatron layout: Q/K/V
+    split by heads = column parallel, output projection by heads = row parallel):
+    ``qkv/kernel [embed, 3, heads, kv]`` (self) or ``q/kernel [embed, heads, kv]`` +
+    ``kv/kernel [embed, 2, heads, kv]`` (cross), ``out/kernel [heads, kv, embed]``,
+    ``out_bias [embed]``.
+
+    Attributes:
+      config: the layer config.
+      cross: keys/values come from ``memory`` (the encoder output) instead of ``x``.
+      causal: causal mask (decoder self-attention).
+    """
+
+    config: LayerConfig
+    cross: bool = False
+    causal: bool = False
+
+    def _dense(self, features: tuple[int, ...], axes: tuple, name: str) -> nn.DenseGeneral:
+        cfg = self.config
+        return nn.DenseGeneral(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                               kernel_init=partitioned(_DEFAULT_INIT, ("embed",) + axes),
+                               bias_init=partitioned(nn.initializers.zeros, axes))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array, *, memory: jax.Array | None = None,
+                 key_mask: jax.Array | None = None, deterministic: bool = True, decode: bool = False,
+                 cache_index: jax.Array | None = None, max_decode_len: int | None = None) -> jax.Array:
+        """Attends and adds the result to ``residual``.
+
+        Args:
+          x: ``[batch, q_len, hidden]`` queries (and keys/values for self-attention).
+          residual: ``[batch, q_len, hidden]`` added to the block output.
+          memory: ``[batch, k_len, hidden]`` keys/values source of cross-attention
+            (not needed in decode steps: the projected memory is cached).
+          key_mask: optional bool ``[batch, k_len]``, True = attend (source padding).
+          deterministic: no dropout if True.
+          decode: incremental decoding. Self-attention keeps ``cached_key`` /
+            ``cached_value`` ``[batch, max_decode_len, heads, head_dim]`` in the
+            ``"cache"`` collection; cross-attention keeps the projected memory as
+            ``cached_key`` / ``cached_value`` in the ``"memory"`` collection (projected
+            once per source). The first decode call (no cache yet) only creates them.
+          cache_index: int32 scalar, the step being decoded (None on the creating call).
+          max_decode_len: cache length, needed on the creating call.
+
+        Returns:
+          ``[batch, q_len, hidden]`` in the compute dtype.
+        """
+        cfg = self.config
+        h, dh = cfg.nhead, cfg.head_dim
+        x = x.astype(cfg.dtype)
+        causal = self.causal
+        if self.cross:
+            q = self._dense((h, dh), ("heads", "kv"), "q")(x)
+            kv_proj = self._dense((2, h, dh), (None, "heads", "kv"), "kv")
+            if decode:
+                k, v = self._memory_kv(kv_proj, memory)
+            else:
+                kv = kv_proj(memory.astype(cfg.dtype))
+                k, v = kv[:, :, 0], kv[:, :, 1]
+        else:
+            qkv = self._dense((3, h, dh), (None, "heads", "kv"), "qkv")(x)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            if decode:
+                k, v, key_mask, causal = self._update_cache(k, v, cache_index, max_decode_len, causal, key_mask)
+        rate = cfg.attn_prob_dropout_ratio
+        out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=cfg.attention_impl,
+                                    dropout_rate=rate, key=dropout_key(self, rate, deterministic))
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, name="out",
+                              kernel_init=partitioned(_DEFAULT_INIT, ("heads", "kv", "embed")))(out)
+        bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (cfg.hidden_size,),
+                          cfg.param_dtype)
+        rate = cfg.hidden_dropout_ratio
+        return ops.bias_dropout_residual(out, bias, residual.astype(cfg.dtype), rate=rate,
+                                         key=dropout_key(self, rate, deterministic))
+
+    def _memory_kv(self, kv_proj: nn.Module, memory: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        if memory is None and not self.has_variable("memory", "cached_key"):
+            raise ValueError("cross-attention decode step without a projected memory: prime the decoder "
+                             "first (lsjax.models.decoder_fns) and pass the 'memory' collection")
+
+        def project():
+            return kv_proj(memory.astype(self.config.dtype))
+
+        kv = None if self.has_variable("memory", "cached_key") else project()
+        k = self.variable("memory", "cached_key", lambda: kv[:, :, 0]).value
+        v = self.variable("memory", "cached_value", lambda: kv[:, :, 1]).value
+        return k, v
+
+    def _update_cache(self, k, v, cache_index, max_decode_len, causal, key_mask):
+        """Writes this step's K/V into the cache; returns the keys/values/mask to attend."""
+        if not self.has_variable("cache", "cached_key"):  # creating call: size the cache only
+            if max_decode_len is None:
+                raise ValueError("the first decode call must give max_decode_len (the KV cache length)")
+            shape = (k.shape[0], max_decode_len) + k.shape[2:]
+            self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+            self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+            return k, v, key_mask, causal
+        cached_k = self.variable("cache", "cached_key")
+        cached_v = self.variable("cache", "cached_value")
+        batch, max_len = cached_k.value.shape[:2]
+        if k.shape[1] != 1:
+            raise ValueError(f"decode steps take one token per row, got q_len={k.shape[1]}")
+        start = (0, cache_index, 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
+        filled = jnp.broadcast_to(jnp.arange(max_len) <= cache_index, (batch, max_len))
+        return cached_k.value, cached_v.value, filled, False
