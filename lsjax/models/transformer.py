@@ -74,10 +74,6 @@ class Decoder(nn.Module):
         return self.embed.attend(x)
 
 
-def _loss(config: TransformerConfig, logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return CrossEntropyLoss(config.label_smoothing, config.padding_id)(logits, labels)
-
-
 class Transformer(nn.Module):
     """Encoder-decoder Transformer (fairseq / LightSeq layout).
 
@@ -102,6 +98,7 @@ class Transformer(nn.Module):
             src_embed = self.src_embed
         self.encoder = Encoder(cfg, src_embed)
         self.decoder = Decoder(cfg, self.embed)
+        self.loss_fn = CrossEntropyLoss(cfg.label_smoothing, cfg.padding_id)
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array, deterministic: bool = True) -> jax.Array:
         """int ``[batch, src_len]``, ``[batch, tgt_len]`` -> logits ``[batch, tgt_len, vocab]`` (compute dtype)."""
@@ -111,7 +108,7 @@ class Transformer(nn.Module):
     def loss(self, src: jax.Array, tgt_in: jax.Array, tgt_out: jax.Array,
              deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """``(loss_sum, token_count)``: label-smoothed cross-entropy summed over non-pad ``tgt_out`` tokens."""
-        return _loss(self.config, self(src, tgt_in, deterministic), tgt_out)
+        return self.loss_fn(self(src, tgt_in, deterministic), tgt_out)
 
     def encode(self, src: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """Encoder states ``[batch, src_len, hidden]`` and the source mask (True = token)."""
@@ -145,6 +142,7 @@ class TransformerLM(nn.Module):
         cfg = self.config
         self.embed = Embedding(cfg.vocab_size, cfg, cfg.max_positions)
         self.decoder = Decoder(cfg, self.embed, cross_attention=False)
+        self.loss_fn = CrossEntropyLoss(cfg.label_smoothing, cfg.padding_id)
 
     def __call__(self, ids: jax.Array, deterministic: bool = True) -> jax.Array:
         """int ``[batch, len]`` -> logits ``[batch, len, vocab]`` (compute dtype)."""
@@ -152,7 +150,7 @@ class TransformerLM(nn.Module):
 
     def loss(self, ids_in: jax.Array, ids_out: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """``(loss_sum, token_count)`` of next-token prediction, pads ignored."""
-        return _loss(self.config, self(ids_in, deterministic), ids_out)
+        return self.loss_fn(self(ids_in, deterministic), ids_out)
 
     def init_decoding(self, batch_size: int, max_decode_len: int) -> None:
         """Creates the decode cache; run with ``mutable=["cache"]``."""

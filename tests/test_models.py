@@ -1,0 +1,218 @@
+"""lsjax.models: Transformer vs a plain-Flax reference, backends, cached decoding, remat/scan/vmap."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.flax_reference import RefTransformer, reference_params
+from lsjax import ops
+from lsjax.models import Transformer, TransformerLM, decoder_fns, load_model_config
+from tests.helpers import assert_close
+
+NO_DROPOUT = dict(attn_prob_dropout_ratio=0.0, activation_dropout_ratio=0.0, hidden_dropout_ratio=0.0)
+TINY = dict(vocab_size=53, hidden_size=24, intermediate_size=40, nhead=3, num_encoder_layers=2,
+            num_decoder_layers=2, max_seq_len=16, max_batch_tokens=64)
+
+
+def tiny_config(**overrides):
+    return load_model_config("transformer-tiny", **{**TINY, **NO_DROPOUT, **overrides})
+
+
+def batch(rng, b=3, src_len=7, tgt_len=6, vocab=53):
+    """Random right-padded src / tgt_in / tgt_out (pad 0, tokens in [4, vocab))."""
+    def ids(length):
+        x = rng.integers(4, vocab, size=(b, length))
+        lengths = rng.integers(1, length + 1, size=b)
+        lengths[0] = length
+        return jnp.asarray(np.where(np.arange(length) < lengths[:, None], x, 0), jnp.int32)
+    src, tgt = ids(src_len), ids(tgt_len)
+    return src, tgt, jnp.where(tgt > 0, jnp.roll(tgt, -1, axis=1).at[:, -1].set(3), 0)
+
+
+def random_params(model, rng, *args, scale=0.3):
+    """Unboxed params with every leaf random (so zero-initialised biases and LN params are exercised)."""
+    params = nn.meta.unbox(model.init(jax.random.key(0), *args))["params"]
+    return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32) * scale, p.dtype), params)
+
+
+def stack_layers(params):
+    """Unscanned params (``layers_i``) -> scanned params (``layers`` with a leading layer axis)."""
+    if not isinstance(params, dict):
+        return params
+    names = sorted(k for k in params if k.startswith("layers_"))
+    out = {k: stack_layers(v) for k, v in params.items() if k not in names}
+    if names:
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    return out
+
+
+@pytest.mark.parametrize("pre_layer_norm", [True, False])
+@pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
+def test_logits_match_plain_flax_reference(rng, backend, pre_layer_norm):
+    cfg = tiny_config(pre_layer_norm=pre_layer_norm)
+    src, tgt_in, _ = batch(rng)
+    model = Transformer(cfg)
+    params = random_params(model, rng, src, tgt_in)
+    want = RefTransformer(cfg).apply({"params": reference_params(params)}, src, tgt_in)
+    with ops.use_backend(backend):
+        got = jax.jit(model.apply)({"params": params}, src, tgt_in)
+    assert got.shape == (3, 6, cfg.vocab_size) and got.dtype == jnp.float32
+    assert_close(got, want, 2e-5, f"logits ({backend})")
+
+
+def test_backends_agree_on_loss_and_grads_with_dropout(rng):
+    """Same params and dropout key: xla and cpu_ffi give the same loss and gradients (Philox masks match)."""
+    cfg = tiny_config(attn_prob_dropout_ratio=0.2, activation_dropout_ratio=0.1, hidden_dropout_ratio=0.1)
+    src, tgt_in, tgt_out = batch(rng)
+    model = Transformer(cfg)
+    params = random_params(model, rng, src, tgt_in)
+
+    def loss(p, deterministic):
+        total, count = model.apply({"params": p}, src, tgt_in, tgt_out, deterministic,
+                                   method=Transformer.loss, rngs={"dropout": jax.random.key(7)})
+        return total / count
+
+    results = {}
+    for backend in ("xla", "cpu_ffi"):
+        with ops.use_backend(backend):
+            results[backend] = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, False)
+    (l_xla, g_xla), (l_ffi, g_ffi) = results["xla"], results["cpu_ffi"]
+    assert_close(l_ffi, l_xla, 1e-5, "loss")
+    jax.tree.map(lambda a, b: assert_close(a, b, 1e-4, "grad"), g_ffi, g_xla)
+    det = jax.jit(loss, static_argnums=1)(params, True)
+    assert abs(float(det) - float(l_xla)) > 1e-4, "dropout had no effect"
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(scan_layers=True), dict(remat_policy="full"),
+                                     dict(remat_policy="dots_saveable", scan_layers=True)])
+def test_remat_and_scan_match_plain(rng, variant):
+    src, tgt_in, tgt_out = batch(rng)
+    plain, other = Transformer(tiny_config()), Transformer(tiny_config(**variant))
+    params = random_params(plain, rng, src, tgt_in)
+    other_params = stack_layers(params) if variant.get("scan_layers") else params
+    shapes = jax.tree.map(jnp.shape, nn.meta.unbox(other.init(jax.random.key(1), src, tgt_in))["params"])
+    assert shapes == jax.tree.map(jnp.shape, other_params)
+
+    def grads(model, p):
+        f = lambda p: model.apply({"params": p}, src, tgt_in, tgt_out, method=Transformer.loss)[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(p)
+
+    (l0, g0), (l1, g1) = grads(plain, params), grads(other, other_params)
+    assert_close(l1, l0, 1e-5, "loss")
+    if variant.get("scan_layers"):
+        g0 = stack_layers(g0)
+    jax.tree.map(lambda a, b: assert_close(a, b, 1e-4, "grad"), g1, g0)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(scan_layers=True, pre_layer_norm=False)])
+def test_cached_decoding_equals_full_forward(rng, variant):
+    cfg = tiny_config(**variant)
+    src, tgt_in, _ = batch(rng)
+    model = Transformer(cfg)
+    params = random_params(model, rng, src, tgt_in)
+    full = model.apply({"params": params}, src, tgt_in)
+    max_len = tgt_in.shape[1] + 2
+    tokens_to_logits, cache, encoded = decoder_fns(model, params, src, max_len)
+    leaves = jax.tree.leaves(cache) + jax.tree.leaves(encoded)
+    assert all(x.shape[0] == src.shape[0] for x in leaves if x.ndim), "leading dim must be the batch"
+    enc_k = jax.tree.leaves(encoded["memory"])[0]
+    assert enc_k.shape[-2:] == (cfg.nhead, cfg.head_dim) and enc_k.shape[-3] == src.shape[1]
+    step = jax.jit(tokens_to_logits)
+    for t in range(tgt_in.shape[1]):
+        logits, cache = step(tgt_in[:, t:t + 1], cache, encoded)
+        assert logits.shape == (3, cfg.vocab_size) and logits.dtype == jnp.float32
+        real = np.asarray(tgt_in[:, t] != 0)  # a pad step's logits are unused
+        assert_close(logits[real], full[real, t], 2e-5, f"step {t}")
+    assert int(cache["decoder"]["cache_index"]) == tgt_in.shape[1]
+
+
+def test_language_model_cached_decoding(rng):
+    cfg = tiny_config(num_encoder_layers=0, max_positions=16, activation_fn="gelu_tanh")
+    ids = jnp.asarray(rng.integers(4, cfg.vocab_size, size=(2, 5)), jnp.int32)
+    model = TransformerLM(cfg)
+    params = random_params(model, rng, ids)
+    assert params["embed"]["positions"].shape == (16, cfg.hidden_size)
+    full = model.apply({"params": params}, ids)
+    tokens_to_logits, cache, encoded = decoder_fns(model, params, ids, 8)
+    for t in range(5):
+        logits, cache = tokens_to_logits(ids[:, t:t + 1], cache, encoded)
+        assert_close(logits, full[:, t], 2e-5, f"step {t}")
+    total, count = model.apply({"params": params}, ids, jnp.roll(ids, -1, 1), method=TransformerLM.loss)
+    assert int(count) == ids.size and np.isfinite(float(total))
+
+
+def test_vmap_over_models_matches_loop(rng):
+    cfg = tiny_config()
+    batches = [batch(rng) for _ in range(2)]
+    src, tgt_in, tgt_out = (jnp.stack(x) for x in zip(*batches))
+    model = Transformer(cfg)
+    params = random_params(model, rng, src[0], tgt_in[0])
+    with ops.use_backend("cpu_ffi"):
+        f = lambda s, ti: model.apply({"params": params}, s, ti)  # noqa: E731
+        got = jax.jit(jax.vmap(f))(src, tgt_in)
+        for i in range(2):
+            assert_close(got[i], f(src[i], tgt_in[i]), 2e-5, f"vmap row {i}")
+
+
+def test_logical_axis_names(rng):
+    src, tgt_in, _ = batch(rng)
+    boxed = Transformer(tiny_config(scan_layers=True)).init(jax.random.key(0), src, tgt_in)["params"]
+    names = jax.tree.map(lambda b: b.names, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert names["embed"]["embedding"] == ("vocab", "embed")
+    attn = names["encoder"]["layers"]["self_attn"]
+    assert attn["qkv"]["kernel"] == ("layers", "embed", None, "heads", "kv")
+    assert attn["out"]["kernel"] == ("layers", "heads", "kv", "embed")
+    ffn = names["decoder"]["layers"]["ffn"]
+    assert ffn["fc1"]["kernel"] == ("layers", "embed", "mlp") and ffn["fc2"]["kernel"] == ("layers", "mlp", "embed")
+    assert names["decoder"]["layers"]["cross_attn"]["kv"]["kernel"] == ("layers", "embed", None, "heads", "kv")
+
+
+def test_bf16_compute_with_fp32_params(rng):
+    src, tgt_in, _ = batch(rng)
+    model32, model16 = Transformer(tiny_config()), Transformer(tiny_config(dtype="bfloat16"))
+    params = random_params(model32, rng, src, tgt_in, scale=0.1)
+    want = model32.apply({"params": params}, src, tgt_in)
+    with ops.use_backend("cpu_ffi"):
+        got = model16.apply({"params": params}, src, tgt_in)
+    assert got.dtype == jnp.bfloat16
+    assert_close(got, want, 5e-2, "bf16 logits")
+
+
+def test_bad_inputs_rejected(rng):
+    cfg = tiny_config()
+    model = Transformer(cfg)
+    src, tgt_in, _ = batch(rng)
+    params = random_params(model, rng, src, tgt_in)
+    long = jnp.ones((1, cfg.max_seq_len + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        model.apply({"params": params}, long, tgt_in[:1])
+    wide = jnp.ones((cfg.max_batch_tokens // 8 + 1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="max_batch_tokens=64"):
+        model.apply({"params": params}, wide, wide)
+    with pytest.raises(ValueError, match="max_decode_len"):
+        decoder_fns(model, params, src, cfg.max_seq_len + 1)
+    tokens_to_logits, cache, encoded = decoder_fns(model, params, src, 8)
+    with pytest.raises(ValueError, match="one token per row"):
+        tokens_to_logits(tgt_in[:, :2], cache, encoded)
+    with pytest.raises(ValueError, match="attn_prob_dropout_ratio=0"):
+        tiny_config(attention_impl="cudnn", attn_prob_dropout_ratio=0.1)
+    with pytest.raises(ValueError, match="TransformerLM"):
+        Transformer(tiny_config(num_encoder_layers=0)).init(jax.random.key(0), src, tgt_in)
+
+
+def test_yaml_configs():
+    base = load_model_config("transformer-base", vocab_size=8000, dtype="bfloat16")
+    assert (base.hidden_size, base.intermediate_size, base.nhead, base.num_encoder_layers) == (512, 2048, 8, 6)
+    assert base.vocab_size == 8000 and base.dtype == jnp.bfloat16 and base.param_dtype == jnp.float32
+    big = load_model_config("transformer-big")
+    assert (big.hidden_size, big.intermediate_size, big.nhead) == (1024, 4096, 16)
+    gpt2 = load_model_config("gpt2-small")
+    assert (gpt2.vocab_size, gpt2.num_encoder_layers, gpt2.num_decoder_layers, gpt2.max_positions) == (50257, 0, 12, 1024)
+    with pytest.raises(ValueError, match="unknown model config fields"):
+        load_model_config("transformer-tiny", hiden_size=3)
+    with pytest.raises(FileNotFoundError, match="transformer-base"):
+        load_model_config("no-such-model")
