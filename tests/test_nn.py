@@ -11,7 +11,8 @@ import pytest
 
 from benchmarks.flax_reference import RefDecoderLayer, RefEncoderLayer, layer_params, sinusoids
 from lsjax import ops
-from lsjax.nn import CrossEntropyLoss, Embedding, LayerConfig, TransformerDecoderLayer, TransformerEncoderLayer
+from lsjax.nn import (CrossEntropyLoss, Embedding, LayerConfig, TransformerDecoderLayer, TransformerEncoderLayer,
+                      layer_stack)
 from tests.helpers import assert_close, normal
 
 CFG = dict(hidden_size=20, intermediate_size=36, nhead=4, attn_prob_dropout_ratio=0.0,
@@ -72,6 +73,35 @@ def test_xla_attention_impl_matches_fused(rng):
     with ops.use_backend("cpu_ffi"):
         assert_close(flash.apply({"params": params}, x, mask), fused.apply({"params": params}, x, mask), 2e-5,
                      "attention_impl='xla' vs 'fused'")
+
+
+class EncoderStack(nn.Module):
+    config: LayerConfig
+
+    @nn.compact
+    def __call__(self, x, mask):
+        return layer_stack(TransformerEncoderLayer, self.config, 2, x, dict(key_mask=mask), deterministic=True)
+
+
+@pytest.mark.parametrize("variant", [dict(remat_policy="full"), dict(remat_policy="dots_saveable", scan_layers=True)])
+def test_remat_and_scan_match_plain_stack(rng, variant):
+    x, mask, cot = normal(rng, (2, 6, 20)), right_padded_mask(rng, 2, 6), normal(rng, (2, 6, 20))
+    plain, other = EncoderStack(config()), EncoderStack(config(**variant))
+    params = randomize(plain.init(jax.random.key(0), x, mask)["params"], rng)
+    stacked = {"layers": jax.tree.map(lambda *ps: jnp.stack(ps), params["layers_0"], params["layers_1"])}
+    other_params = stacked if variant.get("scan_layers") else params
+    assert jax.tree.map(jnp.shape, nn.meta.unbox(other.init(jax.random.key(1), x, mask)["params"])) == \
+        jax.tree.map(jnp.shape, other_params)
+
+    def grads(module, p):
+        with ops.use_backend("cpu_ffi"):
+            return jax.jit(jax.value_and_grad(lambda p: jnp.sum(module.apply({"params": p}, x, mask) * cot)))(p)
+
+    (l0, g0), (l1, g1) = grads(plain, params), grads(other, other_params)
+    assert_close(l1, l0, 1e-5, "output")
+    if variant.get("scan_layers"):
+        g0 = {"layers": jax.tree.map(lambda *ps: jnp.stack(ps), g0["layers_0"], g0["layers_1"])}
+    jax.tree.map(lambda a, b: assert_close(a, b, 1e-4, "grad"), g1, g0)
 
 
 @pytest.mark.gpu
