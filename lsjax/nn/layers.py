@@ -14,6 +14,10 @@ from lsjax.nn.attention import MultiHeadAttention, _DEFAULT_INIT, dropout_key, p
 from lsjax.nn.config import REMAT_POLICIES, LayerConfig
 
 
+# Logical axes of the [batch, length, hidden] activations between layers (a no-op without rules).
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
 class LayerNorm(nn.Module):
     """Layer norm over the last axis with the fused op; ``scale``/``bias`` ``[embed]``."""
 
@@ -121,8 +125,9 @@ class TransformerEncoderLayer(nn.Module):
         ffn = FeedForward(cfg, name="ffn")
         x = _sublayer(x, lambda h, r: attn(h, r, key_mask=key_mask, deterministic=deterministic),
                       LayerNorm(cfg, name="self_attn_ln"), cfg.pre_layer_norm)
-        return _sublayer(x, lambda h, r: ffn(h, r, deterministic=deterministic), LayerNorm(cfg, name="ffn_ln"),
-                         cfg.pre_layer_norm)
+        x = _sublayer(x, lambda h, r: ffn(h, r, deterministic=deterministic), LayerNorm(cfg, name="ffn_ln"),
+                      cfg.pre_layer_norm)
+        return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -152,7 +157,8 @@ class TransformerDecoderLayer(nn.Module):
                                                 deterministic=deterministic, decode=decode),
                           LayerNorm(cfg, name="cross_attn_ln"), pre)
         ffn = FeedForward(cfg, name="ffn")
-        return _sublayer(x, lambda h, r: ffn(h, r, deterministic=deterministic), LayerNorm(cfg, name="ffn_ln"), pre)
+        x = _sublayer(x, lambda h, r: ffn(h, r, deterministic=deterministic), LayerNorm(cfg, name="ffn_ln"), pre)
+        return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
 def layer_stack(layer: type[nn.Module], config: LayerConfig, num_layers: int, x: jax.Array,
