@@ -15,7 +15,8 @@ from lsjax.data.batching import (
 from lsjax.data.synthetic import (
     SYNTHETIC_TOKENIZER,
     synthetic_files,
-    synthetic_translation, write_synthetic_translation,
+    synthetic_translation,
+    write_synthetic_translation,
 )
 from lsjax.data.text import iter_lines, multi30k_files, read_parallel
 from lsjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
