@@ -19,7 +19,15 @@ from lsjax.data.synthetic import (
     write_synthetic_translation,
 )
 from lsjax.data.text import iter_lines, multi30k_files, read_parallel
-from lsjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
+from lsjax.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Tokenizer,
+    load_or_train_tokenizer,
+    train_tokenizer,
+)
 
 __all__ = [
     "BATCH_KEYS",
@@ -34,6 +42,7 @@ __all__ = [
     "TranslationDataset",
     "bucket_index",
     "iter_lines",
+    "load_or_train_tokenizer",
     "multi30k_files",
     "read_parallel",
     "synthetic_files",

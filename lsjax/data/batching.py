@@ -23,7 +23,7 @@ OVERLONG_POLICIES = ("error", "drop", "truncate")
 
 
 def bucket_index(src_len: int, tgt_len: int, bucket_lengths: Sequence[int]) -> int | None:
-    """Index of the smallest bucket ``L`` with ``src_len <= L`` and ``tgt_len + 1 <= L``; None if none fits."""
+    """Index of the smallest bucket ``L`` with ``src_len <= L`` and ``tgt_len + 1 <= L`` (None if none)."""
     i = bisect.bisect_left(bucket_lengths, max(src_len, tgt_len + 1))
     return i if i < len(bucket_lengths) else None
 
@@ -31,7 +31,9 @@ def bucket_index(src_len: int, tgt_len: int, bucket_lengths: Sequence[int]) -> i
 def _check_ladder(bucket_lengths: Sequence[int]) -> tuple[int, ...]:
     ladder = tuple(int(length) for length in bucket_lengths)
     if not ladder or ladder[0] < 2 or any(a >= b for a, b in zip(ladder, ladder[1:])):
-        raise ValueError(f"bucket_lengths must be strictly increasing integers >= 2, got {list(bucket_lengths)}")
+        raise ValueError(
+            f"bucket_lengths must be strictly increasing integers >= 2, got {list(bucket_lengths)}"
+        )
     return ladder
 
 
@@ -95,19 +97,23 @@ class TranslationDataset:
         self.bucket_lengths = tuple(self.arrays)
         counts = {length: len(r) for length, r in zip(ladder, rows) if r}
         padded = sum(2 * n * length for length, n in counts.items())
-        real = sum(int(np.count_nonzero(a["src"]) + np.count_nonzero(a["tgt_out"])) for a in self.arrays.values())
+        real = sum(np.count_nonzero(a["src"]) + np.count_nonzero(a["tgt_out"]) for a in self.arrays.values())
         self.stats: dict[str, Any] = {
             "num_pairs": len(src_ids),
             "num_examples": sum(counts.values()),
             "dropped": dropped,
             "truncated": truncated,
             "bucket_counts": counts,
-            "token_fill": real / padded if padded else 0.0,
+            "token_fill": float(real / padded) if padded else 0.0,
         }
 
     @classmethod
     def from_text_pairs(
-        cls, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, bucket_lengths: Sequence[int], overlong: str = "error"
+        cls,
+        pairs: Sequence[tuple[str, str]],
+        tokenizer: Tokenizer,
+        bucket_lengths: Sequence[int],
+        overlong: str = "error",
     ) -> "TranslationDataset":
         """Tokenizes ``(source, target)`` sentences with ``tokenizer`` and buckets them."""
         src = tokenizer.encode_batch([s for s, _ in pairs])
@@ -116,7 +122,12 @@ class TranslationDataset:
 
     @classmethod
     def from_files(
-        cls, src_path: PathLike, tgt_path: PathLike, tokenizer: Tokenizer, bucket_lengths: Sequence[int], overlong: str = "error"
+        cls,
+        src_path: PathLike,
+        tgt_path: PathLike,
+        tokenizer: Tokenizer,
+        bucket_lengths: Sequence[int],
+        overlong: str = "error",
     ) -> "TranslationDataset":
         """Reads two line-aligned text files (plain or ``.gz``), tokenizes and buckets them."""
         return cls.from_text_pairs(read_parallel(src_path, tgt_path), tokenizer, bucket_lengths, overlong)
@@ -150,8 +161,9 @@ class BatchIterator(Iterator[Batch]):
     ):
         """
         Args:
-          max_batch_tokens: token budget per batch; bucket ``L`` gets ``B_L = max_batch_tokens // L`` rows
-            (rounded down to a multiple of ``batch_size_multiple``, e.g. the data-parallel device count).
+          max_batch_tokens: token budget per batch; bucket ``L`` gets ``B_L = max_batch_tokens // L``
+            rows (rounded down to a multiple of ``batch_size_multiple``, e.g. the data-parallel size).
+          seed: drives the per-epoch shuffles.
           num_epochs: stop after this many epochs; None repeats forever.
         """
         self.dataset = dataset
@@ -164,8 +176,8 @@ class BatchIterator(Iterator[Batch]):
             rows = max_batch_tokens // length // batch_size_multiple * batch_size_multiple
             if rows < 1:
                 raise ValueError(
-                    f"max_batch_tokens={max_batch_tokens} leaves no rows for bucket length {length} "
-                    f"(batch_size_multiple={batch_size_multiple}); it must be >= {length * batch_size_multiple}"
+                    f"max_batch_tokens={max_batch_tokens} leaves no rows for bucket length {length} with "
+                    f"batch_size_multiple={batch_size_multiple}; it must be >= {length * batch_size_multiple}"
                 )
             self.batch_sizes[length] = rows
         self._epoch, self._batch_index = 0, 0

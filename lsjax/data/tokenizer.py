@@ -113,10 +113,30 @@ def train_tokenizer(
             **trainer_kwargs,
         )
     except RuntimeError as e:
-        if "Vocabulary size" in str(e):
+        if "Vocabulary size too high" in str(e):
             raise ValueError(
                 f"vocab_size={vocab_size} is too large for this corpus ({e}). Use a smaller "
                 "vocab_size, or pass hard_vocab_limit=False to accept fewer pieces."
             ) from e
+        if "smaller than required_chars" in str(e):
+            raise ValueError(
+                f"vocab_size={vocab_size} cannot hold the corpus's characters and the 4 special ids "
+                f"({e}). Use a larger vocab_size or a lower character_coverage."
+            ) from e
         raise
     return Tokenizer.load(f"{model_prefix}.model")
+
+
+def load_or_train_tokenizer(
+    inputs: Iterable[PathLike | Iterable[str]], model_prefix: PathLike, vocab_size: int, **train_kwargs
+) -> Tokenizer:
+    """Loads ``<model_prefix>.model`` if it exists with ``vocab_size`` pieces, else trains it.
+
+    With ``hard_vocab_limit=False`` any existing model is reused. Arguments as :func:`train_tokenizer`.
+    """
+    path = Path(f"{model_prefix}.model")
+    if path.exists():
+        tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size == vocab_size or not train_kwargs.get("hard_vocab_limit", True):
+            return tokenizer
+    return train_tokenizer(inputs, model_prefix, vocab_size, **train_kwargs)
