@@ -192,8 +192,9 @@ def test_batches_bounded_shapes_and_token_budget(rng, drop_remainder):
     assert len(batches) == it.batches_per_epoch
     shapes = {b["src"].shape for b in batches}
     assert shapes == set(it.batch_shapes) and len(shapes) == it.num_shapes <= len(LADDER)
-    counts = ds.stats["bucket_counts"]  # with drop_remainder a bucket smaller than B yields nothing
-    assert shapes == {(max_tokens // L, L) for L, n in counts.items() if n >= max_tokens // L or not drop_remainder}
+    # Bucket L has B = max_tokens // L rows; with drop_remainder a bucket of fewer pairs yields nothing.
+    counts = ds.stats["bucket_counts"]
+    assert shapes == {(max_tokens // L, L) for L, n in counts.items() if not drop_remainder or n >= max_tokens // L}
     for b in batches:
         assert sorted(b) == sorted(data.BATCH_KEYS)
         assert all(v.dtype == np.int32 and v.shape == b["src"].shape for v in b.values())
