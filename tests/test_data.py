@@ -200,10 +200,10 @@ def test_batches_bounded_shapes_and_token_budget(rng, drop_remainder):
         assert all(v.dtype == np.int32 and v.shape == b["src"].shape for v in b.values())
     rows = [row for b in batches for row in real_rows(b)]
     pairs = sorted((tuple(s), tuple(t)) for s, t in zip(src, tgt))
-    if drop_remainder:  # every row is real; at most B - 1 pairs of each bucket are left out
+    if drop_remainder:  # every row is real; n_L mod B_L pairs of each bucket are left out
         assert all(len(real_rows(b)) == b["src"].shape[0] for b in batches)
         assert collections.Counter(rows) <= collections.Counter(pairs)
-        assert len(pairs) - len(rows) < sum(B for B, _ in shapes)
+        assert len(pairs) - len(rows) == sum(n % (max_tokens // L) for L, n in counts.items())
     else:  # every pair exactly once; padding rows only in the last batch of each bucket
         assert sorted(rows) == pairs
         assert sum(len(real_rows(b)) < b["src"].shape[0] for b in batches) <= it.num_shapes
