@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lsjax.ops import backend as _backend
@@ -126,6 +127,15 @@ def _finish(params: list, steps32: list, key: jax.Array | None, count: jax.Array
     return out
 
 
+def _bias_correction(decay: float, count: jax.Array) -> jax.Array:
+    """``1 - decay ** count`` as ``-expm1(count * log(decay))``, ``log`` taken in float64.
+
+    The direct float32 form cancels catastrophically for ``decay`` near 1
+    (``1 - 0.999 ** 3`` loses ~4 digits), which optax's form does.
+    """
+    return -jnp.expm1(count.astype(_F32) * np.float32(np.log(decay)))
+
+
 def _unflatten(treedef, *leaf_lists):
     return tuple(jax.tree.unflatten(treedef, leaves) for leaves in leaf_lists)
 
@@ -183,8 +193,7 @@ def adamw(
         m_leaves, v_leaves = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         count = optax.safe_increment(state.count)
         lr = _learning_rate(learning_rate, state.count)
-        t = count.astype(_F32)
-        bc1, bc2 = 1.0 - jnp.float32(b1) ** t, 1.0 - jnp.float32(b2) ** t
+        bc1, bc2 = _bias_correction(b1, count), _bias_correction(b2, count)
         decays = [jnp.float32(weight_decay if d else 0.0) for d in _decay_mask(mask, params)]
         scalars = [adam_scalars(lr, b1, b2, eps, wd, bc1, bc2) for wd in decays]
         fused = _backend.get_backend() != "xla" and jnp.dtype(moment_dtype) == jnp.dtype(_F32) \
