@@ -57,7 +57,8 @@ def adam_update_reference(param, grad, m, v, scalars):
     return (param.astype(_F32) + step).astype(param.dtype), m, v
 
 
-def adam_update(param: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array, scalars: jax.Array):
+def adam_update(param: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array, scalars: jax.Array, *,
+                in_place: bool = True):
     """One fused Adam/AdamW step on one tensor.
 
     Args:
@@ -65,6 +66,10 @@ def adam_update(param: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array, s
       grad: ``param``'s shape, float32/float16/bfloat16 (any of them).
       m, v: ``param``'s shape, float32 moments.
       scalars: ``float32[8]`` from :func:`adam_scalars`.
+      in_place: alias ``m``/``v`` to the new moments (FFI backends). In a jitted
+        step whose optimizer state is donated they are updated in place; when
+        ``m``/``v`` stay live (not donated) XLA copies them first, so pass
+        ``False`` to get fresh output buffers instead.
 
     Returns:
       ``(new_param, new_m, new_v)``: ``new_param`` in ``param``'s dtype (rounded
@@ -85,14 +90,14 @@ def adam_update(param: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array, s
         return adam_update_reference(param, grad, m, v, scalars)
     shape = param.shape
     flat = [x.reshape(1) if x.ndim == 0 else x for x in (param, grad, m, v)]
-    out = _adam_update_ffi(backend, *flat, scalars)
+    out = _adam_update_ffi(backend, bool(in_place), *flat, scalars)
     return tuple(x.reshape(shape) for x in out)
 
 
-@rowwise([ROWS, ROWS, ROWS, ROWS, PARAM], [ROWS, ROWS, ROWS], n_static=1)
-def _adam_update_ffi(backend, param, grad, m, v, scalars):
+@rowwise([ROWS, ROWS, ROWS, ROWS, PARAM], [ROWS, ROWS, ROWS], n_static=2)
+def _adam_update_ffi(backend, in_place, param, grad, m, v, scalars):
     out = (jax.ShapeDtypeStruct(param.shape, param.dtype), jax.ShapeDtypeStruct(m.shape, _F32),
            jax.ShapeDtypeStruct(v.shape, _F32))
     call = jax.ffi.ffi_call(_backend.ffi_target("adam_update", backend), out,
-                            input_output_aliases={2: 1, 3: 2})
+                            input_output_aliases={2: 1, 3: 2} if in_place else None)
     return call(param, grad, m, v, scalars)
