@@ -196,8 +196,8 @@ def adamw(
         bc1, bc2 = _bias_correction(b1, count), _bias_correction(b2, count)
         decays = [jnp.float32(weight_decay if d else 0.0) for d in _decay_mask(mask, params)]
         scalars = [adam_scalars(lr, b1, b2, eps, wd, bc1, bc2) for wd in decays]
-        fused = _backend.get_backend() != "xla" and jnp.dtype(moment_dtype) == jnp.dtype(_F32) \
-            and rounding == "nearest"
+        fused = (_backend.get_backend() != "xla" and jnp.dtype(moment_dtype) == jnp.dtype(_F32)
+                 and rounding == "nearest")
         steps, new_m, new_v = [], [], []
         for p, g, m, v, s in zip(p_leaves, g_leaves, m_leaves, v_leaves, scalars):
             if fused:  # the kernel rounds the param once; its step is exact in float32
