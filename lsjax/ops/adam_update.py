@@ -88,10 +88,11 @@ def adam_update(param: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array, s
     backend = _backend.get_backend()
     if backend == "xla" or param.size == 0:
         return adam_update_reference(param, grad, m, v, scalars)
-    shape = param.shape
-    flat = [x.reshape(1) if x.ndim == 0 else x for x in (param, grad, m, v)]
-    out = _adam_update_ffi(backend, bool(in_place), *flat, scalars)
-    return tuple(x.reshape(shape) for x in out)
+    # A trailing unit axis makes every real axis a "row" axis of the row-wise
+    # partitioner, so params sharded along any axis (data, tensor) stay sharded.
+    rows = [x[..., None] for x in (param, grad, m, v)]
+    out = _adam_update_ffi(backend, bool(in_place), *rows, scalars)
+    return tuple(x[..., 0] for x in out)
 
 
 @rowwise([ROWS, ROWS, ROWS, ROWS, PARAM], [ROWS, ROWS, ROWS], n_static=2)
