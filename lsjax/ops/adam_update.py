@@ -7,17 +7,22 @@ when the learning rate or bias corrections change.
 
 Backends: ``"xla"`` runs :func:`adam_update_reference`; ``"cpu_ffi"``/``"cuda"``
 the FFI target ``lsjax_adam_update_{cpu,cuda}`` with ``m`` and ``v`` aliased to
-their outputs (updated in place when the caller donates them).
+their outputs (updated in place when the caller donates them). Elementwise
+partitioning: a tensor sharded along any axes is updated shard by shard. Not
+vmappable (an optimizer update has no batch axis).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_same_dtype, check_shape
-from lsjax.ops._rowwise import PARAM, ROWS, rowwise
 
 _F32 = jnp.float32
 
@@ -69,7 +74,9 @@ def adam_update(param: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array, s
       in_place: alias ``m``/``v`` to the new moments (FFI backends). In a jitted
         step whose optimizer state is donated they are updated in place; when
         ``m``/``v`` stay live (not donated) XLA copies them first, so pass
-        ``False`` to get fresh output buffers instead.
+        ``False`` to get fresh output buffers instead. ``new_param`` always
+        gets its own buffer: callers such as :mod:`lsjax.optim` still read
+        ``param`` afterwards (aliasing it would force a copy there).
 
     Returns:
       ``(new_param, new_m, new_v)``: ``new_param`` in ``param``'s dtype (rounded
@@ -88,17 +95,45 @@ def adam_update(param: jax.Array, grad: jax.Array, m: jax.Array, v: jax.Array, s
     backend = _backend.get_backend()
     if backend == "xla" or param.size == 0:
         return adam_update_reference(param, grad, m, v, scalars)
-    # A trailing unit axis makes every real axis a "row" axis of the row-wise
-    # partitioner, so params sharded along any axis (data, tensor) stay sharded.
-    rows = [x[..., None] for x in (param, grad, m, v)]
-    out = _adam_update_ffi(backend, bool(in_place), *rows, scalars)
-    return tuple(x[..., 0] for x in out)
+    return _adam_update_ffi(backend, bool(in_place), param, grad, m, v, scalars)
 
 
-@rowwise([ROWS, ROWS, ROWS, ROWS, PARAM], [ROWS, ROWS, ROWS], n_static=2)
-def _adam_update_ffi(backend, in_place, param, grad, m, v, scalars):
+# ------------------------------------------------------------- FFI path --
+
+def _local_update(backend, in_place, param, grad, m, v, scalars):
     out = (jax.ShapeDtypeStruct(param.shape, param.dtype), jax.ShapeDtypeStruct(m.shape, _F32),
            jax.ShapeDtypeStruct(v.shape, _F32))
     call = jax.ffi.ffi_call(_backend.ffi_target("adam_update", backend), out,
                             input_output_aliases={2: 1, 3: 2} if in_place else None)
     return call(param, grad, m, v, scalars)
+
+
+# Elementwise partitioning: param, grad, m, v and the outputs share one sharding
+# (any axis may be sharded: data, tensor, ZeRO); the scalars are replicated. So
+# a sharded optimizer state is updated shard by shard, never all-gathered.
+_adam_update_ffi = custom_partitioning(_local_update, static_argnums=(0, 1))
+
+
+def _shardings(mesh, arg_shapes):
+    like = arg_shapes[0].sharding
+    spec = like.spec if isinstance(like, NamedSharding) else PartitionSpec()
+    tensor = NamedSharding(mesh, spec)
+    return tensor, (tensor,) * 4 + (NamedSharding(mesh, PartitionSpec()),)
+
+
+def _infer(backend, in_place, mesh, arg_shapes, result_shape):
+    return (_shardings(mesh, arg_shapes)[0],) * 3
+
+
+def _partition(backend, in_place, mesh, arg_shapes, result_shape):
+    tensor, args = _shardings(mesh, arg_shapes)
+    return mesh, functools.partial(_local_update, backend, in_place), (tensor,) * 3, args
+
+
+def _sharding_rule(backend, in_place, mesh, value_types, result_types):
+    dims = " ".join(f"d{i}" for i in range(len(value_types[0].shape)))
+    return f"{dims}, {dims}, {dims}, {dims}, s -> {dims}, {dims}, {dims}"
+
+
+_adam_update_ffi.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
+                               sharding_rule=_sharding_rule)
