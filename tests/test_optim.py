@@ -181,3 +181,30 @@ def test_fused_adamw_matches_jnp_path(rng, dtype):
     _assert_tree_close(state.nu, ref_state.nu, rtol=1e-6, atol=1e-9)
     ulp = {jnp.float32: 1e-6, jnp.float16: 1e-3, jnp.bfloat16: 8e-3}[dtype]  # at most one rounding apart
     _assert_tree_close(fused, ref, rtol=ulp, atol=1e-6)
+
+
+def _donated_step(tx):
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return optim.apply_updates(params, updates), state
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+@pytest.mark.skipif("cpu_ffi" not in ops.available_backends(), reason="lsjax._ffi not built")
+def test_fused_step_is_in_place_and_keeps_shardings(rng):
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    spec = {"w": jax.sharding.PartitionSpec("data", "tensor"), "b": jax.sharding.PartitionSpec("tensor"),
+            "s": jax.sharding.PartitionSpec()}
+    params = {"w": normal(rng, (8, 6), jnp.bfloat16), "b": normal(rng, (6,), jnp.bfloat16),
+              "s": normal(rng, (), jnp.bfloat16)}
+    params = {k: jax.device_put(p, jax.sharding.NamedSharding(mesh, spec[k])) for k, p in params.items()}
+    grads = _grads(rng, params)
+    tx = optim.adamw(1e-3)
+    state = tx.init(params)
+    with ops.use_backend("cpu_ffi"):
+        step = _donated_step(tx)
+        hlo = step.lower(params, grads, state).compile().as_text()
+        new_params, _ = step(params, grads, state)
+    assert "all-gather" not in hlo and " copy(" not in hlo  # moments updated in place, shard by shard
+    for k, p in new_params.items():
+        assert p.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec[k]), p.ndim), k
