@@ -10,9 +10,11 @@ the param dtype, and ``optax.apply_updates`` then computes ``p + u`` in float16,
 a second rounding that loses every update below half an ulp of ``p``. Here
 ``update`` returns **float32** updates ``u = new_p - p`` where ``new_p`` is the
 already-rounded new parameter, so ``(p.astype(f32) + u).astype(p.dtype)`` is
-exactly ``new_p``. :func:`apply_updates` does that add explicitly (it also works
-under strict dtype promotion and rejects low-precision updates that would round
-twice). Our transform must therefore be the *last* one in an ``optax.chain``
+exactly ``new_p`` (the float32 sum is within a float32 ulp of ``new_p``, which is
+representable in ``p.dtype``, so the cast returns it). :func:`apply_updates` does
+that add explicitly: it also works under strict dtype promotion and rejects
+low-precision updates that would round twice. (Under JAX's default promotion
+``optax.apply_updates`` computes the same, since ``p + u`` promotes to float32.) Our transform must therefore be the *last* one in an ``optax.chain``
 (gradient transforms such as ``clip_by_global_norm`` go before it). Under
 ``jax.jit`` the float32 updates are fused into the add and never materialised.
 """
@@ -75,7 +77,7 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
     return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None)
 
 
-def check_params(params: optax.Params, who: str) -> None:
+def _check_params(params: optax.Params, who: str) -> None:
     """TypeError naming the first leaf that is not float16, bfloat16 or float32."""
     for path, p in jax.tree_util.tree_leaves_with_path(params):
         if jnp.dtype(p.dtype) not in PARAM_DTYPES:
@@ -179,7 +181,7 @@ def adamw(
     _check_options(who, moment_dtype, rounding)
 
     def init(params):
-        check_params(params, who)
+        _check_params(params, who)
         zeros = lambda p: jnp.zeros(p.shape, moment_dtype)  # noqa: E731
         return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
                          jax.tree.map(zeros, params), _init_key(rounding, seed))
@@ -187,7 +189,7 @@ def adamw(
     def update(grads, state, params=None):
         if params is None:
             raise ValueError(f"{who}: update needs params (it computes the new params itself)")
-        check_params(params, who)
+        _check_params(params, who)
         p_leaves, treedef = jax.tree.flatten(params)
         g_leaves = treedef.flatten_up_to(grads)
         m_leaves, v_leaves = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
@@ -249,14 +251,14 @@ def lion(
     _check_options(who, moment_dtype, rounding)
 
     def init(params):
-        check_params(params, who)
+        _check_params(params, who)
         mu = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype), params)
         return LionState(jnp.zeros([], jnp.int32), mu, _init_key(rounding, seed))
 
     def update(grads, state, params=None):
         if params is None:
             raise ValueError(f"{who}: update needs params (it computes the new params itself)")
-        check_params(params, who)
+        _check_params(params, who)
         p_leaves, treedef = jax.tree.flatten(params)
         g_leaves, m_leaves = treedef.flatten_up_to(grads), treedef.flatten_up_to(state.mu)
         lr = _learning_rate(learning_rate, state.count)
