@@ -24,8 +24,9 @@ class Case:
 
     ``make_inputs(rng)`` returns a tuple of arrays; ``ours``/``ref`` take them
     and return an array or a tuple of arrays. ``grad_argnums`` are the inputs
-    differentiated in the fwd+bwd timing. Bytes are the minimum a perfect
-    kernel moves (each input read once, each output written once).
+    differentiated in the fwd+bwd timing; ``modes`` drops fwd+bwd for
+    forward-only ops. Bytes are the minimum a perfect kernel moves (each input
+    read once, each output written once).
     """
 
     op: str
@@ -37,6 +38,7 @@ class Case:
     bytes_fwd: float
     bytes_fwd_bwd: float
     grad_argnums: Sequence[int] = (0,)
+    modes: Sequence[str] = ("fwd", "fwd+bwd")
 
 
 def _scalar_loss(fn, argnums):
@@ -104,6 +106,8 @@ def run_case(case: Case, rng: np.random.Generator, copy_bw: float) -> list[dict]
     inputs = [one] + [case.make_inputs(rng) for _ in range(k - 1)]
     rows = []
     for mode, nbytes in (("fwd", case.bytes_fwd), ("fwd+bwd", case.bytes_fwd_bwd)):
+        if mode not in case.modes:
+            continue
         wrap = (lambda f: f) if mode == "fwd" else (lambda f: _fwd_bwd(f, case.grad_argnums))
         with ops.use_backend("xla"):
             t_ref = time_fn(wrap(case.ref), inputs)

@@ -4,6 +4,7 @@ Choose the implementation with :func:`use_backend` or ``LSJAX_BACKEND``
 (``"cuda" | "cpu_ffi" | "xla"``); see :mod:`lsjax.ops.backend`.
 """
 
+from lsjax.ops.adam_update import adam_scalars, adam_update, adam_update_reference
 from lsjax.ops.attention_softmax import attention_softmax, attention_softmax_reference
 from lsjax.ops.backend import (
     BACKENDS,
@@ -26,6 +27,9 @@ from lsjax.ops.embedding import embedding, embedding_reference, sinusoidal_posit
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
 
 __all__ = [
+    "adam_scalars",
+    "adam_update",
+    "adam_update_reference",
     "attention_softmax",
     "attention_softmax_reference",
     "BACKENDS",

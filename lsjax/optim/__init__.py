@@ -1,0 +1,40 @@
+"""Optimizers for float16/bfloat16 params (float32 math, one rounding) and loss scaling.
+
+Usage (float16)::
+
+    tx = optim.loss_scaled(optax.chain(optax.clip_by_global_norm(1.0),
+                                       optim.adamw(optim.inverse_sqrt_schedule(1e-3, 4000))),
+                           optim.DynamicLossScale.create(2.0 ** 15))
+    grads = jax.grad(lambda p: opt_state.loss_scale.scale(loss_fn(p, batch)))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optim.apply_updates(params, updates)
+"""
+
+from lsjax.optim.loss_scale import (
+    DynamicLossScale,
+    LossScale,
+    LossScaleState,
+    NoOpLossScale,
+    all_finite,
+    loss_scaled,
+)
+from lsjax.optim.memory import state_bytes_per_param
+from lsjax.optim.schedules import inverse_sqrt_schedule
+from lsjax.optim.transform import AdamState, LionState, adam, adamw, apply_updates, lion
+
+__all__ = [
+    "AdamState",
+    "DynamicLossScale",
+    "LionState",
+    "LossScale",
+    "LossScaleState",
+    "NoOpLossScale",
+    "adam",
+    "adamw",
+    "all_finite",
+    "apply_updates",
+    "inverse_sqrt_schedule",
+    "lion",
+    "loss_scaled",
+    "state_bytes_per_param",
+]
