@@ -7,5 +7,6 @@ builds them for a Transformer).
 """
 
 from lsjax.decode.beam_search import BeamSearchOutput, beam_search, gnmt_length_penalty
+from lsjax.decode.sampling import greedy, sample
 
-__all__ = ["BeamSearchOutput", "beam_search", "gnmt_length_penalty"]
+__all__ = ["BeamSearchOutput", "beam_search", "gnmt_length_penalty", "greedy", "sample"]
