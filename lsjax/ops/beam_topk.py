@@ -66,13 +66,19 @@ def beam_topk(logits: jax.Array, scores: jax.Array, k: int) -> tuple[jax.Array, 
     backend = _backend.get_backend()
     if backend == "xla":
         return beam_topk_reference(logits, scores, k)
-    out = (
-        jax.ShapeDtypeStruct((batch, k), _F32),
-        jax.ShapeDtypeStruct((batch, k), jnp.int32),
-        jax.ShapeDtypeStruct((batch, _CANDIDATES), _F32),  # workspace: candidate values
-        jax.ShapeDtypeStruct((batch, _CANDIDATES), jnp.int32),  # workspace: candidate indices
-        jax.ShapeDtypeStruct((batch, beam, 2), _F32),  # workspace: per-beam (threshold, lse)
-    )
+    out = (jax.ShapeDtypeStruct((batch, k), _F32), jax.ShapeDtypeStruct((batch, k), jnp.int32))
+    if backend == "cuda":
+        out += _cuda_workspace(batch, beam)
     values, indices, *_ = jax.ffi.ffi_call(_backend.ffi_target("beam_topk", backend), out)(
         logits, scores.astype(_F32))
     return values, indices
+
+
+def _cuda_workspace(batch: int, beam: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Extra outputs the CUDA kernel uses as scratch (csrc/beam_topk.h: BeamTopkWorkspace)."""
+    return (
+        jax.ShapeDtypeStruct((batch, _CANDIDATES), _F32),  # candidate values
+        jax.ShapeDtypeStruct((batch, _CANDIDATES), jnp.int32),  # candidate flat indices
+        jax.ShapeDtypeStruct((batch, beam, 2), _F32),  # per beam: threshold, log-sum-exp
+        jax.ShapeDtypeStruct((batch,), jnp.int32),  # candidates found per row
+    )
