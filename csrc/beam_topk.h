@@ -38,7 +38,7 @@ struct BeamTopkArgs {
 struct BeamTopkWorkspace {
   float* cand_values;    // [batch, capacity]
   int32_t* cand_indices;  // [batch, capacity]
-  float* beam_stats;     // [batch, beam, 2]: (R_i, log-sum-exp incl. max)
+  float* beam_stats;     // [batch, beam, 3]: (R_i, max, log(sum exp(x - max)))
   int32_t* counts;       // [batch] candidates found (may exceed capacity)
   int64_t capacity;
 };

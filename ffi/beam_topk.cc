@@ -2,7 +2,7 @@
 //   beam_topk (logits [B, beam, V] f32/f16/bf16, scores f32 [B, beam])
 //     -> values f32 [B, k], indices s32 [B, k]                       ("cpu")
 //     -> values, indices, cand_values f32 [B, C], cand_indices s32 [B, C],
-//        beam_stats f32 [B, beam, 2], counts s32 [B]   (workspace, "CUDA")
+//        beam_stats f32 [B, beam, 3], counts s32 [B]   (workspace, "CUDA")
 // k and the workspace capacity C are read from the output shapes.
 #include <string>
 
@@ -66,22 +66,23 @@ LSJAX_FFI_TARGET_CPU("beam_topk", BeamTopkCpuHandler);
 // ------------------------------------------------------------------ CUDA --
 #ifdef LSJAX_WITH_CUDA
 
+xffi::Error BeamTopkCudaImpl(cudaStream_t stream, Buf logits, Buf scores, Res values, Res indices,
+                             Res cand_values, Res cand_indices, Res beam_stats, Res counts) {
+  const int64_t batch = logits.dimensions().size() == 3 ? logits.dimensions()[0] : 0;
+  const auto cd = cand_values->dimensions();
+  const bool ok = cd.size() == 2 && cd[0] == batch && cd[1] >= 1 &&
+                  cand_indices->element_count() == cand_values->element_count() &&
+                  beam_stats->element_count() == 3 * scores.element_count() &&
+                  static_cast<int64_t>(counts->element_count()) == batch;
+  if (auto e = Expect(ok, kOp, "workspace outputs have the wrong shapes"); e.failure()) return e;
+  const BeamTopkWorkspace w{Out<float>(cand_values), Out<int32_t>(cand_indices), Out<float>(beam_stats),
+                            Out<int32_t>(counts), cd[1]};
+  auto run = [&](const auto& a) { return CudaStatus(BeamTopkCuda(a, w, stream), kOp); };
+  return Launch<CudaTypes>(run, logits, scores, values, indices);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    BeamTopkCudaHandler,
-    [](cudaStream_t stream, Buf logits, Buf scores, Res values, Res indices, Res cand_values,
-       Res cand_indices, Res beam_stats, Res counts) {
-      const int64_t batch = logits.dimensions().size() == 3 ? logits.dimensions()[0] : 0;
-      const auto cd = cand_values->dimensions();
-      const bool ok = cd.size() == 2 && cd[0] == batch && cd[1] >= 1 &&
-                      cand_indices->element_count() == cand_values->element_count() &&
-                      beam_stats->element_count() == 2 * scores.element_count() &&
-                      static_cast<int64_t>(counts->element_count()) == batch;
-      if (auto e = Expect(ok, kOp, "workspace outputs have the wrong shapes"); e.failure()) return e;
-      BeamTopkWorkspace w{Out<float>(cand_values), Out<int32_t>(cand_indices), Out<float>(beam_stats),
-                          Out<int32_t>(counts), cd[1]};
-      auto run = [&](const auto& a) { return CudaStatus(BeamTopkCuda(a, w, stream), kOp); };
-      return Launch<CudaTypes>(run, logits, scores, values, indices);
-    },
+    BeamTopkCudaHandler, BeamTopkCudaImpl,
     xffi::Ffi::Bind()
         .Ctx<xffi::PlatformStream<cudaStream_t>>()
         .Arg<Buf>()

@@ -12,7 +12,7 @@ import pytest
 from benchmarks import flax_beam_search
 from lsjax.decode import beam_search, gnmt_length_penalty
 from lsjax.ops import available_backends, use_backend
-from tests.decode_toy import toy_decoder
+from benchmarks.toy_decoder import toy_decoder
 
 EOS = 3
 ALPHA = 0.6

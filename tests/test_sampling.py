@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lsjax.decode import greedy, sample
-from tests.decode_toy import toy_decoder
+from benchmarks.toy_decoder import toy_decoder
 
 EOS = 3
 

@@ -79,6 +79,6 @@ def _cuda_workspace(batch: int, beam: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     return (
         jax.ShapeDtypeStruct((batch, _CANDIDATES), _F32),  # candidate values
         jax.ShapeDtypeStruct((batch, _CANDIDATES), jnp.int32),  # candidate flat indices
-        jax.ShapeDtypeStruct((batch, beam, 2), _F32),  # per beam: threshold, log-sum-exp
+        jax.ShapeDtypeStruct((batch, beam, 3), _F32),  # per beam: threshold, max, log-sum-exp
         jax.ShapeDtypeStruct((batch,), jnp.int32),  # candidates found per row
     )

@@ -1,4 +1,4 @@
-"""A tiny random decoder satisfying the lsjax decoding contract, for the decode tests.
+"""A tiny random decoder satisfying the lsjax decoding contract (decode tests, `decode --smoke`).
 
 State: a tanh recurrence ``h' = tanh(E[token] + W h + enc)``; the cache also holds
 a preallocated ``kv`` buffer ``[N, max_len, d]`` written at ``cache_index`` (a
