@@ -18,7 +18,7 @@ def toy_decoder(rng: np.random.Generator, *, batch: int, vocab: int, max_len: in
     """Returns ``(tokens_to_logits, init_cache, encoded)`` with fresh random weights."""
     f = lambda *s: jnp.asarray(rng.standard_normal(s, dtype=np.float32))  # noqa: E731
     emb, w, out = f(vocab, d), 0.5 * f(d, d), 2.0 * f(d, vocab)
-    bias = jnp.zeros(vocab).at[eos_id % vocab].add(eos_bias)
+    bias = jnp.zeros(vocab).at[eos_id % vocab].add(eos_bias).at[0].set(-1e4)  # never emit padding
     encoded = {"enc": f(batch, d)}
     init_cache = {"h": jnp.zeros((batch, d)), "kv": jnp.zeros((batch, max_len, d)),
                   "cache_index": jnp.array(0, jnp.int32), "steps": jnp.array(0, jnp.int32)}

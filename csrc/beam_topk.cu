@@ -8,7 +8,12 @@
 #include "csrc/cuda_common.cuh"
 
 namespace lsjax {
+
+using cuda::CeilDiv;
+
 namespace {
+
+using cuda::ToFloat;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;

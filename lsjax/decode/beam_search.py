@@ -11,8 +11,9 @@ alive beam can still beat the worst finished one.
 
 Diverse beam search (Vijayakumar et al., 2018) splits the beams into
 ``diversity_groups`` groups decoded in turn; a group's candidates are ranked
-with ``diversity_penalty`` times the number of earlier groups that picked the same
-token at this step subtracted (Hamming diversity). Reported scores stay the
+with ``diversity_penalty`` times the number of times the same token is among the
+earlier groups' ``2 * group_beam`` candidates at this step subtracted (Hamming
+diversity, counted as in fairseq). Reported scores stay the
 sequences' true (length-penalised) log-probabilities.
 """
 
@@ -168,8 +169,8 @@ def beam_search(
             _, keep = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, rank), group_beam)
             alive_parent = jnp.take_along_axis(parent, keep, axis=1)
             alive_token = jnp.take_along_axis(token, keep, axis=1)
-            if diverse:
-                counts = counts + jax.nn.one_hot(alive_token, vocab, dtype=_F32).sum(axis=1)
+            if diverse:  # as fairseq: every ranked candidate token counts
+                counts = counts + jax.nn.one_hot(token, vocab, dtype=_F32).sum(axis=1)
             outs.append((parent, token, is_eos, true, keep, alive_parent, alive_token))
         parent, token, is_eos, true, keep, alive_parent, alive_token = (
             jnp.stack(x, axis=1) for x in zip(*outs))
