@@ -61,7 +61,7 @@ def beam_search(tokens_to_logits, init_cache, encoded, *, beam_size, max_len, eo
         topk_scores, topk_idx = jax.lax.top_k(log_probs.reshape(batch, beam_size * vocab), 2 * beam_size)
         topk_beams, topk_ids = topk_idx // vocab, topk_idx % vocab
         topk_seqs = gather_beams(s["live_seqs"], topk_beams).at[:, :, i].set(topk_ids)
-        eos = topk_ids == eos_id
+        eos = (topk_ids == eos_id) & (topk_scores > NEG_INF)
 
         live_scores, live_pos = jax.lax.top_k(jnp.where(eos, NEG_INF, topk_scores), beam_size)
         parents = gather_beams(topk_beams, live_pos)

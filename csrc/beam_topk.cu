@@ -15,7 +15,7 @@ namespace {
 
 using cuda::ToFloat;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 1024;  // one block streams a whole beam in pass 1: many loads in flight
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 4096;  // vocab elements per compaction block
 
@@ -136,17 +136,17 @@ __device__ __forceinline__ float RowThreshold(const float* stats, int64_t beam) 
   return r;
 }
 
-// Pass 2, grid (chunks, row * beam): append every candidate >= R to the row's workspace.
+// Pass 2, grid (row * beam, chunks): append every candidate >= R to the row's workspace.
 template <typename T>
 __global__ void CompactKernel(BeamTopkArgs<T> a, BeamTopkWorkspace w) {
-  const int64_t rb = blockIdx.y, b = rb / a.beam, beam_i = rb % a.beam;
+  const int64_t rb = blockIdx.x, b = rb / a.beam, beam_i = rb % a.beam;
   const float* row_stats = w.beam_stats + b * a.beam * 3;
   const float r = RowThreshold(row_stats, a.beam);
   const float* st = row_stats + beam_i * 3;
   const float score = a.scores[rb];
   const T* x = a.logits + rb * a.vocab;
-  const int64_t end = min(a.vocab, static_cast<int64_t>(blockIdx.x + 1) * kChunk);
-  for (int64_t t = blockIdx.x * kChunk + threadIdx.x; t < end; t += blockDim.x) {
+  const int64_t end = min(a.vocab, static_cast<int64_t>(blockIdx.y + 1) * kChunk);
+  for (int64_t t = static_cast<int64_t>(blockIdx.y) * kChunk + threadIdx.x; t < end; t += blockDim.x) {
     const float v = Value(ToFloat(x[t]), st, score);
     if (v >= r) {
       const int slot = atomicAdd(w.counts + b, 1);
@@ -201,7 +201,7 @@ cudaError_t BeamTopkCuda(const BeamTopkArgs<T>& a, const BeamTopkWorkspace& w, c
   if (rows == 0) return cudaSuccess;
   if (auto err = cudaMemsetAsync(w.counts, 0, a.batch * sizeof(int32_t), stream); err != cudaSuccess) return err;
   BeamStatsKernel<T><<<rows, kThreads, 0, stream>>>(a, w.beam_stats);
-  const dim3 grid(static_cast<unsigned>(CeilDiv(a.vocab, kChunk)), static_cast<unsigned>(rows));
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(CeilDiv(a.vocab, kChunk)));
   CompactKernel<T><<<grid, kThreads, 0, stream>>>(a, w);
   SelectKernel<T><<<a.batch, kThreads, 0, stream>>>(a, w);
   return cudaGetLastError();

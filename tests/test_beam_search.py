@@ -117,3 +117,14 @@ def test_rejects_bad_groups(rng):
     dec = toy_decoder(rng, batch=1, vocab=5, max_len=3)
     with pytest.raises(ValueError, match="multiple of diversity_groups"):
         _run(beam_search, dec, beam_size=3, max_len=3, diversity_groups=2)
+
+
+def test_tiny_vocab_fewer_candidates_than_beams(rng):
+    # beam * vocab candidates < 2 * beam at the first step: -inf fillers must never count as finished.
+    max_len = 4
+    dec = toy_decoder(rng, batch=2, vocab=4, max_len=max_len, eos_bias=1.0)
+    ours = _run(beam_search, dec, beam_size=5, max_len=max_len)
+    seqs, scores, _ = _run(flax_beam_search.beam_search, dec, beam_size=5, max_len=max_len)
+    np.testing.assert_array_equal(ours.sequences, seqs)
+    np.testing.assert_allclose(ours.scores, scores, rtol=1e-6)
+    assert np.all(np.isfinite(np.asarray(ours.scores)))

@@ -164,7 +164,7 @@ def beam_search(
             rank, true, idx = _group_candidates(
                 logits[:, g], s.alive_scores[:, g], counts, 2 * group_beam, diversity_penalty)
             parent, token = idx // vocab, idx % vocab
-            is_eos = token == eos_id
+            is_eos = (token == eos_id) & (true > _NEG_INF)  # -inf: filler when beam*vocab is tiny
             # Alive: the best non-eos candidates, in rank order.
             _, keep = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, rank), group_beam)
             alive_parent = jnp.take_along_axis(parent, keep, axis=1)
