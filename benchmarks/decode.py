@@ -43,7 +43,7 @@ def _searches(make_fns):
 def _transformer_inputs(batch, dtype, rng):
     from lsjax.models import Transformer, decoder_fns, load_model_config
 
-    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=dtype)
+    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=jnp.dtype(dtype).name)
     model = Transformer(config)
     src = [jnp.asarray(rng.integers(4, VOCAB, (batch, SRC_LEN)), jnp.int32) for _ in range(2)]
     params = jax.jit(model.init)(jax.random.key(0), src[0], src[0])["params"]

@@ -71,6 +71,26 @@ def test_cpu_ffi_half_dtypes(rng, dtype):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
 
 
+@needs_cpu_ffi
+def test_batch_sharded_has_no_all_gather_and_vmap(rng):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    logits, scores = _inputs(rng, 16, 4, 97)
+    ls = jax.device_put(logits, NamedSharding(mesh, P("data", None, None)))
+    ss = jax.device_put(scores, NamedSharding(mesh, P("data", None)))
+    want = beam_topk_reference(logits, scores, 8)
+    with use_backend("cpu_ffi"):
+        fn = jax.jit(lambda x, s: beam_topk(x, s, 8))
+        hlo = fn.lower(ls, ss).compile().as_text()
+        got = fn(ls, ss)
+        mapped = jax.vmap(lambda x, s: beam_topk(x, s, 8))(logits.reshape(2, 8, 4, 97), scores.reshape(2, 8, 4))
+    assert "all-gather" not in hlo and "lsjax_beam_topk_cpu" in hlo
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(mapped[1].reshape(16, 8), want[1])
+    np.testing.assert_allclose(mapped[0].reshape(16, 8), want[0], rtol=1e-6, atol=1e-6)
+
+
 def test_rejects_bad_input():
     logits, scores = jnp.zeros((2, 3, 5)), jnp.zeros((2, 3))
     with pytest.raises(ValueError, match="k must be in"):

@@ -18,11 +18,14 @@ overflow it is finished by an exact full scan, so results are always exact.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_shape
+from lsjax.ops._rowwise import ROWS, rowwise
 
 _F32 = jnp.float32
 
@@ -66,12 +69,21 @@ def beam_topk(logits: jax.Array, scores: jax.Array, k: int) -> tuple[jax.Array, 
     backend = _backend.get_backend()
     if backend == "xla":
         return beam_topk_reference(logits, scores, k)
-    out = (jax.ShapeDtypeStruct((batch, k), _F32), jax.ShapeDtypeStruct((batch, k), jnp.int32))
+    # Row-wise over the batch (sharding / vmap through _rowwise): beam*vocab is one row.
+    return _beam_topk_ffi(backend, beam, k, logits.reshape(batch, beam * vocab), scores.astype(_F32))
+
+
+@rowwise([ROWS, ROWS], [ROWS, ROWS], n_static=3)
+def _beam_topk_ffi(backend, beam, k, logits, scores):
+    """Local call: logits ``[..., beam * vocab]``, scores ``[..., beam]`` -> ``[..., k]`` twice."""
+    lead = logits.shape[:-1]
+    rows = math.prod(lead)
+    out = (jax.ShapeDtypeStruct((rows, k), _F32), jax.ShapeDtypeStruct((rows, k), jnp.int32))
     if backend == "cuda":
-        out += _cuda_workspace(batch, beam)
+        out += _cuda_workspace(rows, beam)
     values, indices, *_ = jax.ffi.ffi_call(_backend.ffi_target("beam_topk", backend), out)(
-        logits, scores.astype(_F32))
-    return values, indices
+        logits.reshape(rows, beam, -1), scores.reshape(rows, beam))
+    return values.reshape(lead + (k,)), indices.reshape(lead + (k,))
 
 
 def _cuda_workspace(batch: int, beam: int) -> tuple[jax.ShapeDtypeStruct, ...]:
