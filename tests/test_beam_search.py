@@ -23,7 +23,7 @@ def _run(fn, dec, **kw):
     return jax.jit(lambda c, e: fn(f, c, e, eos_id=EOS, **kw))(cache, enc)
 
 
-def rescore(dec, seqs, alpha=ALPHA):
+def rescore(dec, seqs, alpha=ALPHA, eos=EOS):
     """Sum of the decoder's log-probs of ``seqs`` [batch, beam, L] up to and
     including eos, divided by the length penalty: re-runs the decoder step by step."""
     f, cache, enc = dec
@@ -39,7 +39,7 @@ def rescore(dec, seqs, alpha=ALPHA):
         lp = np.asarray(jax.nn.log_softmax(logits))[np.arange(len(tokens)), tokens[:, t]]
         total += np.where(done, 0.0, lp)
         length += ~done
-        done |= tokens[:, t] == EOS
+        done |= tokens[:, t] == eos
     return (total / np.asarray(gnmt_length_penalty(length, alpha))).reshape(batch, beam)
 
 
@@ -70,13 +70,11 @@ def test_early_stop(rng):
 
 def test_no_eos_runs_to_max_len(rng):
     dec = toy_decoder(rng, batch=2, vocab=7, max_len=5)
-    out = _run(beam_search, dec, beam_size=3, max_len=5, bos_id=2)
     f, cache, enc = dec
-    out_noeos = jax.jit(lambda c, e: beam_search(f, c, e, beam_size=3, max_len=5, eos_id=-1))(cache, enc)
-    assert int(out_noeos.num_steps) == 5
-    assert np.all(np.asarray(out_noeos.sequences) > 0)  # no padding: every step emitted a token
-    np.testing.assert_allclose(out_noeos.scores, rescore(dec, out_noeos.sequences), rtol=1e-5, atol=1e-5)
-    assert out.sequences.shape == (2, 3, 5)
+    out = jax.jit(lambda c, e: beam_search(f, c, e, beam_size=3, max_len=5, eos_id=-1))(cache, enc)
+    assert out.sequences.shape == (2, 3, 5) and int(out.num_steps) == 5
+    assert np.all(np.asarray(out.sequences) > 0)  # no padding: every step emitted a token
+    np.testing.assert_allclose(out.scores, rescore(dec, out.sequences, eos=-1), rtol=1e-5, atol=1e-5)
 
 
 def test_diverse_groups(rng):
