@@ -16,8 +16,9 @@ needs_cpu_ffi = pytest.mark.skipif("cpu_ffi" not in available_backends(), reason
 
 def _inputs(rng, batch, beam, vocab, dtype=jnp.float32, ties=False):
     logits = normal(rng, (batch, beam, vocab), dtype, scale=3.0)
-    if ties:  # few distinct values: many exact ties inside and across beams
-        logits = jnp.asarray(rng.integers(-2, 3, (batch, beam, vocab)), dtype)
+    if ties:  # few distinct values, beams alike: exact ties inside and across beams
+        # (identical beams, so every backend's log-sum-exp rounds them alike).
+        logits = jnp.asarray(np.repeat(rng.integers(-2, 3, (batch, 1, vocab)), beam, axis=1), dtype)
     scores = jnp.asarray(-np.abs(rng.standard_normal((batch, beam), dtype=np.float32)))
     if ties:
         scores = jnp.zeros((batch, beam))
