@@ -15,6 +15,7 @@ from lsjax.ops.backend import (
     registered_targets,
     use_backend,
 )
+from lsjax.ops.beam_topk import beam_topk, beam_topk_reference
 from lsjax.ops.bias_act_dropout import bias_act_dropout, bias_act_dropout_reference
 from lsjax.ops.bias_dropout_residual import (
     bias_dropout_residual,
@@ -35,6 +36,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "beam_topk",
+    "beam_topk_reference",
     "bias_act_dropout",
     "bias_act_dropout_reference",
     "bias_dropout_residual",

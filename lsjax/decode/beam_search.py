@@ -1,0 +1,224 @@
+"""Beam search inside one ``jax.jit``: a ``lax.while_loop`` over decoder steps.
+
+Follows the decoding contract of :mod:`lsjax.decode`: ``tokens_to_logits(ids
+int32[N, 1], cache, encoded) -> (logits [N, vocab], cache)`` with
+``N = batch * beam`` (row ``b * beam + j``). Each step ranks ``2 * beam``
+continuations per group with :func:`lsjax.ops.beam_topk` (so eos candidates never
+starve the alive beams), keeps the best non-eos ones alive, and merges the eos
+ones into a fixed-size finished set scored with the GNMT length penalty
+``((5 + length) / 6) ** alpha``. The loop stops early once, in every row, no
+alive beam can still beat the worst finished one.
+
+Diverse beam search (Vijayakumar et al., 2018) splits the beams into
+``diversity_groups`` groups decoded in turn; a group's candidates are ranked
+with ``diversity_penalty`` times the number of times the same token is among the
+earlier groups' ``2 * group_beam`` candidates at this step subtracted (Hamming
+diversity, counted as in fairseq). Reported scores stay the
+sequences' true (length-penalised) log-probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lsjax.ops.beam_topk import beam_topk
+
+_F32 = jnp.float32
+_NEG_INF = -jnp.inf
+
+TokensToLogits = Callable[[jax.Array, Any, Any], tuple[jax.Array, Any]]
+
+
+class BeamSearchOutput(NamedTuple):
+    """``sequences`` int32 ``[batch, beam, max_len]`` (tokens after bos, eos included,
+    0-padded), ``scores`` float32 ``[batch, beam]`` sorted descending, and
+    ``num_steps`` int32: decoder steps run before the loop stopped."""
+
+    sequences: jax.Array
+    scores: jax.Array
+    num_steps: jax.Array
+
+
+def gnmt_length_penalty(length, alpha: float):
+    """GNMT length penalty ``((5 + length) / 6) ** alpha`` (float32)."""
+    return ((5.0 + jnp.asarray(length, _F32)) / 6.0) ** alpha
+
+
+def expand_to_beams(tree, beam_size: int):
+    """Repeats every leaf of ndim >= 1 ``beam_size`` times along axis 0 (row ``b*beam + j``)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0) if jnp.ndim(x) else x, tree)
+
+
+def gather_rows(tree, rows: jax.Array):
+    """Gathers rows ``rows`` of every leaf of ndim >= 1; scalar leaves pass through."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0) if jnp.ndim(x) else x, tree)
+
+
+class _State(NamedTuple):
+    step: jax.Array  # int32 scalar: tokens generated so far
+    last_tokens: jax.Array  # [batch, groups, group_beam]
+    alive_seqs: jax.Array  # [batch, groups, group_beam, max_len]
+    alive_scores: jax.Array  # [batch, groups, group_beam] sum of log-probs
+    finished_seqs: jax.Array  # [batch, groups, group_beam, max_len]
+    finished_scores: jax.Array  # [batch, groups, group_beam] length-penalised
+    finished_flags: jax.Array  # [batch, groups, group_beam] bool
+    cache: Any
+
+
+def _take(x, idx):
+    """``x[b, g, idx[b, g, j], ...]`` for ``x`` of shape [batch, groups, n, ...]."""
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - idx.ndim))
+    return jnp.take_along_axis(x, idx, axis=2)
+
+
+def _group_candidates(logits, scores, counts, k, penalty):
+    """Top-``k`` continuations of one group: (rank score, true score, flat index).
+
+    logits [batch, group_beam, vocab], scores [batch, group_beam], counts
+    float32 [batch, vocab] (earlier groups' picks at this step, or None).
+    """
+    if counts is None:
+        values, idx = beam_topk(logits, scores, k)
+        return values, values, idx
+    batch, group_beam, vocab = logits.shape
+    true = jax.nn.log_softmax(logits.astype(_F32), axis=-1) + scores[..., None]
+    ranked = (true - penalty * counts[:, None, :]).reshape(batch, group_beam * vocab)
+    rank, idx = jax.lax.top_k(ranked, k)
+    return rank, jnp.take_along_axis(true.reshape(batch, -1), idx, axis=1), idx
+
+
+def beam_search(
+    tokens_to_logits: TokensToLogits,
+    init_cache: Any,
+    encoded: Any,
+    *,
+    beam_size: int,
+    max_len: int,
+    eos_id: int,
+    bos_id: int = 2,
+    length_penalty: float = 0.6,
+    diversity_groups: int = 1,
+    diversity_penalty: float = 0.0,
+) -> BeamSearchOutput:
+    """Beam search for ``batch`` rows (jit-able; one ``lax.while_loop``).
+
+    Args:
+      tokens_to_logits: the decoder step of the decoding contract.
+      init_cache, encoded: pytrees with leading dim ``batch`` (scalar cache
+        leaves allowed); expanded here to ``batch * beam_size`` rows.
+      beam_size: beams per row, any value >= 1 (divisible by ``diversity_groups``).
+      max_len: maximum number of generated tokens (eos included).
+      eos_id: end-of-sequence token (an id outside the vocab disables stopping).
+      bos_id: first input token.
+      length_penalty: GNMT ``alpha``; 0 ranks by plain log-probability.
+      diversity_groups, diversity_penalty: diverse beam search; ``1``/``0.0``
+        is ordinary beam search.
+
+    Returns:
+      :class:`BeamSearchOutput`. A row (group) with fewer than ``beam_size``
+      finished beams fills the rest with its best alive beams, scored with the
+      penalty of their length.
+    """
+    if beam_size < 1 or max_len < 1:
+        raise ValueError(f"beam_search: beam_size and max_len must be >= 1, got {beam_size}, {max_len}")
+    if diversity_groups < 1 or beam_size % diversity_groups:
+        raise ValueError(
+            f"beam_search: beam_size ({beam_size}) must be a multiple of diversity_groups ({diversity_groups})")
+    groups, group_beam = diversity_groups, beam_size // diversity_groups
+    diverse = groups > 1 and diversity_penalty != 0.0
+    batch = jax.tree.leaves(encoded)[0].shape[0]
+    encoded = expand_to_beams(encoded, beam_size)
+    shape = (batch, groups, group_beam)
+    first = jnp.zeros(shape, _F32).at[:, :, 1:].set(_NEG_INF)  # one live beam per group at start
+    state = _State(
+        step=jnp.array(0, jnp.int32),
+        last_tokens=jnp.full(shape, bos_id, jnp.int32),
+        alive_seqs=jnp.zeros(shape + (max_len,), jnp.int32),
+        alive_scores=first,
+        finished_seqs=jnp.zeros(shape + (max_len,), jnp.int32),
+        finished_scores=jnp.full(shape, _NEG_INF, _F32),
+        finished_flags=jnp.zeros(shape, bool),
+        cache=expand_to_beams(init_cache, beam_size),
+    )
+    best_penalty = gnmt_length_penalty(max_len, length_penalty)
+
+    def not_done(s: _State):
+        # Log-probs only fall, so an alive beam's best reachable score is its
+        # current sum under the largest penalty (that of max_len).
+        best_alive = jnp.max(s.alive_scores, axis=2) / best_penalty
+        worst_finished = jnp.where(jnp.all(s.finished_flags, axis=2), jnp.min(s.finished_scores, axis=2), _NEG_INF)
+        return (s.step < max_len) & ~jnp.all(worst_finished > best_alive)
+
+    def step(s: _State) -> _State:
+        logits, cache = tokens_to_logits(s.last_tokens.reshape(-1, 1), s.cache, encoded)
+        vocab = logits.shape[-1]
+        logits = logits.reshape(batch, groups, group_beam, vocab)
+        penalty = gnmt_length_penalty(s.step + 1, length_penalty)
+        counts = jnp.zeros((batch, vocab), _F32) if diverse else None
+        outs = []
+        for g in range(groups):
+            rank, true, idx = _group_candidates(
+                logits[:, g], s.alive_scores[:, g], counts, 2 * group_beam, diversity_penalty)
+            parent, token = idx // vocab, idx % vocab
+            is_eos = (token == eos_id) & (true > _NEG_INF)  # -inf: filler when beam*vocab is tiny
+            # Alive: the best non-eos candidates, in rank order.
+            _, keep = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, rank), group_beam)
+            alive_parent = jnp.take_along_axis(parent, keep, axis=1)
+            alive_token = jnp.take_along_axis(token, keep, axis=1)
+            if diverse:  # as fairseq: every ranked candidate token counts
+                counts = counts + jax.nn.one_hot(token, vocab, dtype=_F32).sum(axis=1)
+            outs.append((parent, token, is_eos, true, keep, alive_parent, alive_token))
+        parent, token, is_eos, true, keep, alive_parent, alive_token = (
+            jnp.stack(x, axis=1) for x in zip(*outs))
+
+        # Candidate sequences [batch, groups, 2*group_beam, max_len] with this step's token.
+        cand_seqs = _take(s.alive_seqs, parent).at[..., s.step].set(token)
+        alive_seqs = _take(cand_seqs, keep)
+        alive_scores = _take(true, keep)
+
+        # Finished: merge the eos candidates into the running set, best first.
+        new_scores = jnp.where(is_eos, true / penalty, _NEG_INF)
+        all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=2)
+        _, best = jax.lax.top_k(all_scores, group_beam)
+        finished_seqs = _take(jnp.concatenate([s.finished_seqs, cand_seqs], axis=2), best)
+        finished_flags = _take(jnp.concatenate([s.finished_flags, is_eos], axis=2), best)
+        finished_scores = _take(all_scores, best)
+
+        row_base = (jnp.arange(batch)[:, None, None] * beam_size
+                    + jnp.arange(groups)[None, :, None] * group_beam)
+        return _State(
+            step=s.step + 1,
+            last_tokens=alive_token,
+            alive_seqs=alive_seqs,
+            alive_scores=alive_scores,
+            finished_seqs=finished_seqs,
+            finished_scores=finished_scores,
+            finished_flags=finished_flags,
+            cache=gather_rows(cache, (row_base + alive_parent).reshape(-1)),
+        )
+
+    s = jax.lax.while_loop(not_done, step, state)
+    alive_scores = s.alive_scores / gnmt_length_penalty(s.step, length_penalty)
+    seqs, scores = fill_with_alive(s.finished_seqs, s.finished_scores, s.finished_flags, s.alive_seqs, alive_scores)
+    scores, order = jax.lax.top_k(scores.reshape(batch, beam_size), beam_size)
+    seqs = jnp.take_along_axis(seqs.reshape(batch, beam_size, max_len), order[..., None], axis=1)
+    return BeamSearchOutput(seqs, scores, s.step)
+
+
+def fill_with_alive(finished_seqs, finished_scores, finished_flags, alive_seqs, alive_scores):
+    """Fills the empty finished slots with the best alive beams (all sorted on the last beam axis).
+
+    Shapes ``[..., beams, max_len]`` / ``[..., beams]``; returns the merged
+    ``(seqs, scores)``, the finished beams first.
+    """
+    beams = finished_scores.shape[-1]
+    n_finished = jnp.sum(finished_flags, axis=-1, keepdims=True)
+    slot = jnp.arange(beams)
+    pick = jnp.where(slot < n_finished, slot, beams + slot - n_finished)
+    scores = jnp.take_along_axis(jnp.concatenate([finished_scores, alive_scores], -1), pick, axis=-1)
+    seqs = jnp.take_along_axis(jnp.concatenate([finished_seqs, alive_seqs], -2), pick[..., None], axis=-2)
+    return seqs, scores

@@ -1,0 +1,130 @@
+"""Beam top-k: reference vs CPU FFI (exact indices) and vs CUDA, ties, odd vocab sizes, bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsjax.ops import available_backends, use_backend
+from lsjax.ops.beam_topk import beam_topk, beam_topk_reference
+from tests.helpers import DTYPES, normal
+
+needs_cpu_ffi = pytest.mark.skipif("cpu_ffi" not in available_backends(), reason="lsjax._ffi not built")
+
+
+def _inputs(rng, batch, beam, vocab, dtype=jnp.float32, ties=False):
+    logits = normal(rng, (batch, beam, vocab), dtype, scale=3.0)
+    if ties:  # few distinct values, beams alike: exact ties inside and across beams
+        # (identical beams, so every backend's log-sum-exp rounds them alike).
+        logits = jnp.asarray(np.repeat(rng.integers(-2, 3, (batch, 1, vocab)), beam, axis=1), dtype)
+    scores = jnp.asarray(-np.abs(rng.standard_normal((batch, beam), dtype=np.float32)))
+    if ties:
+        scores = jnp.zeros((batch, beam))
+    return logits, scores.at[:, -1].set(-jnp.inf) if beam > 2 else scores
+
+
+def _run(backend, logits, scores, k):
+    with use_backend(backend):
+        return jax.jit(beam_topk, static_argnums=2)(logits, scores, k)
+
+
+def _check_sorted(values, indices):
+    v, i = np.asarray(values), np.asarray(indices)
+    assert np.all((v[:, :-1] > v[:, 1:]) | ((v[:, :-1] == v[:, 1:]) & (i[:, :-1] < i[:, 1:])))
+
+
+def test_reference_matches_numpy(rng):
+    logits, scores = _inputs(rng, 3, 4, 50)
+    values, indices = beam_topk_reference(logits, scores, 6)
+    x = np.asarray(logits, np.float64)
+    lp = x - x.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True)) + np.asarray(scores)[..., None]
+    flat = lp.reshape(3, -1)
+    want = np.argsort(-flat, axis=1, kind="stable")[:, :6]
+    np.testing.assert_array_equal(indices, want)
+    np.testing.assert_allclose(values, np.take_along_axis(flat, want, 1), rtol=1e-5)
+    _check_sorted(values, indices)
+
+
+@needs_cpu_ffi
+@pytest.mark.parametrize("beam,vocab", [(1, 1), (4, 1), (3, 7), (4, 32003), (5, 64)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_cpu_ffi_matches_reference(rng, beam, vocab, ties):
+    batch = 3
+    logits, scores = _inputs(rng, batch, beam, vocab, ties=ties)
+    for k in sorted({1, min(beam, beam * vocab), min(2 * beam, beam * vocab)}):
+        want = beam_topk_reference(logits, scores, k)
+        got = _run("cpu_ffi", logits, scores, k)
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"k={k}")
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+        _check_sorted(*got)
+
+
+@needs_cpu_ffi
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_cpu_ffi_half_dtypes(rng, dtype):
+    logits, scores = _inputs(rng, 2, 4, 333, dtype)
+    want = beam_topk_reference(logits, scores, 8)
+    got = _run("cpu_ffi", logits, scores, 8)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_ffi
+def test_batch_sharded_has_no_all_gather_and_vmap(rng):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    logits, scores = _inputs(rng, 16, 4, 97)
+    ls = jax.device_put(logits, NamedSharding(mesh, P("data", None, None)))
+    ss = jax.device_put(scores, NamedSharding(mesh, P("data", None)))
+    want = beam_topk_reference(logits, scores, 8)
+    with use_backend("cpu_ffi"):
+        fn = jax.jit(lambda x, s: beam_topk(x, s, 8))
+        hlo = fn.lower(ls, ss).compile().as_text()
+        got = fn(ls, ss)
+        mapped = jax.vmap(lambda x, s: beam_topk(x, s, 8))(logits.reshape(2, 8, 4, 97), scores.reshape(2, 8, 4))
+    assert "all-gather" not in hlo and "lsjax_beam_topk_cpu" in hlo
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(mapped[1].reshape(16, 8), want[1])
+    np.testing.assert_allclose(mapped[0].reshape(16, 8), want[0], rtol=1e-6, atol=1e-6)
+
+
+def test_rejects_bad_input():
+    logits, scores = jnp.zeros((2, 3, 5)), jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="k must be in"):
+        beam_topk(logits, scores, 16)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        beam_topk(logits, jnp.zeros((2, 4)), 2)
+    with pytest.raises(ValueError, match="batch, beam, vocab"):
+        beam_topk(jnp.zeros((6, 5)), scores, 2)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        beam_topk(logits.astype(jnp.int32), scores, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,beam,vocab,k", [(8, 4, 32000, 8), (3, 5, 7, 10), (2, 4, 1, 3), (64, 4, 128003, 8),
+                                                 (2, 1, 50, 1), (4, 16, 256000, 32)])
+def test_cuda_matches_reference(rng, dtype, batch, beam, vocab, k):
+    logits, scores = _inputs(rng, batch, beam, vocab, dtype)
+    want = beam_topk_reference(logits, scores, k)
+    got = _run("cuda", logits, scores, k)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    _check_sorted(*got)
+    # Indices may only differ where values tie within rounding.
+    same = np.asarray(got[1]) == np.asarray(want[1])
+    assert same.mean() > 0.99 or np.allclose(np.asarray(got[0])[~same], np.asarray(want[0])[~same], atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_ties_and_overflow_fallback(rng):
+    # Constant logits: every candidate ties with the threshold, so the workspace
+    # overflows and the kernel must take its exact full-scan path.
+    for logits, scores in [(jnp.zeros((3, 4, 50000)), jnp.zeros((3, 4))), _inputs(rng, 3, 4, 9000, ties=True)]:
+        want = beam_topk_reference(logits, scores, 8)
+        got = _run("cuda", logits, scores, 8)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
