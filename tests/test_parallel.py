@@ -22,6 +22,7 @@ from lsjax.parallel.checkpoint import restore_state, save_state
 
 VOCAB, EMBED, HEADS, HEAD_DIM, MLP = 32, 16, 8, 4, 64
 MODES = ["dp", "zero1", "zero2", "zero3", "tp", "dp_tp"]
+CPUS = jax.devices("cpu")  # the 8 fake devices of conftest.py, also on a GPU machine
 
 
 class Toy(nn.Module):
@@ -59,7 +60,7 @@ def _loss(params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["tgt_out"]).mean()
 
 
-def _build(cfg, devices=None):
+def _build(cfg, devices=CPUS):
     mesh = make_mesh(cfg, devices)
     validate(cfg, mesh, ABSTRACT)
     p_shard = param_shardings(ABSTRACT, mesh, cfg.rules)
@@ -82,7 +83,7 @@ def _inputs(rng):
     return (params, OPT.init(params)), batch
 
 
-def _run(cfg, state, batch, devices=None):
+def _run(cfg, state, batch, devices=CPUS):
     mesh, state_shard, step = _build(cfg, devices)
     state = jax.device_put(state, state_shard)
     batch = jax.device_put(batch, batch_sharding(mesh))
@@ -91,7 +92,7 @@ def _run(cfg, state, batch, devices=None):
 
 
 def _per_device_bytes(tree) -> int:
-    dev = jax.devices()[0]
+    dev = CPUS[0]
     return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == dev)
 
 
@@ -103,7 +104,7 @@ def _total_bytes(tree) -> int:
 def reference():
     rng = np.random.default_rng()
     state, batch = _inputs(rng)
-    (new_state, metrics), _ = _run(load_mesh_config("single"), jax.tree.map(jnp.copy, state), batch, jax.devices()[:1])
+    (new_state, metrics), _ = _run(load_mesh_config("single"), jax.tree.map(jnp.copy, state), batch, CPUS[:1])
     return state, batch, new_state, metrics
 
 
@@ -117,7 +118,7 @@ def test_step_matches_single_device(mode, reference):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
     # Per-device memory of the outputs (the shards that device 0 holds).
-    n = jax.device_count()
+    n = len(CPUS)
     opt_arrays = [x for x in jax.tree.leaves(opt_state) if x.ndim]
     opt_bytes, full_opt = _per_device_bytes(opt_arrays), _total_bytes(opt_arrays)
     param_bytes, full_params = _per_device_bytes(params), _total_bytes(params)
@@ -168,9 +169,9 @@ def test_zero2_reduce_scatters_on_gpu():
 
 def test_invalid_mesh_errors():
     with pytest.raises(ValueError, match="need a multiple of 3 devices, got 8"):
-        make_mesh(MeshConfig(axes=(("data", -1), ("tensor", 3))))
+        make_mesh(MeshConfig(axes=(("data", -1), ("tensor", 3))), CPUS)
     with pytest.raises(ValueError, match="need 4 devices, got 8"):
-        make_mesh(MeshConfig(axes=(("data", 2), ("tensor", 2))))
+        make_mesh(MeshConfig(axes=(("data", 2), ("tensor", 2))), CPUS)
     with pytest.raises(ValueError, match="at most one -1"):
         MeshConfig(axes=(("data", -1), ("tensor", -1)))
     with pytest.raises(ValueError, match="not in"):
@@ -182,7 +183,7 @@ def test_invalid_mesh_errors():
         lambda: {"w": nn.Partitioned(jnp.zeros((EMBED, 6)), names=("embed", "mlp"))}
     )
     with pytest.raises(ValueError, match=r"\['w'\].*'mlp', size 6.*mesh axis 'tensor' of size 4"):
-        validate(cfg, make_mesh(cfg), abstract)
+        validate(cfg, make_mesh(cfg, CPUS), abstract)
 
 
 def test_checkpoint_restores_on_another_mesh(tmp_path):
@@ -193,7 +194,7 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
     save_state(tmp_path / "ckpt", saved)
 
     dp = load_mesh_config("dp")
-    mesh, dp_shard, step = _build(dp, jax.devices()[:2])
+    mesh, dp_shard, step = _build(dp, CPUS[:2])
     restored = restore_state(tmp_path / "ckpt", jax.eval_shape(lambda: state), dp_shard)
     for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(dp_shard)):
         np.testing.assert_array_equal(got, want)

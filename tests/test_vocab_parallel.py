@@ -17,7 +17,8 @@ MESH_SHAPE = (2, 4)  # (data, tensor)
 
 
 def _mesh():
-    return jax.make_mesh(MESH_SHAPE, ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    cpus = jax.devices("cpu")  # conftest's 8 fake devices (the cpu_ffi backend runs there)
+    return jax.make_mesh(MESH_SHAPE, ("data", "tensor"), axis_types=(AxisType.Auto,) * 2, devices=cpus)
 
 
 def _loss_and_grad(ce, logits, labels, weights, **kw):
