@@ -89,7 +89,8 @@ class MeshConfig:
             sizes[sizes.index(-1)] = num_devices // fixed
         elif fixed != num_devices:
             raise ValueError(
-                f"mesh config {self.name!r}: axes {dict(self.axes)} need {fixed} devices, got {num_devices}"
+                f"mesh config {self.name!r}: axes {dict(self.axes)} need {fixed} devices, got {num_devices} "
+                f"(pass devices=jax.devices()[:{fixed}], or make one axis -1)"
             )
         return tuple(sizes)
 
