@@ -17,6 +17,14 @@ results are ``psum``-ed over the mesh axes that shard the rows. Under
 is mapped, or a ``ROW_SUM`` result must be per-example, it falls back to a
 sequential ``lax.map``.
 
+Reductions over a sharded last dim (vocab-parallel ops): by default the last
+dim of ``ROWS`` operands is gathered, since the kernel reduces over it. An op
+that passes ``split_last`` keeps it sharded: on the local blocks it then runs
+``split_last(shard, *static, *arrays)`` instead of the kernel, where
+``shard`` (:class:`LastDimShard`) names the mesh axes, this block's index and
+the block count, and ``split_last`` combines across the axes itself
+(``lax.psum``/``lax.pmax``).
+
 Dropout under a mesh: ops with an ``RNG`` operand keep only the leading dim
 sharded (others are gathered), and each shard adds ``shard_index *
 local_elements`` (of the first ``ROWS`` result) to the ``RNG`` offset: exactly
@@ -27,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +44,14 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 ROWS, STATS, PARAM, ROW_SUM, RNG = "rows", "stats", "param", "row_sum", "rng"
+
+
+class LastDimShard(NamedTuple):
+    """Where a local block sits along a sharded last dim (see ``split_last``)."""
+
+    axes: tuple[str, ...]  # mesh axes sharding the last dim, major first
+    index: jax.Array  # int32 block index, row-major over ``axes``
+    count: int  # number of blocks
 
 
 def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
@@ -51,12 +67,22 @@ def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
     return ()
 
 
-def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh) -> NamedSharding:
+def _last_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]):
+    """Partition spec entry of the last dim of the first ROWS operand (None if unsharded)."""
+    for shape, kind in zip(arg_shapes, in_kinds):
+        if kind == ROWS:
+            sharding = shape.sharding
+            spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+            return spec[len(shape.shape) - 1] if len(spec) == len(shape.shape) else None
+    return None
+
+
+def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh, last=None) -> NamedSharding:
     if kind in (PARAM, ROW_SUM, RNG):
         return NamedSharding(mesh, PartitionSpec())
     n_rows = rank - (1 if kind == ROWS else 0)
     lead = row_spec[len(row_spec) - n_rows :] if n_rows <= len(row_spec) else (None,) * n_rows
-    return NamedSharding(mesh, PartitionSpec(*lead, *((None,) if kind == ROWS else ())))
+    return NamedSharding(mesh, PartitionSpec(*lead, *((last,) if kind == ROWS else ())))
 
 
 def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
@@ -68,8 +94,12 @@ def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
     return tuple(axes)
 
 
-def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks) -> str:
-    """Shardy rule: row dims are shared factors, everything else its own factor."""
+def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks, split_last: bool) -> str:
+    """Shardy rule: row dims are shared factors, everything else its own factor.
+
+    With ``split_last`` the last dims of all ROWS operands share one factor
+    (``v``) that may stay sharded.
+    """
     n_rows = max(r - (1 if k == ROWS else 0) for k, r in zip(in_kinds, in_ranks) if k in (ROWS, STATS))
     row = [f"r{i}" for i in range(n_rows)]
     fresh = iter(f"c{i}" for i in range(1000))
@@ -79,8 +109,9 @@ def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks
         if kind == STATS:
             return " ".join(row[n_rows - rank :])
         if kind == ROWS:
-            last = next(fresh)
-            own.append(last)
+            last = "v" if split_last else next(fresh)
+            if not split_last:
+                own.append(last)
             return " ".join(row[n_rows - (rank - 1) :] + [last])
         names = [next(fresh) for _ in range(rank)]
         own.extend(names)
@@ -123,7 +154,8 @@ def _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, mesh):
     return tuple(out)
 
 
-def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_static: int):
+def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_static: int,
+                      split_last: Callable | None):
     """custom_partitioning of ``local_fn(*static, *arrays)``."""
     static_argnums = tuple(range(n_static))
     fn = custom_partitioning(local_fn, static_argnums=static_argnums)
@@ -136,24 +168,35 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
             # elements is exactly the unsharded mask, however the forward and
             # backward get partitioned.
             row_spec = (row_spec[0],) + (None,) * (len(row_spec) - 1)
-        args = tuple(_sharding_for(k, len(s.shape), row_spec, mesh) for k, s in zip(in_kinds, arg_shapes))
-        results = tuple(_sharding_for(k, len(s.shape), row_spec, mesh) for k, s in zip(out_kinds, result_shapes))
-        return row_spec, args, results
+        last = _last_spec(arg_shapes, in_kinds) if split_last else None
+        if set(_mesh_axes((last,))) & set(_mesh_axes(row_spec)):
+            last = None  # a mesh axis shards the rows already
+        args = tuple(_sharding_for(k, len(s.shape), row_spec, mesh, last) for k, s in zip(in_kinds, arg_shapes))
+        results = tuple(
+            _sharding_for(k, len(s.shape), row_spec, mesh, last) for k, s in zip(out_kinds, result_shapes)
+        )
+        return row_spec, last, args, results
 
     def infer(*args):
         *static, mesh, arg_shapes, result_shape = args
-        _, _, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
+        *_, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
         return results if isinstance(result_shape, (tuple, list)) else results[0]
 
     def partition(*args):
         *static, mesh, arg_shapes, result_shape = args
-        row_spec, arg_shardings, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
+        row_spec, last, arg_shardings, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
         axes = _mesh_axes(row_spec)
+        last_axes = _mesh_axes((last,))
 
         def lower(*arrays):
             if RNG in in_kinds and axes:
                 arrays = _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, mesh)
-            outs = local_fn(*static, *arrays)
+            if last_axes:
+                shard = LastDimShard(last_axes, _shard_index((last,), mesh).astype(jnp.int32),
+                                     int(np.prod([mesh.shape[a] for a in last_axes])))
+                outs = split_last(shard, *static, *arrays)
+            else:
+                outs = local_fn(*static, *arrays)
             flat = outs if isinstance(outs, (tuple, list)) else (outs,)
             flat = tuple(
                 jax.lax.psum(o, axes) if (k == ROW_SUM and axes) else o for o, k in zip(flat, out_kinds)
@@ -167,23 +210,28 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
         *static, mesh, value_types, result_types = args
         ranks_in = [len(t.shape) for t in value_types]
         ranks_out = [len(t.shape) for t in result_types]
-        rule, own = _rule(in_kinds, out_kinds, ranks_in, ranks_out)
+        rule, own = _rule(in_kinds, out_kinds, ranks_in, ranks_out, split_last is not None)
         return rule, {"need_replication_factors": tuple(own)}
 
     fn.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule)
     return fn
 
 
-def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0):
+def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0,
+            split_last: Callable | None = None):
     """Decorator: make ``local_fn(*static, *arrays)`` shard- and vmap-aware.
 
     ``static`` are hashable trace-time constants (attributes, dtypes). The
-    returned function has the same signature.
+    returned function has the same signature. ``split_last(shard, *static,
+    *arrays)``, if given, runs instead of ``local_fn`` when the last dim of the
+    ``ROWS`` operands is sharded (see the module docstring).
     """
     in_kinds, out_kinds = tuple(in_kinds), tuple(out_kinds)
+    if split_last is not None and RNG in in_kinds:
+        raise ValueError("rowwise: split_last cannot be combined with an RNG operand")
 
     def wrap(local_fn: Callable) -> Callable:
-        partitioned = _make_partitioned(local_fn, in_kinds, out_kinds, n_static)
+        partitioned = _make_partitioned(local_fn, in_kinds, out_kinds, n_static, split_last)
 
         @functools.wraps(local_fn)
         def call(*args):

@@ -9,6 +9,14 @@ logits); the backward recomputes the softmax from the logits and writes
 ``dlogits`` in the logits' dtype. No float32 ``[tokens, vocab]`` tensor exists
 on the FFI path.
 
+Vocab-parallel (tensor parallelism): when the logits' last dim is sharded
+over mesh axes, the FFI path never gathers them. Each shard takes the max, the
+sum of exponentials, the sum of logits and (on the shard owning it) the
+label's logit of its block, combined by ``pmax``/``psum`` over those axes:
+the collectives move ``O(tokens)`` floats, not ``O(tokens * vocab)``. The
+backward is local: ``(softmax - q) * dloss`` on each block. The ``"xla"``
+reference partitions the same way by itself (XLA splits its reductions).
+
 Label smoothing follows fairseq / LightSeq: the target distribution is
 ``q = (1 - eps) * onehot(label) + eps / V``, so
 ``loss = (1 - eps) * nll + eps * mean_c(-log p_c)``.
@@ -24,7 +32,7 @@ import numpy as np
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_rank, check_shape
-from lsjax.ops._rowwise import ROWS, STATS, rowwise
+from lsjax.ops._rowwise import ROWS, STATS, LastDimShard, rowwise
 
 _F32 = jnp.float32
 _INT32 = np.iinfo(np.int32)
@@ -49,12 +57,16 @@ def cross_entropy_reference(logits: jax.Array, labels: jax.Array, *, label_smoot
     logp = jax.nn.log_softmax(logits.astype(_F32), axis=-1)
     target = (1.0 - eps) * jax.nn.one_hot(labels, vocab, dtype=_F32) + eps / vocab
     loss = -jnp.sum(target * logp, axis=-1)
+    return _mask_rows(loss, labels, vocab, ignore_id), _count(labels, ignore_id)
+
+
+def _mask_rows(per_row: jax.Array, labels: jax.Array, vocab: int, ignore_id: int) -> jax.Array:
+    """0 where ``labels == ignore_id``, NaN where a label is outside ``[0, vocab)``."""
     valid = labels != ignore_id
     in_range = (labels >= 0) & (labels < vocab)
     # A product (not a select) so that the gradients of a bad row are NaN too.
-    loss = loss * jnp.where(valid & ~in_range, jnp.nan, 1.0).astype(_F32)
-    loss = jnp.where(valid, loss, 0.0)
-    return loss, _count(labels, ignore_id)
+    per_row = per_row * jnp.where(valid & ~in_range, jnp.nan, 1.0).astype(_F32)
+    return jnp.where(valid, per_row, 0.0)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
@@ -135,14 +147,46 @@ def _attrs(eps, ignore_id):
     return {"label_smoothing": np.float32(eps), "ignore_id": np.int32(ignore_id)}
 
 
-@rowwise([ROWS, STATS], [STATS, STATS], n_static=3)
+def _local_labels(shard: LastDimShard, labels, block: int):
+    """Labels relative to this vocab block and whether the block owns them."""
+    local = labels - shard.index * block
+    return local, (local >= 0) & (local < block)
+
+
+def _vocab_parallel_fwd(shard: LastDimShard, eps, ignore_id, backend, logits, labels):
+    """Forward on a ``[..., vocab / shard.count]`` block; (loss, lse) of the whole rows."""
+    block = logits.shape[-1]
+    vocab = block * shard.count
+    x = logits.astype(_F32)
+    row_max = jax.lax.pmax(jnp.max(x, axis=-1), shard.axes)
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(x - row_max[..., None]), axis=-1), shard.axes)
+    lse = row_max + jnp.log(sum_exp)
+    local, owned = _local_labels(shard, labels, block)
+    picked = jnp.take_along_axis(x, jnp.clip(local, 0, block - 1)[..., None], axis=-1)[..., 0]
+    label_logit, sum_logits = jax.lax.psum((jnp.where(owned, picked, 0.0), jnp.sum(x, axis=-1)), shard.axes)
+    loss = (1.0 - eps) * (lse - label_logit) + eps * (lse - sum_logits / vocab)
+    return _mask_rows(loss, labels, vocab, ignore_id), lse
+
+
+def _vocab_parallel_bwd(shard: LastDimShard, eps, ignore_id, backend, logits, labels, lse, dloss):
+    """Backward on a vocab block: ``(softmax - q) * dloss``, no communication."""
+    block = logits.shape[-1]
+    vocab = block * shard.count
+    local, owned = _local_labels(shard, labels, block)
+    onehot = (jnp.arange(block, dtype=jnp.int32) == local[..., None]) & owned[..., None]
+    target = (1.0 - eps) * onehot.astype(_F32) + eps / vocab
+    probs = jnp.exp(logits.astype(_F32) - lse[..., None])
+    return ((probs - target) * _mask_rows(dloss, labels, vocab, ignore_id)[..., None]).astype(logits.dtype)
+
+
+@rowwise([ROWS, STATS], [STATS, STATS], n_static=3, split_last=_vocab_parallel_fwd)
 def _fwd(eps, ignore_id, backend, logits, labels):
     stats = jax.ShapeDtypeStruct(labels.shape, _F32)
     return jax.ffi.ffi_call(_backend.ffi_target("cross_entropy_fwd", backend), (stats, stats))(
         logits, labels, **_attrs(eps, ignore_id))
 
 
-@rowwise([ROWS, STATS, STATS, STATS], [ROWS], n_static=3)
+@rowwise([ROWS, STATS, STATS, STATS], [ROWS], n_static=3, split_last=_vocab_parallel_bwd)
 def _bwd(eps, ignore_id, backend, logits, labels, lse, dloss):
     out = jax.ShapeDtypeStruct(logits.shape, logits.dtype)
     return jax.ffi.ffi_call(_backend.ffi_target("cross_entropy_bwd", backend), out)(

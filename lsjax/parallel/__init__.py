@@ -1,0 +1,48 @@
+"""Mesh configs, shardings (data / tensor parallel, ZeRO-1/2/3) and the sharded train step.
+
+A train loop::
+
+    maybe_initialize_distributed()
+    cfg = load_mesh_config("zero3")
+    mesh = make_mesh(cfg)
+    abstract = jax.eval_shape(model.init, rng, src, tgt_in)["params"]   # with logical boxes
+    validate(cfg, mesh, abstract)
+    p_shard = param_shardings(abstract, mesh, cfg.rules)
+    o_shard = optimizer_state_shardings(jax.eval_shape(tx.init, nn.unbox(abstract)), p_shard, cfg.zero_stage)
+    state_shard = (p_shard, o_shard, replicated(mesh))                   # + scalars (step, loss scale)
+    # inside step_fn: grads = grad_constraint(grads, p_shard, cfg.zero_stage)
+    step = shard_train_step(step_fn, state_shard, batch_sharding(mesh), mesh, cfg.rules)
+    state, metrics = step(jax.device_put(state, state_shard), batch)
+"""
+
+from lsjax.parallel.checkpoint import restore_state, save_state
+from lsjax.parallel.distributed import maybe_initialize_distributed
+from lsjax.parallel.mesh import MeshConfig, load_mesh_config, make_mesh, validate
+from lsjax.parallel.sharding import (
+    add_data_axis,
+    batch_sharding,
+    grad_constraint,
+    grad_shardings,
+    optimizer_state_shardings,
+    param_shardings,
+    replicated,
+    shard_train_step,
+)
+
+__all__ = [
+    "MeshConfig",
+    "add_data_axis",
+    "batch_sharding",
+    "grad_constraint",
+    "grad_shardings",
+    "load_mesh_config",
+    "make_mesh",
+    "maybe_initialize_distributed",
+    "optimizer_state_shardings",
+    "param_shardings",
+    "replicated",
+    "restore_state",
+    "save_state",
+    "shard_train_step",
+    "validate",
+]
