@@ -1,0 +1,75 @@
+"""The train state and the jit-able train / eval steps of a seq2seq Transformer."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lsjax import ops, optim
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step reads and writes; all leaves are arrays (checkpointed as one pytree).
+
+    ``rng`` is raw key data (uint32[2]) so it checkpoints as a plain array.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    loss_scale: Any
+    rng: jax.Array
+
+
+def token_loss(model, params: Any, batch: Batch, *, label_smoothing: float, deterministic: bool,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed label-smoothed token loss (float32 scalar) and the count of target tokens (int32)."""
+    rngs = None if deterministic else {"dropout": dropout_key}
+    logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], deterministic=deterministic,
+                         rngs=rngs)
+    loss, count = ops.cross_entropy(logits, batch["tgt_out"], label_smoothing=label_smoothing, ignore_id=0)
+    return loss.sum(), count
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, *,
+                    label_smoothing: float) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """One optimisation step: dropout key from the state, (scaled) mean token loss, grads in the
+    params' dtype, unscale + overflow check, optimizer update that skips non-finite steps."""
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def loss_fn(params):
+            total, count = token_loss(model, params, batch, label_smoothing=label_smoothing,
+                                      deterministic=False, dropout_key=dropout_key)
+            mean = total / jnp.maximum(count, 1).astype(jnp.float32)
+            return state.loss_scale.scale(mean), (mean, count)
+
+        grads, (loss, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = state.loss_scale.unscale(grads)
+        finite = optim.all_finite(grads)
+        params, opt_state = optim.apply_if_finite(optimizer, grads, state.opt_state, state.params, finite)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  loss_scale=state.loss_scale.adjust(finite),
+                                  rng=jax.random.key_data(rng))
+        metrics = {"loss": loss, "tokens": count, "finite": finite,
+                   "grad_norm": optax.global_norm(grads), "loss_scale": state.loss_scale.loss_scale}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model) -> Callable[[Any, Batch], dict]:
+    """Summed token NLL (no smoothing) and token count of one batch, dropout off."""
+
+    def eval_step(params: Any, batch: Batch) -> dict:
+        total, count = token_loss(model, params, batch, label_smoothing=0.0, deterministic=True)
+        return {"nll_sum": total, "tokens": count}
+
+    return eval_step
