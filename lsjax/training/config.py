@@ -174,3 +174,8 @@ def load_train_config(name_or_path: str, overrides: Sequence[str] = ()) -> Train
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Inverse of :func:`config_to_dict` (e.g. a run directory's ``config.json``)."""
+    return _build(TrainConfig, values, "")

@@ -10,18 +10,22 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm import tqdm
 
+from lsjax import data as lsdata
 from lsjax import ops, optim
 from lsjax.models import Transformer, load_model_config
 from lsjax.training.checkpoint import Checkpointer
-from lsjax.training.config import TrainConfig, config_to_dict
+from lsjax.training.config import TrainConfig, config_from_dict, config_to_dict
 from lsjax.training.data import RunData, prepare_data
 from lsjax.training.metrics import MetricsWriter, ShapeCompileTracker, enable_compilation_cache
 from lsjax.training.step import TrainState, make_eval_step, make_train_step
+from lsjax.translate import Translator
 
 PARAM_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
@@ -33,28 +37,61 @@ def build_model(config: TrainConfig, vocab_size: int) -> Transformer:
     return Transformer(model_config)
 
 
-def build_optimizer(config: TrainConfig):
+def make_translator(config: TrainConfig, model, tokenizer) -> Translator:
+    e = config.eval
+    return Translator(model, tokenizer, config.data.buckets, batch_size=e.batch_size, beam_size=e.beam_size,
+                      length_penalty=e.length_penalty)
+
+
+def load_for_inference(run_dir: str | Path, step: int | None = None):
+    """``(model, params, tokenizer, buckets)`` from a run directory (best checkpoint by default)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{run_dir} is not an lsjax-train run directory (no config.json)")
+    config = config_from_dict(json.loads(config_file.read_text()))
+    tokenizer = lsdata.Tokenizer.load(config.data.tokenizer or run_dir / "spm.model")
+    model = build_model(config, tokenizer.vocab_size)
+    optimizer, _ = build_optimizer(config)
+    length = config.data.buckets[0]
+    sample = {k: [[lsdata.PAD_ID] * length] for k in lsdata.BATCH_KEYS}
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, sample, config.seed))
+    checkpointer = Checkpointer(run_dir / "checkpoints", best_metric=_best_metric(config))
+    step = step if step is not None else checkpointer.best_step() or checkpointer.latest_step()
+    state, _ = checkpointer.restore(abstract, step)
+    checkpointer.close()
+    return model, state.params, tokenizer, config.data.buckets
+
+
+def build_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``loss_scaled(chain([clip], adam|adamw|lion))`` with an inverse-sqrt warmup schedule;
+    dynamic loss scaling for fp16, none (but still skip-on-inf/NaN) otherwise."""
     o = config.optimizer
     schedule = optim.inverse_sqrt_schedule(o.lr, o.warmup_steps)
-    return optim.build(o.name, learning_rate=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                       weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                       moment_dtype=jnp.dtype(o.moment_dtype), rounding=o.rounding)
-
-
-def build_loss_scale(config: TrainConfig):
-    if config.precision != "fp16":
-        return optim.NoOpLossScale()
+    common = {"moment_dtype": jnp.dtype(o.moment_dtype), "rounding": o.rounding, "seed": config.seed}
+    if o.name == "adamw":
+        inner = optim.adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, **common)
+    elif o.name == "adam":
+        inner = optim.adam(schedule, o.b1, o.b2, o.eps, **common)
+    elif o.name == "lion":
+        inner = optim.lion(schedule, o.b1, o.b2, o.weight_decay, **common)
+    else:
+        raise ValueError(f"optimizer.name must be 'adam', 'adamw' or 'lion', got {o.name!r}")
+    if o.clip_norm > 0:
+        inner = optax.chain(optax.clip_by_global_norm(o.clip_norm), inner)
     s = config.loss_scale
-    return optim.DynamicLossScale.create(initial=s.initial, growth_interval=s.growth_interval, factor=s.factor,
-                                         min_scale=s.min_scale, max_scale=s.max_scale)
+    scale = (optim.DynamicLossScale.create(s.initial, period=s.growth_interval, factor=s.factor,
+                                           min_loss_scale=s.min_scale, max_loss_scale=s.max_scale)
+             if config.precision == "fp16" else optim.NoOpLossScale())
+    return optim.loss_scaled(inner, scale), schedule
 
 
-def init_state(model, optimizer, loss_scale, sample_batch: dict, seed: int) -> TrainState:
+def init_state(model, optimizer, sample_batch: dict, seed: int) -> TrainState:
     init_key, train_key = jax.random.split(jax.random.key(seed))
     variables = model.init(init_key, jnp.asarray(sample_batch["src"][:1]), jnp.asarray(sample_batch["tgt_in"][:1]))
-    params = optim.unbox(variables["params"])
+    params = nn.unbox(variables["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      loss_scale=loss_scale, rng=jax.random.key_data(train_key))
+                      rng=jax.random.key_data(train_key))
 
 
 class _StopRequest:
@@ -106,8 +143,8 @@ def train(config: TrainConfig, *, max_steps_this_run: int | None = None) -> dict
 def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_this_run: int | None):
     data: RunData = prepare_data(config.data, run_dir, seed=config.seed)
     model = build_model(config, data.tokenizer.vocab_size)
-    optimizer = build_optimizer(config)
-    state = init_state(model, optimizer, build_loss_scale(config), data.sample_batch(), config.seed)
+    optimizer, schedule = build_optimizer(config)
+    state = init_state(model, optimizer, data.sample_batch(), config.seed)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep,
                                 keep_best=config.checkpoint.keep_best, best_metric=_best_metric(config),
                                 best_mode="max" if _best_metric(config) == "bleu" else "min")
@@ -120,7 +157,7 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     train_step = ShapeCompileTracker(jax.jit(make_train_step(model, optimizer, label_smoothing=config.label_smoothing),
                                              donate_argnums=0), signature=lambda s, b: b["src"].shape)
     eval_step = jax.jit(make_eval_step(model))
-    translator = data.translator(model, config.eval)
+    translator = make_translator(config, model, data.tokenizer)
 
     def save(step: int, scores: dict | None = None, force: bool = False):
         checkpointer.save(step, state, {"data": data.train.state(), "config": config_to_dict(config)},
@@ -150,11 +187,10 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
             if step % config.log_every == 0 or step == end_step:
                 out = jax.device_get(out)
                 elapsed = time.perf_counter() - window_start
-                lr = float(optim.learning_rate_at(optimizer, state.opt_state))
+                lr = float(schedule(step - 1))
                 record = {"loss": out["loss"], "loss_scale": out["loss_scale"], "lr": lr,
                           "target_tokens_per_s": window_tokens / elapsed,
-                          "grad_norm": out["grad_norm"], "skipped_steps": int(optim.skipped_steps(state)),
-                          "programs": len(train_step)}
+                          "skipped_steps": int(out["skipped_steps"]), "programs": len(train_step)}
                 metrics.write(step, "train", **record)
                 bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{window_tokens / elapsed:.0f}",
                                 scale=f"{out['loss_scale']:.0f}", lr=f"{lr:.2e}")
@@ -167,6 +203,9 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
         if stop.requested or step < config.steps:
             save(step, force=True)
     checkpointer.close()
+    sources = [src for src, _ in data.valid_pairs[:3]]
+    for src, hyp in zip(sources, translator.translate(state.params, sources)):
+        tqdm.write(f"translate: {src}\n       ->  {hyp}")
     summary = {
         "steps": step,
         "compiled_step_shapes": {str(k): round(v, 2) for k, v in train_step.compile_seconds.items()},

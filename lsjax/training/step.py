@@ -17,13 +17,13 @@ Batch = dict[str, jax.Array]
 class TrainState(struct.PyTreeNode):
     """Everything a step reads and writes; all leaves are arrays (checkpointed as one pytree).
 
-    ``rng`` is raw key data (uint32[2]) so it checkpoints as a plain array.
+    ``opt_state`` is a :class:`lsjax.optim.LossScaleState` (loss scale and skipped-step count
+    inside); ``rng`` is raw key data (uint32[2]) so it checkpoints as a plain array.
     """
 
     step: jax.Array
     params: Any
-    opt_state: Any
-    loss_scale: Any
+    opt_state: optim.LossScaleState
     rng: jax.Array
 
 
@@ -40,7 +40,8 @@ def token_loss(model, params: Any, batch: Batch, *, label_smoothing: float, dete
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
                     label_smoothing: float) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimisation step: dropout key from the state, (scaled) mean token loss, grads in the
-    params' dtype, unscale + overflow check, optimizer update that skips non-finite steps."""
+    params' dtype; ``optimizer`` (wrapped by :func:`lsjax.optim.loss_scaled`) unscales, checks for
+    inf/NaN and skips such steps."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
@@ -49,17 +50,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *,
             total, count = token_loss(model, params, batch, label_smoothing=label_smoothing,
                                       deterministic=False, dropout_key=dropout_key)
             mean = total / jnp.maximum(count, 1).astype(jnp.float32)
-            return state.loss_scale.scale(mean), (mean, count)
+            return state.opt_state.loss_scale.scale(mean), (mean, count)
 
         grads, (loss, count) = jax.grad(loss_fn, has_aux=True)(state.params)
-        grads = state.loss_scale.unscale(grads)
-        finite = optim.all_finite(grads)
-        params, opt_state = optim.apply_if_finite(optimizer, grads, state.opt_state, state.params, finite)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  loss_scale=state.loss_scale.adjust(finite),
-                                  rng=jax.random.key_data(rng))
-        metrics = {"loss": loss, "tokens": count, "finite": finite,
-                   "grad_norm": optax.global_norm(grads), "loss_scale": state.loss_scale.loss_scale}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optim.apply_updates(state.params, updates),
+                                  opt_state=opt_state, rng=jax.random.key_data(rng))
+        metrics = {"loss": loss, "tokens": count, "skipped_steps": opt_state.skipped_steps,
+                   "loss_scale": state.opt_state.loss_scale.loss_scale}
         return new_state, metrics
 
     return train_step
