@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build with CUDA, run the GPU tests and the op
-# benchmarks, leave logs and JSON under $OUT.
+# One call on the GPU machine: build with CUDA, run the GPU tests, the op benchmarks and any
+# model-level benchmarks; logs and JSON go under $OUT.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh [--ops layer_norm,...] [--tests tests/test_x.py ...]
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh [--ops layer_norm,...|none] [--tests tests/test_x.py ...|none]
+#                                             [--bench layers,layers_cudnn,decode,train_step,...]
 #
-# Through the device tool:  run(command="bash benchmarks/gpu_check.sh")
+# --bench names (each writes $OUT/<name>.json and $OUT/<name>.log):
+#   layers        benchmarks/layers.py (fused attention softmax)
+#   layers_cudnn  benchmarks/layers.py --attention-impl cudnn (no attention-prob dropout in either)
+#   decode        benchmarks/decode.py
+#   train_step    benchmarks/train_step.py
+#   parallel      benchmarks/parallel.py (needs 2 GPUs)
+#   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
+#   multi30k_fp32 benchmarks/convergence.sh fp32master
+# Through the device tool:  run(command="OUT=$OUT bash benchmarks/gpu_check.sh ...", carry=[".data"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 OPS=""
 TESTS=(tests)
+BENCH=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --ops) OPS="$2"; shift 2 ;;
+    --bench) BENCH="$2"; shift 2 ;;
     --tests) shift; TESTS=(); while [ $# -gt 0 ] && [[ "$1" != --* ]]; do TESTS+=("$1"); shift; done ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 LSJAX_CUDA=ON
+export LSJAX_COMPILATION_CACHE=${LSJAX_COMPILATION_CACHE:-/tmp/lsjax_jax_cache}
 status=0
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; git rev-parse --short HEAD; } > "$OUT/machine.txt" 2>&1
@@ -30,11 +42,36 @@ fi
 grep -E "warning|error" "$OUT/build.log" | grep -v "^ *$" | head -20
 $PY -m lsjax | tee "$OUT/info.txt"
 
-echo "== GPU tests"
-$PY -m pytest -q -m gpu -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "${TESTS[*]}" != "none" ]; then
+  echo "== GPU tests"
+  $PY -m pytest -q -m gpu -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
-echo "== op benchmarks"
-$PY -m benchmarks.ops ${OPS:+--ops "$OPS"} --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "$OPS" != "none" ]; then
+  echo "== op benchmarks"
+  $PY -m benchmarks.ops ${OPS:+--ops "$OPS"} --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+bench() {  # name, command...
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "it/s\]" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "($name took $((SECONDS - t0)) s)"
+}
+for name in ${BENCH//,/ }; do
+  case "$name" in
+    layers) bench layers $PY -m benchmarks.layers --out "$OUT/layers.json" ;;
+    layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl cudnn --out "$OUT/layers_cudnn.json" ;;
+    decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
+    train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;
+    parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ;;
+    multi30k) bench multi30k bash benchmarks/convergence.sh lsjax ;;
+    multi30k_fp32) bench multi30k_fp32 bash benchmarks/convergence.sh fp32master ;;
+    *) echo "unknown --bench $name" >&2; status=1 ;;
+  esac
+done
 exit $status

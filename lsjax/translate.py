@@ -31,7 +31,8 @@ class Translator:
     Args:
       model, tokenizer: the model and its joint tokenizer.
       buckets: source length ladder; longer sources are truncated to the last bucket.
-      batch_size: sentences per decode call (the last batch of a bucket is padded).
+      batch_size: sentences per decode call (the last batch of a bucket is padded); lowered
+        for long buckets so ``batch * length`` stays within the model's ``max_batch_tokens``.
       beam_size, length_penalty: beam search settings; ``sampling`` (``{"top_k", "top_p",
         "temperature", "seed"}``) switches to sampling instead.
       max_len_a, max_len_b: decode at most ``a * L + b`` tokens for bucket length ``L``
@@ -49,6 +50,10 @@ class Translator:
 
     def _max_len(self, length: int) -> int:
         return min(self.model.config.max_seq_len, int(self.max_len_a * length) + self.max_len_b)
+
+    def _batch_size(self, length: int) -> int:
+        """``batch_size``, lowered so a bucket's source batch fits the model's ``max_batch_tokens``."""
+        return max(1, min(self.batch_size, self.model.config.max_batch_tokens // length))
 
     def _decode_ids(self, params: Any, src: jax.Array, key: jax.Array, *, max_len: int) -> jax.Array:
         fns = decoder_fns(self.model, params, src, max_len)
@@ -72,9 +77,10 @@ class Translator:
         out: list[str] = [""] * len(ids)
         key = jax.random.key((self.sampling or {}).get("seed", 0))
         for length, rows in sorted(by_bucket.items()):
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                src = np.zeros((self.batch_size, length), np.int32)
+            batch = self._batch_size(length)
+            for start in range(0, len(rows), batch):
+                chunk = rows[start:start + batch]
+                src = np.zeros((batch, length), np.int32)
                 for r, i in enumerate(chunk):
                     seq = ids[i][:length]
                     src[r, :len(seq)] = seq

@@ -91,12 +91,19 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. ``precision``: ``"bf16"``/``"fp16"`` params-only (lsjax optimizer) or ``"fp32"``."""
+    """One training run.
+
+    ``precision``: ``"bf16"``/``"fp16"``/``"fp32"``, the compute dtype and, by default, the only
+    copy of the params (lsjax optimizer, no fp32 master). ``master_weights=True`` is the standard
+    mixed-precision recipe used as the baseline: fp32 params, compute in ``precision``, plain
+    ``optax`` optimizer (adam/adamw/lion) on the fp32 params.
+    """
 
     model: str = "transformer-tiny"
     model_overrides: dict = dataclasses.field(default_factory=dict)
     data: DataConfig = DataConfig()
     precision: str = "bf16"
+    master_weights: bool = False
     optimizer: OptimizerConfig = OptimizerConfig()
     loss_scale: LossScaleConfig = LossScaleConfig()
     label_smoothing: float = 0.1

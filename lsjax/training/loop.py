@@ -32,7 +32,8 @@ PARAM_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
 def build_model(config: TrainConfig, vocab_size: int) -> Transformer:
     dtype = PARAM_DTYPES[config.precision]
-    model_config = load_model_config(config.model, vocab_size=vocab_size, dtype=dtype, param_dtype=dtype,
+    param_dtype = jnp.float32 if config.master_weights else dtype
+    model_config = load_model_config(config.model, vocab_size=vocab_size, dtype=dtype, param_dtype=param_dtype,
                                      **config.model_overrides)
     return Transformer(model_config)
 
@@ -65,16 +66,21 @@ def load_for_inference(run_dir: str | Path, step: int | None = None):
 
 def build_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``loss_scaled(chain([clip], adam|adamw|lion))`` with an inverse-sqrt warmup schedule;
-    dynamic loss scaling for fp16, none (but still skip-on-inf/NaN) otherwise."""
+    dynamic loss scaling for fp16, none (but still skip-on-inf/NaN) otherwise. The transform
+    is lsjax's params-only one, or optax's own for ``master_weights`` (fp32 params)."""
     o = config.optimizer
     schedule = optim.inverse_sqrt_schedule(o.lr, o.warmup_steps)
-    common = {"moment_dtype": jnp.dtype(o.moment_dtype), "rounding": o.rounding, "seed": config.seed}
+    if config.master_weights:
+        library, common = optax, {}
+    else:
+        library, common = optim, {"moment_dtype": jnp.dtype(o.moment_dtype), "rounding": o.rounding,
+                                  "seed": config.seed}
     if o.name == "adamw":
-        inner = optim.adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, **common)
+        inner = library.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, **common)
     elif o.name == "adam":
-        inner = optim.adam(schedule, o.b1, o.b2, o.eps, **common)
+        inner = library.adam(schedule, o.b1, o.b2, o.eps, **common)
     elif o.name == "lion":
-        inner = optim.lion(schedule, o.b1, o.b2, o.weight_decay, **common)
+        inner = library.lion(schedule, o.b1, o.b2, weight_decay=o.weight_decay, **common)
     else:
         raise ValueError(f"optimizer.name must be 'adam', 'adamw' or 'lion', got {o.name!r}")
     if o.clip_norm > 0:
@@ -167,22 +173,31 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
         scores = evaluate(eval_step, state.params, data.valid_batches())
         if config.eval.bleu:
             scores["bleu"] = translator.bleu(state.params, data.valid_pairs, max_sentences=config.eval.max_sentences)
-        metrics.write(step, "eval", **scores)
+            if data.test_pairs:
+                scores["test_bleu"] = translator.bleu(state.params, data.test_pairs,
+                                                      max_sentences=config.eval.max_sentences)
+        metrics.write(step, "eval", train_seconds=train_seconds, wall_seconds=time.perf_counter() - run_start,
+                      **scores)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         return scores
 
     start_step = int(state.step)
     end_step = config.steps if max_steps_this_run is None else min(config.steps, start_step + max_steps_this_run)
     window_tokens, window_start = 0, time.perf_counter()
+    run_start, train_seconds = window_start, 0.0  # train_seconds: steps incl. compilation, no eval/saving
     last_scores: dict[str, float] = {}
     with _StopRequest() as stop, tqdm(total=config.steps, initial=start_step, desc="train",
                                       dynamic_ncols=True) as bar:
         step = start_step
         while step < end_step and not stop.requested:
+            step_start = time.perf_counter()
             host_batch = next(data.train)
             window_tokens += int(np.count_nonzero(host_batch["tgt_out"]))
             state, out = train_step(state, {k: jnp.asarray(v) for k, v in host_batch.items()})
             step += 1
+            if step % config.log_every == 0 or step % config.eval.every == 0 or step == end_step:
+                jax.block_until_ready(state.step)
+            train_seconds += time.perf_counter() - step_start
             bar.update(1)
             if step % config.log_every == 0 or step == end_step:
                 out = jax.device_get(out)
@@ -208,6 +223,7 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
         tqdm.write(f"translate: {src}\n       ->  {hyp}")
     summary = {
         "steps": step,
+        "train_seconds": round(train_seconds, 2),
         "compiled_step_shapes": {str(k): round(v, 2) for k, v in train_step.compile_seconds.items()},
         "num_step_programs": len(train_step),
         "bucket_ladder": list(config.data.buckets),
