@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--models transformer-base,transformer-big] [--dtypes bfloat16,float16]
                                     [--out results.json] [--compilation-cache DIR]
-    python -m benchmarks.train_step --smoke --out /tmp/t.json      # transformer-tiny, tiny batch, CPU
+    python -m benchmarks.train_step --smoke --out /tmp/t.json      # transformer-tiny, tiny batch, CPU (cpu_ffi)
 
 For each model and compute dtype, two variants, each in a fresh subprocess (so the
 device's ``peak_bytes_in_use`` is per variant and an OOM or crash only fails its row):
@@ -19,7 +19,9 @@ device's ``peak_bytes_in_use`` is per variant and an OOM or crash only fails its
   unscale, skip non-finite steps, adjust) through ``lsjax.optim.loss_scaled`` (pure jnp),
   the same scale settings as lsjax: dynamic for float16, none (but the skip check) for bfloat16.
 
-Both: dropout at the model config's rates, label smoothing 0.1, the same fresh random
+Both: AdamW with lsjax-train's defaults (peak lr 1e-3, inverse-sqrt schedule with 2000
+warm-up steps, b1 0.9, b2 0.98, eps 1e-8) and weight decay 0.01; no gradient clipping;
+dropout at the model config's rates, label smoothing 0.1, the same fresh random
 token batches (``batch`` sentences, ``src_len``/``tgt_len`` positions, lengths drawn from
 [len/2, len], pad id 0), the model config's vocabulary (32000 for base/big).
 
@@ -29,7 +31,9 @@ tokens per timed step / median step time; compile seconds of ``jit(...).lower(..
 (cold unless ``--compilation-cache``); the device's ``peak_bytes_in_use`` after the
 run and XLA's compiled estimate (arguments + outputs + temporaries - donated aliases);
 bytes per parameter of params + grads + optimizer state (``lsjax.optim.state_bytes_per_param``
-on the real state; grads take the params' dtypes); speedup = lsjax tokens/s / plain tokens/s.
+on the real state; grads take the params' dtypes); speedup = lsjax tokens/s / plain tokens/s;
+skipped = steps skipped for non-finite grads (warm-up included). The JSON at ``--out`` is
+rewritten after every variant, so a run cut short keeps its finished rows.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +66,7 @@ from lsjax.training.step import make_train_step, token_loss
 IMPLS = ("lsjax", "plain")
 PRECISION = {jnp.dtype(v).name: k for k, v in PARAM_DTYPES.items()}  # "bfloat16" -> "bf16"
 OPTIMIZER = OptimizerConfig(name="adamw", weight_decay=0.01)  # both sides; the rest: lsjax-train's defaults
+_ROOT = Path(__file__).resolve().parents[1]  # the variant subprocesses run here
 _ROW = "ROW "  # prefix of the result line a variant subprocess prints
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")  # a traceback's last line
 
@@ -78,6 +85,7 @@ class Variant:
     warmup: int = 3
     backend: str | None = None  # lsjax ops backend of the lsjax side (None: lsjax's default)
     compilation_cache: str | None = None
+    platform: str | None = None  # JAX_PLATFORMS of the subprocess (None: JAX's default)
 
 
 def make_batches(v: Variant, vocab: int, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -196,7 +204,8 @@ def run_variant(v: Variant, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", json.dumps(dataclasses.asdict(v))]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        env = {**os.environ, "JAX_PLATFORMS": v.platform} if v.platform else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {**dataclasses.asdict(v), "error": f"timed out after {timeout:.0f} s"}
     rows = [line[len(_ROW):] for line in proc.stdout.splitlines() if line.startswith(_ROW)]
@@ -224,17 +233,17 @@ def _mib(b: int | None) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table of the result rows."""
     lines = ["| model | dtype | impl | params M | tgt tok/s | step ms | speedup | peak MiB | compiled MiB "
-             "| bytes/param | compile s |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| bytes/param | compile s | skipped |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         head = f"| {r['model']} | {r['dtype']} | {r['impl']} |"
         if "error" in r:
-            lines.append(f"{head} error: {r['error'].replace('|', '/')} |" + " |" * 7)
+            lines.append(f"{head} error: {r['error'].replace('|', '/')} |" + " |" * 8)
             continue
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         lines.append(f"{head} {r['params_M']:.1f} | {r['tgt_tokens_per_s']:,.0f} | {r['step_ms']:.2f} | {speedup} "
                      f"| {_mib(r['peak_bytes_in_use'])} | {_mib(r['compiled_peak_bytes'])} "
-                     f"| {r['bytes_per_param']:.2f} | {r['compile_s']:.1f} |")
+                     f"| {r['bytes_per_param']:.2f} | {r['compile_s']:.1f} | {r['skipped_steps']} |")
     return "\n".join(lines)
 
 
@@ -253,14 +262,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compilation-cache", default=None,
                         help="enable JAX's persistent compilation cache in DIR (default off: cold compiles)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per variant subprocess")
-    parser.add_argument("--smoke", action="store_true", help="transformer-tiny, tiny batch, few steps (CPU check)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="transformer-tiny, tiny batch, few steps, on CPU (backend cpu_ffi unless --backend)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its row
     args = parser.parse_args(argv)
     if args.variant:
         print(_ROW + json.dumps(measure(Variant(**json.loads(args.variant)))), flush=True)
         return
     if args.smoke:
-        args.models, args.batch, args.src_len, args.tgt_len, args.steps, args.warmup = "transformer-tiny", 8, 16, 16, 3, 1
+        args.models, args.batch, args.src_len, args.tgt_len = "transformer-tiny", 8, 16, 16
+        args.steps, args.warmup = 3, 1
+        args.backend = args.backend or "cpu_ffi"
     # The parent never touches a device: a GPU client here would hold memory the variants need.
     print(f"train step, {args.batch} sentences x {args.src_len} src / {args.tgt_len} tgt positions, "
           f"{args.steps} timed steps after {args.warmup}; lsjax backend: {args.backend or 'default'}; "
@@ -270,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in args.dtypes.split(","):
             for impl in IMPLS:
                 v = Variant(model, jnp.dtype(dtype).name, impl, args.batch, args.src_len, args.tgt_len,
-                            args.steps, args.warmup, args.backend, args.compilation_cache)
+                            args.steps, args.warmup, args.backend, args.compilation_cache,
+                            "cpu" if args.smoke else None)
                 row = run_variant(v, args.timeout)
                 rows.append(row)
                 add_speedups(rows)
@@ -279,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                     with open(args.out, "w") as f:
                         json.dump({"rows": rows}, f, indent=1)
     device = next((r["device"] for r in rows if "device" in r), "unknown")
-    print(f"\ndevice: {device}; tokens/s counts non-pad target tokens; speedup = lsjax / plain tokens/s\n")
+    print(f"\ndevice: {device}; tokens/s counts non-pad target tokens; speedup = lsjax / plain tokens/s; "
+          f"skipped: non-finite steps skipped of {args.warmup + args.steps}\n")
     print(table(rows))
 
 
