@@ -203,9 +203,9 @@ def _measure(v: Variant) -> dict:
 def run_variant(v: Variant, timeout: float) -> dict:
     """:func:`measure` in a fresh Python process; a failure becomes the row's ``error``."""
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", json.dumps(dataclasses.asdict(v))]
+    env = {**os.environ, "JAX_PLATFORMS": v.platform} if v.platform else None
     start = time.perf_counter()
     try:
-        env = {**os.environ, "JAX_PLATFORMS": v.platform} if v.platform else None
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {**dataclasses.asdict(v), "error": f"timed out after {timeout:.0f} s"}
