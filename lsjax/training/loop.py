@@ -85,11 +85,16 @@ def build_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, 
         raise ValueError(f"optimizer.name must be 'adam', 'adamw' or 'lion', got {o.name!r}")
     if o.clip_norm > 0:
         inner = optax.chain(optax.clip_by_global_norm(o.clip_norm), inner)
+    return optim.loss_scaled(inner, build_loss_scale(config)), schedule
+
+
+def build_loss_scale(config: TrainConfig) -> optim.LossScale:
+    """The configured dynamic loss scale for fp16; a no-op scale for bf16/fp32."""
+    if config.precision != "fp16":
+        return optim.NoOpLossScale()
     s = config.loss_scale
-    scale = (optim.DynamicLossScale.create(s.initial, period=s.growth_interval, factor=s.factor,
-                                           min_loss_scale=s.min_scale, max_loss_scale=s.max_scale)
-             if config.precision == "fp16" else optim.NoOpLossScale())
-    return optim.loss_scaled(inner, scale), schedule
+    return optim.DynamicLossScale.create(s.initial, period=s.growth_interval, factor=s.factor,
+                                         min_loss_scale=s.min_scale, max_loss_scale=s.max_scale)
 
 
 def init_state(model, optimizer, sample_batch: dict, seed: int) -> TrainState:

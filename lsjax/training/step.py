@@ -37,18 +37,19 @@ def token_loss(model, params: Any, batch: Batch, *, label_smoothing: float, dete
     return loss.sum(), count
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, *,
-                    label_smoothing: float) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(model, optimizer: optax.GradientTransformation, *, label_smoothing: float,
+                    token_loss_fn: Callable = token_loss) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimisation step: dropout key from the state, (scaled) mean token loss, grads in the
     params' dtype; ``optimizer`` (wrapped by :func:`lsjax.optim.loss_scaled`) unscales, checks for
-    inf/NaN and skips such steps."""
+    inf/NaN and skips such steps. ``token_loss_fn`` has :func:`token_loss`'s signature (the benchmarks swap
+    in a plain optax loss)."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
 
         def loss_fn(params):
-            total, count = token_loss(model, params, batch, label_smoothing=label_smoothing,
-                                      deterministic=False, dropout_key=dropout_key)
+            total, count = token_loss_fn(model, params, batch, label_smoothing=label_smoothing,
+                                         deterministic=False, dropout_key=dropout_key)
             mean = total / jnp.maximum(count, 1).astype(jnp.float32)
             return state.opt_state.loss_scale.scale(mean), (mean, count)
 
