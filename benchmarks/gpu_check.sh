@@ -9,11 +9,13 @@
 #   layers        benchmarks/layers.py (fused attention softmax)
 #   layers_cudnn  benchmarks/layers.py --attention-impl cudnn (no attention-prob dropout in either)
 #   decode        benchmarks/decode.py
-#   train_step    benchmarks/train_step.py
+#   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each)
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
 #   multi30k_fp32 benchmarks/convergence.sh fp32master
-# Through the device tool:  run(command="OUT=$OUT bash benchmarks/gpu_check.sh ...", carry=[".data"])
+# Through the device tool:  run(command="OUT=$OUT bash benchmarks/gpu_check.sh ...", carry=[".data", ".whl"])
+# The built extension is left in $OUT/prebuilt/; copy it to ./prebuilt/ and add "prebuilt" to `carry`
+# to skip the build in later calls (only while the sources of csrc/ and ffi/ are unchanged).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -35,11 +37,23 @@ export LSJAX_COMPILATION_CACHE=${LSJAX_COMPILATION_CACHE:-/tmp/lsjax_jax_cache}
 status=0
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; git rev-parse --short HEAD; } > "$OUT/machine.txt" 2>&1
-echo "== build" | tee "$OUT/build.log"
-if ! $PY -m pip install --no-build-isolation --no-deps -v -e . >> "$OUT/build.log" 2>&1; then
-  tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+if [ -d .whl ]; then  # runtime deps the GPU image lacks (no network there): carried wheels, installed if missing
+  $PY -m pip install -q --no-index --find-links .whl sentencepiece sacrebleu tqdm pyyaml > "$OUT/deps.log" 2>&1 \
+    || { cat "$OUT/deps.log"; status=1; }
 fi
-grep -E "warning|error" "$OUT/build.log" | grep -v "^ *$" | head -20
+if ls prebuilt/_ffi*.so > /dev/null 2>&1; then
+  # a carried extension built by an earlier call (see below): skip the ~4-minute nvcc build
+  cp prebuilt/_ffi*.so lsjax/ && export PYTHONPATH=$PWD && echo "== using prebuilt/$(ls prebuilt)"
+else
+  echo "== build" | tee "$OUT/build.log"
+  t0=$SECONDS
+  if ! $PY -m pip install --no-build-isolation --no-deps -v -e . >> "$OUT/build.log" 2>&1; then
+    tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  echo "(build took $((SECONDS - t0)) s)"
+  grep -E "warning|error" "$OUT/build.log" | grep -v "^ *$" | head -20
+  mkdir -p "$OUT/prebuilt" && cp "$($PY -c 'import lsjax._ffi as f; print(f.__file__)')" "$OUT/prebuilt/"
+fi
 $PY -m lsjax | tee "$OUT/info.txt"
 
 if [ "${TESTS[*]}" != "none" ]; then
@@ -68,6 +82,8 @@ for name in ${BENCH//,/ }; do
     layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl cudnn --out "$OUT/layers_cudnn.json" ;;
     decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;
+    train_step_base|train_step_big)
+      bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ;;
     multi30k) bench multi30k bash benchmarks/convergence.sh lsjax ;;
     multi30k_fp32) bench multi30k_fp32 bash benchmarks/convergence.sh fp32master ;;
