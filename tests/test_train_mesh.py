@@ -254,14 +254,14 @@ def test_cli_trains_under_zero3(tmp_path):
     """``python -m lsjax.train --mesh zero3`` end to end on 8 fake devices (odd batch rows get padded)."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "lsjax.train", "--config", "tiny-synthetic", "--mesh", "zero3",
-           "--run-dir", str(run_dir), "steps=3", "log_every=1", "eval.every=3", "eval.bleu=false",
-           "checkpoint.every=3", "data.synthetic_pairs=600", "data.max_batch_tokens=240",
+           "--run-dir", str(run_dir), "steps=3", "log_every=1", "eval.every=3", "eval.bleu=false", "eval.batch_size=16",
+           "checkpoint.every=3", "data.synthetic_pairs=600", "data.buckets=[24]", "data.max_batch_tokens=240",
            "compilation_cache=null", "model_overrides={num_encoder_layers: 1, num_decoder_layers: 1}"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT),
            "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "mesh 'zero3': {'data': 8, 'tensor': 1} over 8 device(s), ZeRO stage 3" in done.stderr
+    assert "mesh 'zero3': {'data': 8, 'tensor': 1} over 8 device(s), ZeRO stage 3" in done.stdout
     records = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]
     assert len(records) == 3
     assert (run_dir / "checkpoints" / "3").is_dir()
