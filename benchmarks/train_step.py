@@ -113,8 +113,9 @@ def make_batches(v: Variant, vocab: int, n: int, seed: int = 0) -> list[dict[str
 
 
 def optax_token_loss(model, params, batch, *, label_smoothing: float, deterministic: bool,
-                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """:func:`lsjax.training.step.token_loss` written the standard Flax/optax way (float32 log-softmax)."""
+                     dropout_key: jax.Array | None = None, plan=None) -> tuple[jax.Array, jax.Array]:
+    """:func:`lsjax.training.step.token_loss` written the standard Flax/optax way (float32 log-softmax);
+    single device only (``plan`` must be None)."""
     rngs = None if deterministic else {"dropout": dropout_key}
     logits = model.apply({"params": params}, batch["src"], batch["tgt_in"], deterministic=deterministic,
                          rngs=rngs)

@@ -1,6 +1,13 @@
 """Mesh configs, shardings (data / tensor parallel, ZeRO-1/2/3) and the sharded train step.
 
-A train loop::
+The training loop (:mod:`lsjax.training.loop`) uses :class:`ShardingPlan`::
+
+    mesh = make_mesh(cfg := load_mesh_config("zero3"))
+    plan = ShardingPlan.create(cfg, mesh, jax.eval_shape(model.init, rng, src, tgt_in)["params"])
+    # plan.params / plan.optimizer_state(abstract_opt) / plan.batch; in the step:
+    # grads = plan.constrain_grads(grads); tx.update(plan.for_update(grads), opt, plan.for_update(params))
+
+The same by hand, piece by piece::
 
     maybe_initialize_distributed()
     cfg = load_mesh_config("zero3")
@@ -19,10 +26,12 @@ from lsjax.parallel.checkpoint import restore_state, save_state
 from lsjax.parallel.distributed import maybe_initialize_distributed
 from lsjax.parallel.mesh import MeshConfig, load_mesh_config, make_mesh, validate
 from lsjax.parallel.sharding import (
+    ShardingPlan,
     add_data_axis,
     batch_sharding,
     grad_constraint,
     grad_shardings,
+    jit_on_mesh,
     optimizer_state_shardings,
     param_shardings,
     replicated,
@@ -31,10 +40,12 @@ from lsjax.parallel.sharding import (
 
 __all__ = [
     "MeshConfig",
+    "ShardingPlan",
     "add_data_axis",
     "batch_sharding",
     "grad_constraint",
     "grad_shardings",
+    "jit_on_mesh",
     "load_mesh_config",
     "make_mesh",
     "maybe_initialize_distributed",

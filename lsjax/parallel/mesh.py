@@ -129,10 +129,13 @@ def load_mesh_config(name_or_path: str | Path, **overrides: Any) -> MeshConfig:
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The device mesh of ``cfg`` over ``devices`` (default: all of them), with Auto axis types.
 
+    A config of one device (all sizes 1, e.g. ``single``) takes the first device.
     Auto axes (not the Explicit default of ``jax.make_mesh``) let XLA propagate
     shardings from the jit in/out shardings and the sharding constraints.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if all(size == 1 for _, size in cfg.axes):
+        devices = devices[:1]
     sizes = cfg.axis_sizes(len(devices))
     return jax.make_mesh(sizes, cfg.axis_names, axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 

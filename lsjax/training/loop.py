@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lsjax import data as lsdata
 from lsjax import ops, optim
 from lsjax.models import Transformer, load_model_config
+from lsjax.parallel import ShardingPlan, load_mesh_config, make_mesh, maybe_initialize_distributed
 from lsjax.training.checkpoint import Checkpointer
 from lsjax.training.config import TrainConfig, config_from_dict, config_to_dict
 from lsjax.training.data import RunData, prepare_data
@@ -56,10 +57,10 @@ def load_for_inference(run_dir: str | Path, step: int | None = None):
     optimizer, _ = build_optimizer(config)
     length = config.data.buckets[0]
     sample = {k: [[lsdata.PAD_ID] * length] for k in lsdata.BATCH_KEYS}
-    abstract = jax.eval_shape(lambda: init_state(model, optimizer, sample, config.seed))
+    plan = make_plan("single", model, sample)  # whatever mesh the run trained on
     checkpointer = Checkpointer(run_dir / "checkpoints", best_metric=_best_metric(config))
     step = step if step is not None else checkpointer.best_step() or checkpointer.latest_step()
-    state, _ = checkpointer.restore(abstract, step)
+    state, _ = checkpointer.restore(abstract_state(model, optimizer, sample, config.seed, plan), step)
     checkpointer.close()
     return model, state.params, tokenizer, config.data.buckets
 
@@ -105,6 +106,57 @@ def init_state(model, optimizer, sample_batch: dict, seed: int) -> TrainState:
                       rng=jax.random.key_data(train_key))
 
 
+def make_plan(mesh: str, model, sample_batch: dict, devices: list[jax.Device] | None = None) -> ShardingPlan:
+    """The :class:`ShardingPlan` of ``model`` on mesh config ``mesh`` (name in configs/mesh/ or a
+    YAML path) over ``devices`` (default: all); ValueError naming the axis and sizes when the mesh
+    does not tile the devices or does not divide a param dim."""
+    cfg = load_mesh_config(mesh)
+    src, tgt_in = (jnp.asarray(sample_batch[k][:1], jnp.int32) for k in ("src", "tgt_in"))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), src, tgt_in)["params"]
+    return ShardingPlan.create(cfg, make_mesh(cfg, devices), boxed)
+
+
+def state_shardings(plan: ShardingPlan, abstract: TrainState) -> TrainState:
+    """Where each leaf of the train state lives: params and optimizer state per ``plan``, scalars replicated."""
+    return TrainState(step=plan.replicated, params=plan.params, opt_state=plan.optimizer_state(abstract.opt_state),
+                      rng=plan.replicated)
+
+
+def abstract_state(model, optimizer, sample_batch: dict, seed: int, plan: ShardingPlan) -> TrainState:
+    """Shapes, dtypes and shardings of the train state (a restore target), nothing allocated."""
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, sample_batch, seed))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        state_shardings(plan, abstract))
+
+
+def init_sharded_state(model, optimizer, sample_batch: dict, seed: int, plan: ShardingPlan) -> TrainState:
+    """:func:`init_state` created directly in its shards (no device ever holds more than its share).
+
+    Traced without the logical rules: flax's boxed ``DenseGeneral`` init would pin its flat kernel.
+    """
+    init = lambda: init_state(model, optimizer, sample_batch, seed)  # noqa: E731
+    return jax.jit(init, out_shardings=state_shardings(plan, jax.eval_shape(init)))()
+
+
+def shard_batch(plan: ShardingPlan, batch: dict) -> dict[str, jax.Array]:
+    """Host ``[B, L]`` int arrays -> device arrays split over ``plan.batch``; rows are padded (all-pad rows
+    count for nothing) to a multiple of the devices the batch is split over."""
+    pad = -len(batch["src"]) % plan.batch_divisor
+    arrays = {k: np.pad(np.asarray(v, np.int32), ((0, pad), (0, 0)), constant_values=lsdata.PAD_ID)
+              for k, v in batch.items()}
+    return jax.device_put(arrays, plan.batch)
+
+
+def compile_steps(model, optimizer, plan: ShardingPlan, abstract: TrainState, *, label_smoothing: float):
+    """``(train_step, eval_step)`` jitted on ``plan``'s mesh: ``train_step(state, batch) -> (state,
+    metrics)`` donates the state; ``eval_step(params, batch) -> {"nll_sum", "tokens"}``."""
+    shardings = state_shardings(plan, abstract)
+    train_step = plan.jit(make_train_step(model, optimizer, label_smoothing=label_smoothing, plan=plan),
+                          (shardings, plan.batch), (shardings, plan.replicated), donate_argnums=0)
+    eval_step = plan.jit(make_eval_step(model, plan), (plan.params, plan.batch), plan.replicated)
+    return train_step, eval_step
+
+
 class _StopRequest:
     """First Ctrl-C asks the loop to checkpoint and stop; a second one interrupts at once."""
 
@@ -125,11 +177,11 @@ class _StopRequest:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
+def evaluate(eval_step, params, batches: Iterator[dict], plan: ShardingPlan) -> dict[str, float]:
     """Token-level validation NLL and perplexity over all batches."""
     nll, tokens = 0.0, 0
     for batch in batches:
-        out = eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        out = eval_step(params, shard_batch(plan, batch))
         nll += float(out["nll_sum"])
         tokens += int(out["tokens"])
     mean = nll / max(tokens, 1)
@@ -145,6 +197,7 @@ def train(config: TrainConfig, *, max_steps_this_run: int | None = None) -> dict
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2, default=str))
+    maybe_initialize_distributed()
     cache_dir = enable_compilation_cache(config.compilation_cache)
     backend = ops.use_backend(config.backend) if config.backend else contextlib.nullcontext()
     with backend:
@@ -155,32 +208,40 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     data: RunData = prepare_data(config.data, run_dir, seed=config.seed)
     model = build_model(config, data.tokenizer.vocab_size)
     optimizer, schedule = build_optimizer(config)
-    state = init_state(model, optimizer, data.sample_batch(), config.seed)
+    sample = data.sample_batch()
+    plan = make_plan(config.mesh, model, sample)
+    abstract = abstract_state(model, optimizer, sample, config.seed, plan)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep,
                                 keep_best=config.checkpoint.keep_best, best_metric=_best_metric(config),
                                 best_mode="max" if _best_metric(config) == "bleu" else "min")
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(state)
+        state, meta = checkpointer.restore(abstract)  # onto this run's mesh, whatever mesh saved it
         data.train.restore(meta["data"])
         tqdm.write(f"resumed from step {int(state.step)} in {checkpointer.manager.directory}")
+    else:
+        state = init_sharded_state(model, optimizer, sample, config.seed, plan)
+    tqdm.write(f"mesh {plan.config.name!r}: {dict(plan.mesh.shape)} over {plan.mesh.size} device(s), "
+               f"ZeRO stage {plan.config.zero_stage}")
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    train_step = ShapeCompileTracker(jax.jit(make_train_step(model, optimizer, label_smoothing=config.label_smoothing),
-                                             donate_argnums=0), signature=lambda s, b: b["src"].shape)
-    eval_step = jax.jit(make_eval_step(model))
+    train_step, eval_step = compile_steps(model, optimizer, plan, abstract, label_smoothing=config.label_smoothing)
+    train_step = ShapeCompileTracker(train_step, signature=lambda s, b: b["src"].shape)
     translator = make_translator(config, model, data.tokenizer)
+
+    def decode_params():  # beam search runs replicated: each device decodes the same batch
+        return jax.device_put(state.params, plan.replicated)
 
     def save(step: int, scores: dict | None = None, force: bool = False):
         checkpointer.save(step, state, {"data": data.train.state(), "config": config_to_dict(config)},
                           scores, force=force)
 
     def run_eval(step: int) -> dict[str, float]:
-        scores = evaluate(eval_step, state.params, data.valid_batches())
+        scores = evaluate(eval_step, state.params, data.valid_batches(), plan)
         if config.eval.bleu:
-            scores["bleu"] = translator.bleu(state.params, data.valid_pairs, max_sentences=config.eval.max_sentences)
+            params = decode_params()
+            scores["bleu"] = translator.bleu(params, data.valid_pairs, max_sentences=config.eval.max_sentences)
             if data.test_pairs:
-                scores["test_bleu"] = translator.bleu(state.params, data.test_pairs,
-                                                      max_sentences=config.eval.max_sentences)
+                scores["test_bleu"] = translator.bleu(params, data.test_pairs, max_sentences=config.eval.max_sentences)
         metrics.write(step, "eval", train_seconds=train_seconds, wall_seconds=time.perf_counter() - run_start,
                       **scores)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
@@ -198,7 +259,7 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
             step_start = time.perf_counter()
             host_batch = next(data.train)
             window_tokens += int(np.count_nonzero(host_batch["tgt_out"]))
-            state, out = train_step(state, {k: jnp.asarray(v) for k, v in host_batch.items()})
+            state, out = train_step(state, shard_batch(plan, host_batch))
             step += 1
             if step % config.log_every == 0 or step % config.eval.every == 0 or step == end_step:
                 jax.block_until_ready(state.step)
@@ -224,11 +285,12 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
             save(step, force=True)
     checkpointer.close()
     sources = [src for src, _ in data.valid_pairs[:3]]
-    for src, hyp in zip(sources, translator.translate(state.params, sources)):
+    for src, hyp in zip(sources, translator.translate(decode_params(), sources)):
         tqdm.write(f"translate: {src}\n       ->  {hyp}")
     summary = {
         "steps": step,
         "train_seconds": round(train_seconds, 2),
+        "mesh": {"name": plan.config.name, "axes": dict(plan.mesh.shape), "zero_stage": plan.config.zero_stage},
         "compiled_step_shapes": {str(k): round(v, 2) for k, v in train_step.compile_seconds.items()},
         "num_step_programs": len(train_step),
         "bucket_ladder": list(config.data.buckets),

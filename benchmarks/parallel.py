@@ -1,0 +1,169 @@
+"""Multi-GPU training throughput of the lsjax train step: one GPU vs dp, zero3 and tp on two.
+
+    python -m benchmarks.parallel --out results/parallel.json [--cache-dir /tmp/jax_cache]
+    python -m benchmarks.parallel --smoke          # CPU, 2 of 8 fake devices, transformer-tiny
+
+Each run is the real ``lsjax.training`` step (bf16 params, lsjax AdamW, dropout on, fused
+ops) of ``--model`` at an equal per-GPU batch of ``--rows`` sentences x ``--length`` tokens:
+
+* ``single``: mesh ``single`` on one device, ``rows`` rows;
+* ``dp``, ``zero3``: two devices, ``2 * rows`` rows (``rows`` per device);
+* ``tp``: two devices, the same ``2 * rows`` rows as dp, every row on both (Megatron split).
+
+All runs start from the same params (same seed; the init is mesh-independent) and the same
+batches, so dp, zero3 and tp must agree on the losses of the first steps (``loss_match``:
+max relative difference against dp under ``--loss-rtol``). Reports compile seconds, ms per
+step, target tokens per second, and the speed-up over one device (tokens/s ratio), as JSON
+(``--out``) and a markdown table (stdout, and ``--out`` with ``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+RUNS = (("single", 1), ("dp", 2), ("zero3", 2), ("tp", 2))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="transformer-big", help="name in configs/model/")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--rows", type=int, default=64, help="sentences per device")
+    parser.add_argument("--length", type=int, default=64, help="source and target tokens per sentence")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--loss-steps", type=int, default=3, help="first steps whose losses are compared")
+    parser.add_argument("--loss-rtol", type=float, default=2e-2, help="tolerance of tp/zero3 vs dp losses")
+    parser.add_argument("--modes", default=",".join(m for m, _ in RUNS), help="subset of " + ",".join(m for m, _ in RUNS))
+    parser.add_argument("--backend", help="lsjax op backend (default: cuda on GPU, else xla)")
+    parser.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
+    parser.add_argument("--out", help="JSON results path (a .md table is written next to it)")
+    parser.add_argument("--smoke", action="store_true", help="CPU check: transformer-tiny, 8 fake devices, 2 used")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.precision, args.rows, args.length, args.steps = "transformer-tiny", "fp32", 8, 8, 3
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return args
+
+
+def _batch(rng, rows: int, length: int, vocab: int) -> dict:
+    """Random token rows with some trailing padding (pad id 0)."""
+    import numpy as np
+
+    batch = {k: rng.integers(3, vocab, (rows, length)).astype(np.int32) for k in ("src", "tgt_in", "tgt_out")}
+    lengths = rng.integers(length // 2, length + 1, rows)
+    for key in batch:
+        batch[key][np.arange(length)[None, :] >= lengths[:, None]] = 0
+    return batch
+
+
+def run_mode(mode: str, devices: list, model, optimizer, batch: dict, args) -> dict:
+    """Compiles and times one mesh config; returns its row of the results."""
+    import jax
+    import numpy as np
+
+    from lsjax.training import loop
+
+    plan = loop.make_plan(mode, model, batch, devices)
+    state = loop.init_sharded_state(model, optimizer, batch, 0, plan)
+    abstract = loop.abstract_state(model, optimizer, batch, 0, plan)
+    step, _ = loop.compile_steps(model, optimizer, plan, abstract, label_smoothing=0.1)
+    device_batch = loop.shard_batch(plan, batch)
+    start = time.perf_counter()
+    compiled = step.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+    losses = []
+    for _ in range(args.loss_steps):
+        state, metrics = compiled(state, device_batch)
+        losses.append(float(metrics["loss"]))
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, device_batch)
+    jax.block_until_ready((state, metrics))
+    seconds = (time.perf_counter() - start) / args.steps
+    tokens = int(np.count_nonzero(batch["tgt_out"]))
+    return {"mode": mode, "devices": len(plan.mesh.devices.flat), "mesh": dict(plan.mesh.shape),
+            "rows": len(batch["src"]), "target_tokens_per_step": tokens, "compile_s": round(compile_s, 2),
+            "step_ms": round(seconds * 1e3, 3), "tokens_per_s": round(tokens / seconds, 1), "losses": losses,
+            "skipped_steps": int(metrics["skipped_steps"])}
+
+
+def summarize(rows: list[dict], rtol: float) -> dict:
+    """Speed-ups over ``single`` and loss agreement with ``dp``."""
+    by_mode = {r["mode"]: r for r in rows}
+    for r in rows:
+        if "single" in by_mode:
+            r["speedup_vs_single"] = round(r["tokens_per_s"] / by_mode["single"]["tokens_per_s"], 3)
+        if "dp" in by_mode and r["rows"] == by_mode["dp"]["rows"] and r["mode"] != "dp":
+            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], by_mode["dp"]["losses"])]
+            r["loss_max_rel_diff_vs_dp"] = max(diffs)
+            r["loss_match"] = max(diffs) <= rtol
+    return by_mode
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| mode | devices | mesh | rows | compile s | ms/step | target tok/s | speed-up vs 1 | "
+             "losses (first steps) | vs dp |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        match = ("" if "loss_match" not in r else
+                 f"{'match' if r['loss_match'] else 'MISMATCH'} ({r['loss_max_rel_diff_vs_dp']:.1e})")
+        losses = ", ".join(f"{x:.4f}" for x in r["losses"])
+        lines.append(f"| {r['mode']} | {r['devices']} | {r['mesh']} | {r['rows']} | {r['compile_s']} | "
+                     f"{r['step_ms']} | {r['tokens_per_s']:.0f} | {r.get('speedup_vs_single', '')} | {losses} | "
+                     f"{match} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import contextlib
+
+    import jax
+    import numpy as np
+
+    from lsjax import ops
+    from lsjax.training import loop
+    from lsjax.training.config import TrainConfig
+    from lsjax.training.metrics import enable_compilation_cache
+
+    enable_compilation_cache(args.cache_dir)
+    devices = jax.devices()
+    if len(devices) < 2:
+        raise SystemExit(f"benchmarks.parallel needs 2 devices, found {len(devices)} ({devices[0].platform})")
+    modes = args.modes.split(",")
+    unknown = set(modes) - {m for m, _ in RUNS}
+    if unknown:
+        raise SystemExit(f"unknown --modes {sorted(unknown)}; choose from {[m for m, _ in RUNS]}")
+    config = TrainConfig(model=args.model, precision=args.precision,
+                         model_overrides={"max_batch_tokens": 2 * args.rows * args.length})
+    model_vocab = loop.load_model_config(args.model).vocab_size
+    model, optimizer = loop.build_model(config, model_vocab), loop.build_optimizer(config)[0]
+    rng = np.random.default_rng(0)
+    batches = {n: _batch(rng, n * args.rows, args.length, model_vocab) for n in (1, 2)}
+    backend = ops.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    rows = []
+    with backend:
+        for mode, n in RUNS:
+            if mode in modes:
+                rows.append(run_mode(mode, devices[:n], model, optimizer, batches[n], args))
+                print(json.dumps(rows[-1]), flush=True)
+    summarize(rows, args.loss_rtol)
+    header = (f"{args.model}, {args.precision}, {args.rows} x {args.length} tokens per device, "
+              f"{devices[0].device_kind}, backend {ops.get_backend() if not args.backend else args.backend}")
+    table = markdown(rows, header)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": vars(args), "device": devices[0].device_kind, "runs": rows}, indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
