@@ -23,7 +23,7 @@ from lsjax.models import Transformer, load_model_config
 from lsjax.training.checkpoint import Checkpointer
 from lsjax.training.config import TrainConfig, config_from_dict, config_to_dict
 from lsjax.training.data import RunData, prepare_data
-from lsjax.training.metrics import MetricsWriter, ShapeCompileTracker, enable_compilation_cache
+from lsjax.training.metrics import LossGuard, MetricsWriter, ShapeCompileTracker, enable_compilation_cache
 from lsjax.training.step import TrainState, make_eval_step, make_train_step
 from lsjax.translate import Translator
 
@@ -56,7 +56,8 @@ def load_for_inference(run_dir: str | Path, step: int | None = None):
     length = config.data.buckets[0]
     sample = {k: [[lsdata.PAD_ID] * length] for k in lsdata.BATCH_KEYS}
     abstract = jax.eval_shape(lambda: init_state(model, optimizer, sample, config.seed))
-    checkpointer = Checkpointer(run_dir / "checkpoints", best_metric=_best_metric(config))
+    best_metric, best_mode = _best_metric(config)
+    checkpointer = Checkpointer(run_dir / "checkpoints", best_metric=best_metric, best_mode=best_mode)
     step = step if step is not None else checkpointer.best_step() or checkpointer.latest_step()
     state, _ = checkpointer.restore(abstract, step)
     checkpointer.close()
@@ -129,7 +130,9 @@ def train(config: TrainConfig, *, max_steps_this_run: int | None = None) -> dict
     """Trains (resuming from ``run_dir`` if it has checkpoints); returns a summary dict.
 
     ``max_steps_this_run`` stops early after that many steps (with a checkpoint), as an
-    interruption would; a later call resumes exactly where this one stopped.
+    interruption would; a later call resumes exactly where this one stopped. An inf/NaN training
+    loss raises :class:`~lsjax.training.metrics.NonFiniteLossError` (naming the step) without
+    saving that state.
     """
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +148,16 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     model = build_model(config, data.tokenizer.vocab_size)
     optimizer, schedule = build_optimizer(config)
     state = init_state(model, optimizer, data.sample_batch(), config.seed)
+    best_metric, best_mode = _best_metric(config)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep,
-                                keep_best=config.checkpoint.keep_best, best_metric=_best_metric(config),
-                                best_mode="max" if _best_metric(config) == "bleu" else "min")
+                                keep_best=config.checkpoint.keep_best, best_metric=best_metric, best_mode=best_mode)
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         data.train.restore(meta["data"])
         tqdm.write(f"resumed from step {int(state.step)} in {checkpointer.manager.directory}")
+    # jit lowers uncommitted (fresh) and committed (restored) arrays differently: commit both alike
+    # so that a resumed run reuses the programs of a fresh one from the persistent cache.
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     train_step = ShapeCompileTracker(jax.jit(make_train_step(model, optimizer, label_smoothing=config.label_smoothing),
@@ -175,8 +181,9 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     end_step = config.steps if max_steps_this_run is None else min(config.steps, start_step + max_steps_this_run)
     window_tokens, window_start = 0, time.perf_counter()
     last_scores: dict[str, float] = {}
-    with _StopRequest() as stop, tqdm(total=config.steps, initial=start_step, desc="train",
-                                      dynamic_ncols=True) as bar:
+    loss_guard = LossGuard()
+    with checkpointer, _StopRequest() as stop, tqdm(total=config.steps, initial=start_step, desc="train",
+                                                    dynamic_ncols=True) as bar:
         step = start_step
         while step < end_step and not stop.requested:
             host_batch = next(data.train)
@@ -184,7 +191,9 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
             state, out = train_step(state, {k: jnp.asarray(v) for k, v in host_batch.items()})
             step += 1
             bar.update(1)
+            loss_guard.push(step, out["loss"])
             if step % config.log_every == 0 or step == end_step:
+                loss_guard.flush()
                 out = jax.device_get(out)
                 elapsed = time.perf_counter() - window_start
                 lr = float(schedule(step - 1))
@@ -196,13 +205,15 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
                                 scale=f"{out['loss_scale']:.0f}", lr=f"{lr:.2e}")
                 window_tokens, window_start = 0, time.perf_counter()
             if step % config.eval.every == 0 or step == config.steps:
+                loss_guard.flush()
                 last_scores = run_eval(step)
                 save(step, last_scores)
             elif step % config.checkpoint.every == 0:
+                loss_guard.flush()
                 save(step)
+        loss_guard.flush()
         if stop.requested or step < config.steps:
             save(step, force=True)
-    checkpointer.close()
     sources = [src for src, _ in data.valid_pairs[:3]]
     for src, hyp in zip(sources, translator.translate(state.params, sources)):
         tqdm.write(f"translate: {src}\n       ->  {hyp}")
@@ -222,5 +233,6 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     return summary
 
 
-def _best_metric(config: TrainConfig) -> str:
-    return "bleu" if config.eval.bleu and config.eval.select_by == "bleu" else "valid_nll"
+def _best_metric(config: TrainConfig) -> tuple[str, str]:
+    """The validation metric that picks the best checkpoint, and ``"max"``/``"min"`` (which is better)."""
+    return ("bleu", "max") if config.eval.bleu and config.eval.select_by == "bleu" else ("valid_nll", "min")
