@@ -42,13 +42,21 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options,
                                              item_names=("state", "meta"))
+        self._closed = False
 
     def save(self, step: int, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None,
-             *, force: bool = False) -> None:
+             *, force: bool = False) -> bool:
         """Starts an async save of ``state`` (any pytree of arrays) and ``meta`` (JSON-able);
-        ``metrics`` (e.g. validation BLEU/loss) are stored in ``meta["metrics"]``."""
+        ``metrics`` (e.g. validation BLEU/loss) are stored in ``meta["metrics"]``.
+
+        A step that is already saved is left as it is (e.g. a stop request on a checkpoint
+        step); returns whether a save was started.
+        """
+        self.manager.wait_until_finished()  # orbax waits here anyway; then all_steps() is final
+        if step in self.manager.all_steps():
+            return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        self.manager.save(step, args=ocp.args.Composite(
+        return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "metrics": metrics})),
             metrics=metrics or None, force=force)
 
@@ -81,8 +89,17 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and releases the manager (idempotent; queries still work)."""
+        if not self._closed:
+            self._closed = True
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on errors: saves already started complete, none is left half-written
 
 
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict[str, Any]]:

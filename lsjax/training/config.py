@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from lsjax.data.batching import OVERLONG_POLICIES
+
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -40,6 +42,12 @@ class DataConfig:
     max_batch_tokens: int = 4096
     overlong: str = "drop"
     shuffle_seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "multi30k", "files"):
+            raise ValueError(f"data.kind must be 'synthetic', 'multi30k' or 'files', got {self.kind!r}")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"data.overlong must be one of {OVERLONG_POLICIES}, got {self.overlong!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +79,11 @@ class LossScaleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Periodic validation: loss on the whole validation set and sacreBLEU of decoded text."""
+    """Periodic validation: loss on the whole validation set and sacreBLEU of decoded text.
+
+    ``select_by`` picks the best checkpoint: ``"bleu"`` (higher is better; falls back to
+    ``"valid_nll"`` when ``bleu`` is off) or ``"valid_nll"`` (lower is better).
+    """
 
     every: int = 500
     bleu: bool = True
@@ -81,12 +93,22 @@ class EvalConfig:
     batch_size: int = 128
     select_by: str = "bleu"
 
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"eval.every must be >= 1, got {self.every}")
+        if self.select_by not in ("bleu", "valid_nll"):
+            raise ValueError(f"eval.select_by must be 'bleu' or 'valid_nll', got {self.select_by!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 500
     keep: int = 2
     keep_best: int = 1
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep < 1 or self.keep_best < 0:
+            raise ValueError(f"checkpoint needs every >= 1, keep >= 1 and keep_best >= 0, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +144,8 @@ class TrainConfig:
             raise ValueError(f"precision must be 'bf16', 'fp16' or 'fp32', got {self.precision!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.data.kind not in ("synthetic", "multi30k", "files"):
-            raise ValueError(f"data.kind must be 'synthetic', 'multi30k' or 'files', got {self.data.kind!r}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 def _build(cls, values: dict[str, Any], where: str):

@@ -43,9 +43,16 @@ def _split_files(config: DataConfig, data_dir: Path, split: str) -> tuple[Path, 
     return None if src is None else (Path(src), Path(tgt))
 
 
+def _report_overlong(split: str, stats: dict[str, Any], longest: int) -> None:
+    if stats["dropped"] or stats["truncated"]:
+        print(f"data: {split}: {stats['dropped']} dropped and {stats['truncated']} truncated of "
+              f"{stats['num_pairs']} pairs over the longest bucket ({longest} tokens)", flush=True)
+
+
 def prepare_data(config: DataConfig, run_dir: Path, *, seed: int) -> RunData:
     """Writes the synthetic task if asked, trains (or reuses) the joint tokenizer under
-    ``run_dir``, and buckets train and validation text."""
+    ``run_dir``, and buckets train and validation text (``config.overlong`` for train pairs over
+    the longest bucket, truncation for validation; counts printed and in ``stats``)."""
     data_dir = run_dir / "data"
     if config.kind == "synthetic":
         if not lsdata.synthetic_files(data_dir, "train")[0].exists():
@@ -63,6 +70,8 @@ def prepare_data(config: DataConfig, run_dir: Path, *, seed: int) -> RunData:
                  lsdata.load_or_train_tokenizer(list(train_files), run_dir / "spm", vocab_size, **trainer_kwargs))
     train = lsdata.TranslationDataset.from_files(*train_files, tokenizer, config.buckets, overlong=config.overlong)
     valid = lsdata.TranslationDataset.from_files(*valid_files, tokenizer, config.buckets, overlong="truncate")
+    for split, dataset in (("train", train), ("valid", valid)):
+        _report_overlong(split, dataset.stats, config.buckets[-1])
     iterator = lsdata.BatchIterator(train, config.max_batch_tokens, seed=config.shuffle_seed)
     test_files = _split_files(config, data_dir, "test")
     return RunData(

@@ -24,7 +24,7 @@ from lsjax.parallel import ShardingPlan, load_mesh_config, make_mesh, maybe_init
 from lsjax.training.checkpoint import Checkpointer
 from lsjax.training.config import TrainConfig, config_from_dict, config_to_dict
 from lsjax.training.data import RunData, prepare_data
-from lsjax.training.metrics import MetricsWriter, ShapeCompileTracker, enable_compilation_cache
+from lsjax.training.metrics import LossGuard, MetricsWriter, ShapeCompileTracker, enable_compilation_cache
 from lsjax.training.step import TrainState, make_eval_step, make_train_step
 from lsjax.translate import Translator
 
@@ -58,7 +58,8 @@ def load_for_inference(run_dir: str | Path, step: int | None = None):
     length = config.data.buckets[0]
     sample = {k: [[lsdata.PAD_ID] * length] for k in lsdata.BATCH_KEYS}
     plan = make_plan("single", model, sample)  # whatever mesh the run trained on
-    checkpointer = Checkpointer(run_dir / "checkpoints", best_metric=_best_metric(config))
+    best_metric, best_mode = _best_metric(config)
+    checkpointer = Checkpointer(run_dir / "checkpoints", best_metric=best_metric, best_mode=best_mode)
     step = step if step is not None else checkpointer.best_step() or checkpointer.latest_step()
     state, _ = checkpointer.restore(abstract_state(model, optimizer, sample, config.seed, plan), step)
     checkpointer.close()
@@ -192,7 +193,9 @@ def train(config: TrainConfig, *, max_steps_this_run: int | None = None) -> dict
     """Trains (resuming from ``run_dir`` if it has checkpoints); returns a summary dict.
 
     ``max_steps_this_run`` stops early after that many steps (with a checkpoint), as an
-    interruption would; a later call resumes exactly where this one stopped.
+    interruption would; a later call resumes exactly where this one stopped. An inf/NaN training
+    loss raises :class:`~lsjax.training.metrics.NonFiniteLossError` (naming the step) without
+    saving that state.
     """
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,14 +214,14 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     sample = data.sample_batch()
     plan = make_plan(config.mesh, model, sample)
     abstract = abstract_state(model, optimizer, sample, config.seed, plan)
+    best_metric, best_mode = _best_metric(config)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.checkpoint.keep,
-                                keep_best=config.checkpoint.keep_best, best_metric=_best_metric(config),
-                                best_mode="max" if _best_metric(config) == "bleu" else "min")
+                                keep_best=config.checkpoint.keep_best, best_metric=best_metric, best_mode=best_mode)
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(abstract)  # onto this run's mesh, whatever mesh saved it
         data.train.restore(meta["data"])
         tqdm.write(f"resumed from step {int(state.step)} in {checkpointer.manager.directory}")
-    else:
+    else:  # created in its shards, committed like a restored state (same programs, cache hits on resume)
         state = init_sharded_state(model, optimizer, sample, config.seed, plan)
     tqdm.write(f"mesh {plan.config.name!r}: {dict(plan.mesh.shape)} over {plan.mesh.size} device(s), "
                f"ZeRO stage {plan.config.zero_stage}")
@@ -252,8 +255,9 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     window_tokens, window_start = 0, time.perf_counter()
     run_start, train_seconds = window_start, 0.0  # train_seconds: steps incl. compilation, no eval/saving
     last_scores: dict[str, float] = {}
-    with _StopRequest() as stop, tqdm(total=config.steps, initial=start_step, desc="train",
-                                      dynamic_ncols=True) as bar:
+    loss_guard = LossGuard()
+    with checkpointer, _StopRequest() as stop, tqdm(total=config.steps, initial=start_step, desc="train",
+                                                    dynamic_ncols=True) as bar:
         step = start_step
         while step < end_step and not stop.requested:
             step_start = time.perf_counter()
@@ -265,7 +269,9 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
                 jax.block_until_ready(state.step)
             train_seconds += time.perf_counter() - step_start
             bar.update(1)
+            loss_guard.push(step, out["loss"])
             if step % config.log_every == 0 or step == end_step:
+                loss_guard.flush()
                 out = jax.device_get(out)
                 elapsed = time.perf_counter() - window_start
                 lr = float(schedule(step - 1))
@@ -277,13 +283,15 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
                                 scale=f"{out['loss_scale']:.0f}", lr=f"{lr:.2e}")
                 window_tokens, window_start = 0, time.perf_counter()
             if step % config.eval.every == 0 or step == config.steps:
+                loss_guard.flush()
                 last_scores = run_eval(step)
                 save(step, last_scores)
             elif step % config.checkpoint.every == 0:
+                loss_guard.flush()
                 save(step)
+        loss_guard.flush()
         if stop.requested or step < config.steps:
             save(step, force=True)
-    checkpointer.close()
     sources = [src for src, _ in data.valid_pairs[:3]]
     for src, hyp in zip(sources, translator.translate(decode_params(), sources)):
         tqdm.write(f"translate: {src}\n       ->  {hyp}")
@@ -305,5 +313,6 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     return summary
 
 
-def _best_metric(config: TrainConfig) -> str:
-    return "bleu" if config.eval.bleu and config.eval.select_by == "bleu" else "valid_nll"
+def _best_metric(config: TrainConfig) -> tuple[str, str]:
+    """The validation metric that picks the best checkpoint, and ``"max"``/``"min"`` (which is better)."""
+    return ("bleu", "max") if config.eval.bleu and config.eval.select_by == "bleu" else ("valid_nll", "min")

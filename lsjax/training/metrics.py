@@ -1,14 +1,17 @@
-"""Run bookkeeping: JSON-lines metrics, compile counting per shape, persistent compilation cache."""
+"""Run bookkeeping: JSON-lines metrics, compile counting per shape, a non-finite-loss guard,
+persistent compilation cache."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 
 class MetricsWriter:
@@ -32,6 +35,7 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics file in order, optionally only those of one ``kind``."""
     lines = Path(path).read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     return [r for r in records if kind is None or r["kind"] == kind]
@@ -61,12 +65,47 @@ class ShapeCompileTracker:
         return len(self.compile_seconds)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced an inf/NaN loss; the run stops without saving that state."""
+
+
+class LossGuard:
+    """Raises :class:`NonFiniteLossError` naming the first step whose loss is inf/NaN.
+
+    ``push`` checks the *previous* step's loss, so the host never waits for the step it has just
+    dispatched; ``flush`` checks the pending one now (call it before saving or evaluating).
+    """
+
+    def __init__(self):
+        self._pending: tuple[int, jax.Array] | None = None
+
+    def push(self, step: int, loss: jax.Array) -> None:
+        self.flush()
+        self._pending = (step, loss)
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        (step, loss), self._pending = self._pending, None
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"training loss is {value} at step {step}; stopping without saving this state (the last "
+                "checkpoint, if any, is untouched). Try a lower optimizer.lr or optimizer.clip_norm > 0, "
+                "and check the data.")
+
+
 def enable_compilation_cache(directory: str | None) -> str | None:
-    """Turns on JAX's persistent compilation cache (a second run of a config compiles nothing)."""
+    """Turns on JAX's persistent compilation cache (a second run of a config compiles nothing).
+
+    ``None`` leaves JAX's cache settings as they are.
+    """
     if not directory:
         return None
     path = os.path.expanduser(directory)
     os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir not in (None, path):
+        compilation_cache.reset_cache()  # JAX opens its cache once; reopen it at the new path
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
