@@ -14,8 +14,9 @@
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
 #   multi30k_fp32 benchmarks/convergence.sh fp32master
 # Through the device tool:  run(command="OUT=$OUT bash benchmarks/gpu_check.sh ...", carry=[".data", ".whl"])
-# The built extension is left in $OUT/prebuilt/; copy it to ./prebuilt/ and add "prebuilt" to `carry`
-# to skip the build in later calls (only while the sources of csrc/ and ffi/ are unchanged).
+# where .whl holds the runtime wheels the GPU image lacks, fetched here with
+#   pip download -d .whl sentencepiece sacrebleu tqdm pyyaml --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 && rm .whl/numpy-*
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -41,19 +42,13 @@ if [ -d .whl ]; then  # runtime deps the GPU image lacks (no network there): car
   $PY -m pip install -q --no-index --find-links .whl sentencepiece sacrebleu tqdm pyyaml > "$OUT/deps.log" 2>&1 \
     || { cat "$OUT/deps.log"; status=1; }
 fi
-if ls prebuilt/_ffi*.so > /dev/null 2>&1; then
-  # a carried extension built by an earlier call (see below): skip the ~4-minute nvcc build
-  cp prebuilt/_ffi*.so lsjax/ && export PYTHONPATH=$PWD && echo "== using prebuilt/$(ls prebuilt)"
-else
-  echo "== build" | tee "$OUT/build.log"
-  t0=$SECONDS
-  if ! $PY -m pip install --no-build-isolation --no-deps -v -e . >> "$OUT/build.log" 2>&1; then
-    tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
-  fi
-  echo "(build took $((SECONDS - t0)) s)"
-  grep -E "warning|error" "$OUT/build.log" | grep -v "^ *$" | head -20
-  mkdir -p "$OUT/prebuilt" && cp "$($PY -c 'import lsjax._ffi as f; print(f.__file__)')" "$OUT/prebuilt/"
+echo "== build" | tee "$OUT/build.log"
+t0=$SECONDS
+if ! $PY -m pip install --no-build-isolation --no-deps -v -e . >> "$OUT/build.log" 2>&1; then
+  tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
+echo "(build took $((SECONDS - t0)) s)"
+grep -E "warning|error" "$OUT/build.log" | grep -v "^ *$" | head -20
 $PY -m lsjax | tee "$OUT/info.txt"
 
 if [ "${TESTS[*]}" != "none" ]; then
