@@ -1,12 +1,15 @@
 """Decode benchmark: lsjax beam search vs the flax-wmt-style peer, and the top-k op alone.
 
-    python -m benchmarks.decode [--out decode.json] [--smoke]
+    python -m benchmarks.decode [--out decode.json] [--batches 1,8,64] [--dtypes bfloat16,float16]
+                                [--no-topk] [--smoke]
 
 Transformer-base (vocab 32000), source length 32, 64 forced steps (eos disabled),
 batch {1, 8, 64}, beam 4, bf16 and fp16: ms per decode call (encoder included,
 the same for both) and per step. Then ``beam_topk`` vs ``lax.top_k`` over
 beam*vocab at vocab {32k, 128k, 256k}. ``--smoke`` runs a tiny toy decoder on
-any machine to check the script.
+any machine to check the script. Each (dtype, batch) row compiles two transformer-base
+beam searches; compilation dominates the run time, so split the rows over calls with
+``--batches`` / ``--dtypes`` when time is short.
 """
 
 from __future__ import annotations
@@ -60,8 +63,13 @@ def _toy_inputs(batch, dtype, rng):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
+    parser.add_argument("--dtypes", default="bfloat16,float16", help="comma-separated compute dtypes")
+    parser.add_argument("--no-topk", action="store_true", help="skip the top-k op table")
     parser.add_argument("--smoke", action="store_true", help="toy decoder, tiny sizes (CPU check)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batches, args.dtypes = "1,2", "bfloat16"
     rng = np.random.default_rng(0)
     device = jax.devices()[0].device_kind
     results = {"device": device, "backend": ops.get_backend(), "decode": [], "topk": []}
@@ -73,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"device: {device}; backend: {ops.get_backend()}; beam {BEAM}, {STEPS} forced steps", flush=True)
     make_inputs = _toy_inputs if args.smoke else _transformer_inputs
-    for dtype in (jnp.bfloat16, jnp.float16):
-        for batch in ((1, 2) if args.smoke else (1, 8, 64)):
+    for dtype in map(jnp.dtype, args.dtypes.split(",")):
+        for batch in map(int, args.batches.split(",")):
             make_fns, inputs = make_inputs(batch, dtype, rng)
             ours, peer = _searches(make_fns)
             t_ours = time_fn(ours, inputs, calls=2 if args.smoke else 5, trials=3 if args.smoke else 5)
@@ -87,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} ms "
                   f"({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x", flush=True)
             save()
-        if args.smoke:
-            break
+    if args.no_topk:
+        return
 
     copy_bw = measure_copy_bandwidth(1 << 20 if args.smoke else 1 << 28)
     for case in topk_cases.cases()[:1] if args.smoke else topk_cases.cases():
