@@ -60,12 +60,12 @@ from lsjax import ops, optim
 from lsjax.data import BOS_ID, EOS_ID, PAD_ID
 from lsjax.models import load_model_config
 from lsjax.training.config import OptimizerConfig, TrainConfig
-from lsjax.training.loop import PARAM_DTYPES, build_loss_scale, build_model, build_optimizer, init_state
+from lsjax.training.loop import COMPUTE_DTYPES, build_loss_scale, build_model, build_optimizer, init_state
 from lsjax.training.metrics import enable_compilation_cache
 from lsjax.training.step import make_train_step, token_loss
 
 IMPLS = ("lsjax", "plain")
-PRECISION = {jnp.dtype(v).name: k for k, v in PARAM_DTYPES.items()}  # "bfloat16" -> "bf16"
+PRECISION = {jnp.dtype(v).name: k for k, v in COMPUTE_DTYPES.items()}  # "bfloat16" -> "bf16"
 OPTIMIZER = OptimizerConfig(name="adamw", weight_decay=0.01)  # both sides; the rest: lsjax-train's defaults
 _ROOT = Path(__file__).resolve().parents[1]  # the variant subprocesses run here
 _ROW = "ROW "  # prefix of the result line a variant subprocess prints

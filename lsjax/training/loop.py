@@ -28,11 +28,12 @@ from lsjax.training.metrics import LossGuard, MetricsWriter, ShapeCompileTracker
 from lsjax.training.step import TrainState, make_eval_step, make_train_step
 from lsjax.translate import Translator
 
-PARAM_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+# precision name -> compute dtype (also the params' dtype unless master_weights)
+COMPUTE_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> Transformer:
-    dtype = PARAM_DTYPES[config.precision]
+    dtype = COMPUTE_DTYPES[config.precision]
     param_dtype = jnp.float32 if config.master_weights else dtype
     model_config = load_model_config(config.model, vocab_size=vocab_size, dtype=dtype, param_dtype=param_dtype,
                                      **config.model_overrides)
