@@ -447,3 +447,44 @@ def test_bf16_params_with_fp32_moments_take_12_bytes_per_param():
     fp32 = load_train_config("tiny-synthetic", ["precision=fp32"])
     reference, *_ = _bytes_per_param(fp32, optax.adamw(1e-3))
     assert 16.0 <= reference < 16.001, reference
+
+
+def test_master_weights_baseline_keeps_fp32_params_and_optax_adamw():
+    """``master_weights=true``: fp32 params, bf16 compute, optax's AdamW state; one step equals optax's."""
+    config = load_train_config("tiny-synthetic", ["precision=bf16", "master_weights=true",
+                                                  "model_overrides.num_encoder_layers=1",
+                                                  "model_overrides.num_decoder_layers=1"])
+    optimizer, _ = loop.build_optimizer(config)
+    per_param, params, grads, opt_state = _bytes_per_param(config, optimizer)
+    assert {x.dtype for x in jax.tree.leaves((params, grads))} == {jnp.dtype(jnp.float32)}
+    assert isinstance(opt_state.inner_state[0], optax.ScaleByAdamState)  # optax's own transform
+    assert 16.0 <= per_param < 16.001, per_param
+    model = loop.build_model(config, vocab_size=128)
+    assert model.config.dtype == jnp.bfloat16 and model.config.param_dtype == jnp.float32
+
+    rng = np.random.default_rng(0)
+    batch = {k: jnp.asarray(rng.integers(3, 128, (4, 8)), jnp.int32) for k in lsdata.BATCH_KEYS}
+    sample = {k: np.asarray(v) for k, v in batch.items()}
+    state = loop.init_state(model, optimizer, sample, 0)
+    new_state, metrics = jax.jit(loop.make_train_step(model, optimizer, label_smoothing=0.1))(state, batch)
+    assert int(metrics["skipped_steps"]) == 0
+    o = config.optimizer
+    tx = optax.adamw(optim.inverse_sqrt_schedule(o.lr, o.warmup_steps), o.b1, o.b2, o.eps,
+                     weight_decay=o.weight_decay)
+    dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))[1]
+    loss = lambda p: token_loss(model, p, batch, label_smoothing=0.1, deterministic=False,  # noqa: E731
+                                dropout_key=dropout_key)
+
+    @jax.jit
+    def optax_step(params):
+        def mean_loss(p):
+            total, count = loss(p)
+            return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+        updates, _ = tx.update(jax.grad(mean_loss)(params), tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    expected = optax_step(state.params)
+    for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
