@@ -28,6 +28,16 @@ def assert_close(actual, expected, rtol: float, what: str = "") -> None:
     assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
+def assert_sum_close(actual, expected, n_terms: int, rtol: float = 1e-5, what: str = "") -> None:
+    """Scalar sums of ``n_terms`` terms of magnitude <= ~1 (e.g. ``sum(sin(y))``) agree within
+    ``rtol * sqrt(n_terms)``: a sharded sum adds its terms in another order than the unsharded one,
+    so its rounding grows with the term count, not with the size of the total."""
+    err = abs(float(actual) - float(expected))
+    bound = rtol * max(1.0, float(np.sqrt(n_terms)))
+    assert np.isfinite(float(actual)), f"{what}: non-finite value"
+    assert err <= bound, f"{what}: abs error {err:.3g} > {bound:.3g} for a sum of {n_terms} terms"
+
+
 def compiled_hlo(fn, *args) -> str:
     """Optimised HLO text of ``jax.jit(fn)`` for ``args``."""
     return jax.jit(fn).lower(*args).compile().as_text()
