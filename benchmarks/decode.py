@@ -1,15 +1,22 @@
-"""Decode benchmark: lsjax beam search vs the flax-wmt-style peer, and the top-k op alone.
+"""Decode benchmark: lsjax beam search vs plain Flax decoding the flax-wmt way, and the top-k op alone.
 
     python -m benchmarks.decode [--out decode.json] [--batches 1,8,64] [--dtypes bfloat16,float16]
-                                [--no-topk] [--smoke]
+                                [--command-buffers default,while] [--no-topk] [--smoke]
 
 Transformer-base (vocab 32000), source length 32, 64 forced steps (eos disabled),
-batch {1, 8, 64}, beam 4, bf16 and fp16: ms per decode call (encoder included,
-the same for both) and per step. Then ``beam_topk`` vs ``lax.top_k`` over
+batch {1, 8, 64}, beam 4, bf16 and fp16: ms per decode call (encoder included) and per
+step. Ours: the lsjax ``Transformer`` (fused ops, encoder K/V projected once) under
+:func:`lsjax.decode.beam_search`. Peer: the plain-Flax ``RefTransformer`` with the same
+weights in the same dtype, decoded as flax's examples/wmt does (``nn.MultiHeadDotProductAttention``
+with ``decode=True``, cross-attention K/V projected again every step) under
+``benchmarks.flax_beam_search`` (``lax.top_k`` over beam*vocab, every cache leaf gathered
+each step); both produce the same tokens. Then ``beam_topk`` vs ``lax.top_k`` over
 beam*vocab at vocab {32k, 128k, 256k}. ``--smoke`` runs a tiny toy decoder on
 any machine to check the script. Each (dtype, batch) row compiles two transformer-base
 beam searches; compilation dominates the run time, so split the rows over calls with
-``--batches`` / ``--dtypes`` when time is short.
+``--batches`` / ``--dtypes`` when time is short. ``--command-buffers while`` also times
+both searches compiled with XLA's command buffers (CUDA graphs) extended to the while loop
+(see ``benchmarks.profile.COMMAND_BUFFERS``): every row then names its setting.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flax_beam_search
+from benchmarks.profile import COMMAND_BUFFERS
 from benchmarks.cases import beam_topk as topk_cases
 from benchmarks.harness import measure_copy_bandwidth, run_case, time_fn
 from lsjax import ops
@@ -30,34 +39,44 @@ from lsjax.decode import beam_search
 BEAM, SRC_LEN, STEPS, VOCAB = 4, 32, 64, 32000
 
 
-def _searches(make_fns):
-    """(lsjax, peer) functions of the inputs that ``make_fns(*inputs)`` turns into decoder fns."""
+def _searches(ours_fns, peer_fns):
+    """(lsjax, peer) searches: each takes its inputs, which its ``*_fns`` turn into decoder fns."""
     def ours(*inputs):
-        f, cache, enc = make_fns(*inputs)
+        f, cache, enc = ours_fns(*inputs)
         return beam_search(f, cache, enc, beam_size=BEAM, max_len=STEPS, eos_id=-1).sequences
 
     def peer(*inputs):
-        f, cache, enc = make_fns(*inputs)
+        f, cache, enc = peer_fns(*inputs)
         return flax_beam_search.beam_search(f, cache, enc, beam_size=BEAM, max_len=STEPS, eos_id=-1)[0]
 
     return ours, peer
 
 
 def _transformer_inputs(batch, dtype, rng):
+    """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer, and the plain-Flax
+    ``RefTransformer`` with the same weights (cast to ``dtype``) decoded the flax-wmt way."""
+    from benchmarks.flax_reference import ref_decoder_fns, reference_params
     from lsjax.models import Transformer, decoder_fns, load_model_config
 
-    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=jnp.dtype(dtype).name)
+    name = jnp.dtype(dtype).name
+    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name)
     model = Transformer(config)
     src = [jnp.asarray(rng.integers(4, VOCAB, (batch, SRC_LEN)), jnp.int32) for _ in range(2)]
-    params = jax.jit(model.init)(jax.random.key(0), src[0], src[0])["params"]
-    return (lambda p, s: decoder_fns(model, p, s, STEPS)), [(params, s) for s in src]
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), src[0], src[0])["params"])
+    ref_config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name, param_dtype=name)
+    ref_params = jax.tree.map(lambda p: p.astype(dtype), reference_params(params))
+    searches = _searches(lambda p, s: decoder_fns(model, p, s, STEPS),
+                         lambda p, s: ref_decoder_fns(ref_config, p, s, STEPS))
+    return searches, ([(params, s) for s in src], [(ref_params, s) for s in src])
 
 
 def _toy_inputs(batch, dtype, rng):
     from benchmarks.toy_decoder import toy_decoder
 
     f, cache, enc = toy_decoder(rng, batch=batch, vocab=64, max_len=STEPS)
-    return (lambda c, e: (f, c, e)), [(cache, enc)] * 2
+    fns = lambda c, e: (f, c, e)  # noqa: E731
+    inputs = [(cache, enc)] * 2
+    return _searches(fns, fns), (inputs, inputs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="write the results as JSON here")
     parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
     parser.add_argument("--dtypes", default="bfloat16,float16", help="comma-separated compute dtypes")
+    parser.add_argument("--command-buffers", default="default",
+                        help=f"comma-separated XLA command-buffer settings, of {sorted(COMMAND_BUFFERS)}")
     parser.add_argument("--no-topk", action="store_true", help="skip the top-k op table")
     parser.add_argument("--smoke", action="store_true", help="toy decoder, tiny sizes (CPU check)")
     args = parser.parse_args(argv)
@@ -83,18 +104,20 @@ def main(argv: list[str] | None = None) -> None:
     make_inputs = _toy_inputs if args.smoke else _transformer_inputs
     for dtype in map(jnp.dtype, args.dtypes.split(",")):
         for batch in map(int, args.batches.split(",")):
-            make_fns, inputs = make_inputs(batch, dtype, rng)
-            ours, peer = _searches(make_fns)
-            t_ours = time_fn(ours, inputs, calls=2 if args.smoke else 5, trials=3 if args.smoke else 5)
-            t_peer = time_fn(peer, inputs, calls=2 if args.smoke else 5, trials=3 if args.smoke else 5)
-            row = {"dtype": jnp.dtype(dtype).name, "batch": batch, "beam": BEAM, "steps": STEPS,
-                   "ours_ms": t_ours * 1e3, "peer_ms": t_peer * 1e3, "ours_ms_per_step": t_ours * 1e3 / STEPS,
-                   "peer_ms_per_step": t_peer * 1e3 / STEPS, "speedup": t_peer / t_ours}
-            results["decode"].append(row)
-            print(f"beam search {row['dtype']:<9} batch {batch:<3} ours {row['ours_ms']:9.3f} ms "
-                  f"({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} ms "
-                  f"({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x", flush=True)
-            save()
+            (ours, peer), (ours_inputs, peer_inputs) = make_inputs(batch, dtype, rng)
+            for setting in args.command_buffers.split(","):
+                timing = dict(calls=2 if args.smoke else 5, trials=3 if args.smoke else 5,
+                              compiler_options=COMMAND_BUFFERS[setting])
+                t_ours, t_peer = time_fn(ours, ours_inputs, **timing), time_fn(peer, peer_inputs, **timing)
+                row = {"dtype": jnp.dtype(dtype).name, "batch": batch, "beam": BEAM, "steps": STEPS,
+                       "command_buffers": setting, "ours_ms": t_ours * 1e3, "peer_ms": t_peer * 1e3,
+                       "ours_ms_per_step": t_ours * 1e3 / STEPS, "peer_ms_per_step": t_peer * 1e3 / STEPS,
+                       "speedup": t_peer / t_ours}
+                results["decode"].append(row)
+                print(f"beam search {row['dtype']:<9} batch {batch:<3} cmdbuf {setting:<7} ours {row['ours_ms']:9.3f} "
+                      f"ms ({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} ms "
+                      f"({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x", flush=True)
+                save()
     if args.no_topk:
         return
 

@@ -45,6 +45,7 @@ class RefFeedForward(nn.Module):
 
 class RefAttention(nn.Module):
     config: Any
+    decode: bool = False  # flax's incremental decoding: K/V cached in the "cache" collection
 
     @nn.compact
     def __call__(self, x, kv, mask, deterministic):
@@ -52,7 +53,8 @@ class RefAttention(nn.Module):
         return nn.MultiHeadDotProductAttention(
             num_heads=cfg.nhead, qkv_features=cfg.hidden_size, out_features=cfg.hidden_size,
             dropout_rate=cfg.attn_prob_dropout_ratio, broadcast_dropout=False, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, name="mha")(x, kv, kv, mask=mask, deterministic=deterministic)
+            param_dtype=cfg.param_dtype, decode=self.decode, name="mha")(x, kv, kv, mask=mask,
+                                                                          deterministic=deterministic)
 
 
 def _sublayer(x, fn, cfg, name, deterministic):
@@ -76,14 +78,19 @@ class RefEncoderLayer(nn.Module):
 
 
 class RefDecoderLayer(nn.Module):
+    """With ``decode``, ``x`` is one position ``[batch, 1, d]`` and the self-attention K/V are
+    cached (flax's ``decode=True``); the cross-attention projects ``memory`` again at every step,
+    as flax's examples/wmt does."""
+
     config: Any
     cross_attention: bool = True
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x, memory=None, memory_mask=None, deterministic=True):
         cfg = self.config
-        causal = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
-        attn = RefAttention(cfg, name="self_attn")
+        causal = None if self.decode else nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
+        attn = RefAttention(cfg, self.decode, name="self_attn")
         x = _sublayer(x, lambda h: attn(h, h, causal, deterministic), cfg, "self_attn_ln", deterministic)
         if self.cross_attention:
             cross = RefAttention(cfg, name="cross_attn")
@@ -95,36 +102,79 @@ class RefDecoderLayer(nn.Module):
 
 
 class RefTransformer(nn.Module):
-    """Encoder-decoder with one shared embedding (sinusoidal positions) tied to the output."""
+    """Encoder-decoder with one shared embedding (sinusoidal positions) tied to the output.
+
+    ``decode=True`` builds the incremental decoder of flax's examples/wmt: :meth:`decode` then
+    takes one target position per call, caching self-attention K/V and the position in "cache".
+    """
 
     config: Any
+    decode: bool = False
 
-    @nn.compact
-    def __call__(self, src, tgt_in, deterministic=True):
+    def setup(self):
         cfg = self.config
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed")
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.embed_dropout = nn.Dropout(cfg.hidden_dropout_ratio)
+        self.encoder_layers = [RefEncoderLayer(cfg) for _ in range(cfg.num_encoder_layers)]
+        self.decoder_layers = [RefDecoderLayer(cfg, decode=self.decode) for _ in range(cfg.num_decoder_layers)]
+        if cfg.pre_layer_norm:
+            norm = lambda: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,  # noqa: E731
+                                        param_dtype=cfg.param_dtype)
+            self.encoder_final_ln, self.decoder_final_ln = norm(), norm()
+        if self.decode:  # the position of the next decoded token; advances once the cache exists
+            self.cache_ready = self.has_variable("cache", "position")
+            self.position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
 
-        def embed_ids(ids):
-            nonpad = ids != cfg.padding_id
-            pos = jnp.cumsum(nonpad, axis=-1) - 1
-            x = embed(ids) * math.sqrt(cfg.hidden_size) + sinusoids(pos, cfg.hidden_size).astype(cfg.dtype)
-            x = jnp.where(nonpad[..., None], x, 0).astype(cfg.dtype)
-            return nn.Dropout(cfg.hidden_dropout_ratio)(x, deterministic=deterministic)
+    def _embed_ids(self, ids, positions, deterministic):
+        cfg = self.config
+        nonpad = ids != cfg.padding_id
+        x = self.embed(ids) * math.sqrt(cfg.hidden_size) + sinusoids(positions, cfg.hidden_size).astype(cfg.dtype)
+        x = jnp.where(nonpad[..., None], x, 0).astype(cfg.dtype)
+        return self.embed_dropout(x, deterministic=deterministic)
 
-        def final_ln(x, name):
-            if not cfg.pre_layer_norm:
-                return x
-            return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)(x)
+    def encode(self, src, deterministic=True):
+        """``(memory [batch, src_len, d], src_mask bool [batch, src_len])``."""
+        src_mask = src != self.config.padding_id
+        x = self._embed_ids(src, jnp.cumsum(src_mask, axis=-1) - 1, deterministic)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask, deterministic)
+        return (self.encoder_final_ln(x) if self.config.pre_layer_norm else x), src_mask
 
-        src_mask = src != cfg.padding_id
-        x = embed_ids(src)
-        for i in range(cfg.num_encoder_layers):
-            x = RefEncoderLayer(cfg, name=f"encoder_layers_{i}")(x, src_mask, deterministic)
-        memory = final_ln(x, "encoder_final_ln")
-        y = embed_ids(tgt_in)
-        for i in range(cfg.num_decoder_layers):
-            y = RefDecoderLayer(cfg, name=f"decoder_layers_{i}")(y, memory, src_mask, deterministic)
-        return embed.attend(final_ln(y, "decoder_final_ln"))
+    def decode_logits(self, tgt_in, memory, src_mask, deterministic=True):
+        """Logits ``[batch, tgt_len, vocab]``; with ``decode``, of one position per call."""
+        if self.decode:
+            positions = jnp.broadcast_to(self.position.value, tgt_in.shape)
+            if self.cache_ready:
+                self.position.value = self.position.value + 1
+        else:
+            positions = jnp.cumsum(tgt_in != self.config.padding_id, axis=-1) - 1
+        y = self._embed_ids(tgt_in, positions, deterministic)
+        for layer in self.decoder_layers:
+            y = layer(y, memory, src_mask, deterministic)
+        return self.embed.attend(self.decoder_final_ln(y) if self.config.pre_layer_norm else y)
+
+    def __call__(self, src, tgt_in, deterministic=True):
+        memory, src_mask = self.encode(src, deterministic)
+        return self.decode_logits(tgt_in, memory, src_mask, deterministic)
+
+
+def ref_decoder_fns(config: Any, params: dict, src: jax.Array, max_len: int):
+    """flax-wmt-style incremental decoding of :class:`RefTransformer` under the decoding contract of
+    :func:`lsjax.models.decoder_fns`: ``(tokens_to_logits, init_cache, encoded)`` with
+    ``encoded = {"memory": encoder output [batch, src_len, d], "src_mask"}`` (K/V of the memory
+    are projected again at every step) and the self-attention cache sized ``max_len``."""
+    memory, src_mask = RefTransformer(config).apply({"params": params}, src, method=RefTransformer.encode)
+    model = RefTransformer(config, decode=True)
+    dummy = jnp.zeros((src.shape[0], max_len), jnp.int32)
+    cache = model.apply({"params": params}, dummy, memory, src_mask, method=RefTransformer.decode_logits,
+                        mutable=["cache"])[1]["cache"]
+
+    def tokens_to_logits(token_ids, cache, encoded):
+        logits, new = model.apply({"params": params, "cache": cache}, token_ids, encoded["memory"],
+                                  encoded["src_mask"], method=RefTransformer.decode_logits, mutable=["cache"])
+        return logits[:, -1].astype(jnp.float32), new["cache"]
+
+    return tokens_to_logits, cache, {"memory": memory, "src_mask": src_mask}
 
 
 # ----------------------------------------------------- lsjax -> reference params --

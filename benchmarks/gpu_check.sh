@@ -8,7 +8,11 @@
 # --bench names (each writes $OUT/<name>.json and $OUT/<name>.log):
 #   layers        benchmarks/layers.py (fused attention softmax)
 #   layers_cudnn  benchmarks/layers.py --attention-impl cudnn (no attention-prob dropout in either)
-#   decode        benchmarks/decode.py (decode_bar: only the bar rows, bf16 batch 8 and 64, + top-k)
+#   decode        benchmarks/decode.py (decode_bar: only the bar rows, bf16 batch 8 and 64, + top-k,
+#                 each with and without XLA command buffers around the while loop)
+#   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
+#                 train step (lsjax and plain, bf16) / the batch-8 beam search (lsjax, plain, lsjax with
+#                 while-loop command buffers); tables in $OUT/<name>.log, JSON in $OUT/profile_*.json
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each)
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
@@ -76,7 +80,15 @@ for name in ${BENCH//,/ }; do
     layers) bench layers $PY -m benchmarks.layers --out "$OUT/layers.json" ;;
     layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl cudnn --out "$OUT/layers_cudnn.json" ;;
     decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
-    decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --out "$OUT/decode_bar.json" ;;
+    decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --command-buffers default,while \
+                  --out "$OUT/decode_bar.json" ;;
+    profile_train) for impl in lsjax plain; do
+        bench "profile_train_$impl" $PY -m benchmarks.profile train --impl $impl --out "$OUT/profile_train_$impl.json"
+      done ;;
+    profile_decode) for v in "lsjax default" "plain default" "lsjax while"; do set -- $v
+        bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --command-buffers $2 \
+          --out "$OUT/profile_decode_$1_$2.json"
+      done ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;
     train_step_base|train_step_big)
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" ;;

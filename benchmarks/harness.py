@@ -58,15 +58,17 @@ def _fwd_bwd(fn, argnums):
     return run
 
 
-def time_fn(fn: Callable, inputs: list[tuple], calls: int = 10, trials: int = 7, warmup: int = 2) -> float:
+def time_fn(fn: Callable, inputs: list[tuple], calls: int = 10, trials: int = 7, warmup: int = 2,
+            compiler_options: dict | None = None) -> float:
     """Median seconds per application of ``fn`` over the list of input tuples.
 
     Each trial dispatches the K-application program ``calls`` times back to back
     (asynchronous dispatch keeps the GPU busy, so host overhead is hidden) and
     blocks once; the result is the median trial time / (calls * K).
+    ``compiler_options`` are XLA options of the program (``jax.jit(compiler_options=)``).
     """
     k = len(inputs)
-    prog = jax.jit(lambda ins: [fn(*x) for x in ins])
+    prog = jax.jit(lambda ins: [fn(*x) for x in ins], compiler_options=compiler_options)
     for _ in range(warmup):
         jax.block_until_ready(prog(inputs))
     times = []

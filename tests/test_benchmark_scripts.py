@@ -31,3 +31,38 @@ def test_train_step_smoke(tmp_path, monkeypatch):
         assert r["device"] == "cpu" and r["tgt_tokens_per_step"] > 0
         assert r["compile_s"] > 0 and r["step_ms"] > 0 and r["compiled_peak_bytes"] > 0
         assert math.isfinite(r["final_loss"]) and r["skipped_steps"] == 0 and r["loss_scale"] == 2.0**15
+
+
+def test_profile_smoke(tmp_path):
+    """benchmarks.profile reads the trace back: per-call wall, busy time, kernel tables."""
+    from benchmarks import profile
+
+    out = tmp_path / "profile.json"
+    profile.main(["decode", "--smoke", "--top", "3", "--command-buffers", "while", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["program"], r["impl"], r["command_buffers"], r["calls"]) == ("decode", "lsjax", "while", 3)
+    assert r["wall_ms"] > 0 and 0 < r["busy_ms"] and r["kernels"] > 0
+    assert len(r["top"]) == 3 and all(t["launches"] > 0 and t["ms"] >= 0 for t in r["top"])
+    assert sum(c["kernels"] for c in r["categories"].values()) == pytest.approx(r["kernels"])
+
+
+def test_profile_categories_and_busy_time():
+    from benchmarks.profile import _union_ns, category
+
+    assert category("void lsjax::LayerNormFwdKernel<float>(...)") == "lsjax"
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert category("nvjet_tst_128x64_64x4_1x2_h_bz_TNT") == "gemm"
+    assert category("loop_add_fusion_3") == "xla"
+    assert category("Memcpy DtoD") == "copy"
+    assert _union_ns([(0, 10), (5, 15), (20, 30)]) == 25  # overlapping streams count once
+
+
+def test_decode_smoke(tmp_path):
+    from benchmarks import decode
+
+    out = tmp_path / "decode.json"
+    decode.main(["--smoke", "--no-topk", "--command-buffers", "default,while", "--out", str(out)])
+    rows = json.loads(out.read_text())["decode"]
+    assert [(r["batch"], r["command_buffers"]) for r in rows] == [(1, "default"), (1, "while"), (2, "default"),
+                                                                  (2, "while")]
+    assert all(r["ours_ms"] > 0 and r["speedup"] == pytest.approx(r["peer_ms"] / r["ours_ms"]) for r in rows)

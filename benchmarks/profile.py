@@ -1,0 +1,216 @@
+"""Where a step's device time goes: per-kernel totals from a JAX profiler trace.
+
+    python -m benchmarks.profile train  [--model transformer-base] [--dtype bfloat16] [--impl lsjax|plain]
+    python -m benchmarks.profile decode [--batch 8] [--dtype bfloat16] [--impl lsjax|plain]
+    ... [--steps 5] [--top 40] [--command-buffers default|while] [--out profile.json] [--smoke]
+
+Compiles one program (the ``benchmarks.train_step`` step, or the ``benchmarks.decode`` beam
+search), runs it twice to warm up, then traces ``--steps`` calls (each blocked on, as the
+benchmarks time them) with ``jax.profiler.trace`` and reads the XSpace back with
+``jax.profiler.ProfileData`` (no TensorBoard needed). Reported per call:
+
+* ``wall_ms``: host time per call; ``busy_ms``: time at least one kernel (or copy) ran on
+  the device (union over streams); ``idle``: 1 - busy / wall, i.e. launch gaps and host work;
+* ``kernels``: kernel launches; per category (``gemm``, ``lsjax`` = our CUDA kernels,
+  ``xla`` = XLA's fusions, ``copy``) their count and time;
+* the ``--top`` kernels by total time, with launches and mean microseconds.
+
+``--command-buffers while`` compiles with XLA's command buffers (CUDA graphs) extended to
+``WHILE``/``CONDITIONAL`` (the decode loop then runs as one graph, no host round trip per
+step). ``--smoke`` profiles transformer-tiny / a toy decoder on the CPU, whose XLA thunks
+stand in for kernels (checks the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import glob
+import json
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+
+from lsjax import ops
+
+COMMAND_BUFFERS = {
+    "default": None,
+    # XLA's default types plus WHILE and CONDITIONAL (not on by default in XLA).
+    "while": {"xla_gpu_enable_command_buffer":
+              "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"},
+}
+_CATEGORIES = (  # first match wins; matched against the kernel name
+    ("lsjax", re.compile(r"lsjax")),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm\d+_.*(tensorop|wgmma)|dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+)
+
+
+def category(kernel: str) -> str:
+    """``lsjax``, ``gemm``, ``copy`` or ``xla`` (everything else: XLA's fusions)."""
+    return next((name for name, pattern in _CATEGORIES if pattern.search(kernel)), "xla")
+
+
+def _union_ns(intervals: list[tuple[int, int]]) -> int:
+    """Total length of the union of ``[start, end)`` intervals."""
+    total, end = 0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def device_events(xspace_path: str) -> list[tuple[str, int, int]]:
+    """``(name, start_ns, duration_ns)`` of every device activity in an XSpace file.
+
+    GPU planes (``/device:GPU:*``): the events of their stream lines (kernels, copies).
+    Without a GPU plane (CPU runs): the host's XLA thunks (events carrying an ``hlo_op`` stat).
+    """
+    data = jax.profiler.ProfileData.from_file(xspace_path)
+    planes = list(data.planes)
+    gpu = [p for p in planes if p.name.startswith("/device:GPU")]
+    events = []
+    if gpu:
+        for plane in gpu:
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
+        return events
+    for plane in planes:
+        if plane.name.startswith("/host:CPU"):
+            for line in plane.lines:
+                events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events
+                           if any(k == "hlo_op" for k, _ in e.stats) and e.duration_ns > 0]
+    return events
+
+
+def summarize(events: Iterable[tuple[str, int, int]], calls: int, wall_s: float, top: int) -> dict:
+    """Per-call totals, per-category and top-kernel tables of ``events`` (see module doc)."""
+    events = list(events)
+    by_kernel: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for name, _, dur in events:
+        by_kernel[name][0] += 1
+        by_kernel[name][1] += dur
+    by_cat: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for name, (n, dur) in by_kernel.items():
+        by_cat[category(name)][0] += n
+        by_cat[category(name)][1] += dur
+    busy_ns = _union_ns([(s, s + d) for _, s, d in events])
+    wall_ms = 1e3 * wall_s / calls
+    busy_ms = busy_ns / 1e6 / calls
+    kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "calls": calls, "wall_ms": wall_ms, "busy_ms": busy_ms,
+        "idle": 1.0 - busy_ms / wall_ms if wall_ms > 0 else None,
+        "kernels": len(events) / calls,
+        "categories": {c: {"kernels": n / calls, "ms": d / 1e6 / calls} for c, (n, d) in sorted(by_cat.items())},
+        "top": [{"kernel": k, "category": category(k), "launches": n / calls, "ms": d / 1e6 / calls,
+                 "mean_us": d / 1e3 / n} for k, (n, d) in kernels],
+    }
+
+
+def profile(fn: Callable, args_per_call: list[tuple], warmup: int = 2) -> tuple[list, float]:
+    """Traces ``fn(*args)`` for each tuple in ``args_per_call`` (each blocked on) after
+    ``warmup`` untraced calls; returns (device events, traced wall seconds)."""
+    for args in args_per_call[:warmup]:
+        jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir):
+            start = time.perf_counter()
+            for args in args_per_call:
+                jax.block_until_ready(fn(*args))
+            wall = time.perf_counter() - start
+        paths = glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)
+        if not paths:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {log_dir}")
+        return device_events(paths[0]), wall
+
+
+def _train_program(args, options) -> tuple[Callable, list[tuple]]:
+    from benchmarks import train_step
+
+    v = train_step.Variant(args.model, args.dtype, args.impl, args.batch_sentences, args.length, args.length,
+                           args.steps, 0)
+    vocab = train_step.load_model_config(v.model).vocab_size
+    batches = jax.device_put(train_step.make_batches(v, vocab, args.steps))
+    step_fn, init = train_step.build_step(v, batches[0])
+    step = jax.jit(step_fn, donate_argnums=0, compiler_options=options)
+    state = [init()]
+
+    def call(batch):  # threads the donated state through the calls
+        state[0], metrics = step(state[0], batch)
+        return metrics
+
+    return call, [(b,) for b in batches]
+
+
+def _decode_program(args, options) -> tuple[Callable, list[tuple]]:
+    from benchmarks import decode
+
+    rng = np.random.default_rng(0)
+    make = decode._toy_inputs if args.smoke else decode._transformer_inputs
+    searches, inputs = make(args.batch, args.dtype, rng)
+    which = 0 if args.impl == "lsjax" else 1
+    fn = jax.jit(searches[which], compiler_options=options)
+    return fn, [inputs[which][i % len(inputs[which])] for i in range(args.steps)]
+
+
+def table(result: dict) -> str:
+    """Markdown summary of :func:`summarize`'s result."""
+    r = result
+    lines = [f"wall {r['wall_ms']:.3f} ms/call, device busy {r['busy_ms']:.3f} ms ({100 * (1 - r['idle']):.0f}%), "
+             f"{r['kernels']:.0f} kernels/call",
+             "", "| category | kernels/call | ms/call |", "| --- | ---: | ---: |"]
+    lines += [f"| {c} | {v['kernels']:.0f} | {v['ms']:.3f} |" for c, v in r["categories"].items()]
+    lines += ["", "| kernel | cat | launches/call | ms/call | mean us |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| `{t['kernel'][:90]}` | {t['category']} | {t['launches']:.0f} | {t['ms']:.3f} | {t['mean_us']:.1f} |"
+              for t in r["top"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("program", choices=("train", "decode"))
+    parser.add_argument("--impl", choices=("lsjax", "plain"), default="lsjax")
+    parser.add_argument("--model", default="transformer-base", help="train: model config")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-sentences", type=int, default=128, help="train: sentences per batch")
+    parser.add_argument("--length", type=int, default=64, help="train: source and target positions")
+    parser.add_argument("--batch", type=int, default=8, help="decode: batch (beam 4, 64 forced steps)")
+    parser.add_argument("--steps", type=int, default=5, help="traced calls")
+    parser.add_argument("--top", type=int, default=40, help="kernels listed")
+    parser.add_argument("--command-buffers", choices=tuple(COMMAND_BUFFERS), default="default")
+    parser.add_argument("--out", default="", help="write the summary as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.batch_sentences, args.length, args.batch, args.steps = "transformer-tiny", 4, 8, 1, 3
+    options = COMMAND_BUFFERS[args.command_buffers]
+    build = _train_program if args.program == "train" else _decode_program
+    with ops.use_backend("cpu_ffi") if args.smoke else contextlib.nullcontext():
+        fn, calls = build(args, options)
+        events, wall = profile(fn, calls)
+    result = {"program": args.program, "impl": args.impl, "dtype": args.dtype, "command_buffers": args.command_buffers,
+              "device": jax.devices()[0].device_kind, **summarize(events, len(calls), wall, args.top)}
+    if args.program == "train":
+        result.update(model=args.model, batch=args.batch_sentences, length=args.length)
+    else:
+        result.update(batch=args.batch, beam=4, decode_steps=64)
+    print(f"{args.program} {args.impl} {args.dtype} on {result['device']}, command buffers {args.command_buffers}")
+    print(table(result), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
