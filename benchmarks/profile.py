@@ -37,13 +37,9 @@ import jax
 import numpy as np
 
 from lsjax import ops
+from lsjax.decode import WHILE_LOOP_GRAPHS
 
-COMMAND_BUFFERS = {
-    "default": None,
-    # XLA's default types plus WHILE and CONDITIONAL (not on by default in XLA).
-    "while": {"xla_gpu_enable_command_buffer":
-              "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"},
-}
+COMMAND_BUFFERS = {"default": None, "while": WHILE_LOOP_GRAPHS}  # XLA's defaults / + WHILE, CONDITIONAL
 _CATEGORIES = (  # first match wins; matched against the kernel name
     ("lsjax", re.compile(r"lsjax")),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm\d+_.*(tensorop|wgmma)|dot", re.I)),

@@ -37,16 +37,18 @@ class Translator:
         "temperature", "seed"}``) switches to sampling instead.
       max_len_a, max_len_b: decode at most ``a * L + b`` tokens for bucket length ``L``
         (capped by the model's ``max_seq_len``).
+      compiler_options: XLA options of the decode programs, e.g.
+        :data:`lsjax.decode.WHILE_LOOP_GRAPHS` (the decode loop as one CUDA graph).
     """
 
     def __init__(self, model, tokenizer: lsdata.Tokenizer, buckets: Sequence[int], *, batch_size: int = 64,
                  beam_size: int = 4, length_penalty: float = 0.6, sampling: dict | None = None,
-                 max_len_a: float = 1.5, max_len_b: int = 8):
+                 max_len_a: float = 1.5, max_len_b: int = 8, compiler_options: dict | None = None):
         self.model, self.tokenizer, self.buckets = model, tokenizer, tuple(buckets)
         self.batch_size, self.beam_size, self.length_penalty = batch_size, beam_size, length_penalty
         self.sampling = sampling
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
-        self._decode = jax.jit(self._decode_ids, static_argnames=("max_len",))
+        self._decode = jax.jit(self._decode_ids, static_argnames=("max_len",), compiler_options=compiler_options)
 
     def _max_len(self, length: int) -> int:
         return min(self.model.config.max_seq_len, int(self.max_len_a * length) + self.max_len_b)
@@ -116,16 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="text file (plain or .gz); default stdin")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=0.6)
+    parser.add_argument("--max-len", type=int, help="decode at most N tokens (else a * source length + b)")
     parser.add_argument("--max-len-a", type=float, default=1.5)
     parser.add_argument("--max-len-b", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sampling", help="e.g. top_p=0.9,temperature=0.8,seed=1 (instead of beam search)")
     args = parser.parse_args(argv)
+    if args.max_len is not None:
+        if args.max_len < 1:
+            parser.error(f"--max-len must be >= 1, got {args.max_len}")
+        args.max_len_a, args.max_len_b = 0.0, args.max_len
+    sampling = _parse_sampling(args.sampling)
     from lsjax.training.loop import load_for_inference
 
     model, params, tokenizer, buckets = load_for_inference(args.checkpoint, step=args.step)
     translator = Translator(model, tokenizer, buckets, batch_size=args.batch_size, beam_size=args.beam,
-                            length_penalty=args.length_penalty, sampling=_parse_sampling(args.sampling),
+                            length_penalty=args.length_penalty, sampling=sampling,
                             max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     lines = list(lsdata.iter_lines(args.input)) if args.input else [line.rstrip("\n") for line in sys.stdin]
     for line in translator.translate(params, lines):
