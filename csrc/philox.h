@@ -69,6 +69,9 @@ struct DropoutRng {
   LSJAX_HD bool Keep(uint64_t e) const { return Group(e).w[(e + offset) & 3u] >= threshold; }
 };
 
+// 1 / (1 - rate), the scale of kept elements (1 without dropout).
+LSJAX_HD float DropoutScale(float rate) { return rate > 0.f ? 1.f / (1.f - rate) : 1.f; }
+
 // rng: {k0, k1, off_lo, off_hi}; rate in [0, 1).
 LSJAX_HD DropoutRng MakeDropoutRng(const uint32_t* rng, float rate) {
   DropoutRng r;
@@ -77,7 +80,7 @@ LSJAX_HD DropoutRng MakeDropoutRng(const uint32_t* rng, float rate) {
   r.offset = static_cast<uint64_t>(rng[2]) | (static_cast<uint64_t>(rng[3]) << 32);
   const double t = static_cast<double>(rate) * 4294967296.0;
   r.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
-  r.scale = rate > 0.f ? 1.f / (1.f - rate) : 1.f;
+  r.scale = DropoutScale(rate);
   return r;
 }
 
