@@ -51,42 +51,6 @@ using cuda::Int;
 
 // ------------------------------------------------------------- dropout --
 
-// Word i (0 <= i < 4) of a Philox output, by selects (no dynamically indexed
-// local arrays).
-__device__ __forceinline__ uint32_t Word(const PhiloxOut& g, int i) {
-  uint32_t w = g.w[0];
-  w = i == 1 ? g.w[1] : w;
-  w = i == 2 ? g.w[2] : w;
-  w = i == 3 ? g.w[3] : w;
-  return w;
-}
-
-// v[k] = keep(e + k) ? v[k] * scale : 0 for the VEC elements from flat index e.
-// When e + offset is a multiple of 4 (always, for VEC > 1, with the offsets
-// lsjax's ops pass: 0 plus whole shards of a tensor whose rows are a multiple of
-// VEC) one Philox call serves 4 elements; otherwise each element makes its own
-// call, one at a time, so that rare path adds no live registers.
-template <int VEC>
-__device__ __forceinline__ void Dropout(const DropoutRng& rng, uint64_t e, float (&v)[VEC]) {
-  const int lane = static_cast<int>((e + rng.offset) & 3u);  // uniform over the grid for VEC > 1
-  uint32_t keep = 0;  // bit k: keep element e + k
-  if (VEC % 4 == 0 && lane == 0) {
-#pragma unroll
-    for (int j = 0; j < VEC / 4; ++j) {
-      const PhiloxOut g = rng.Group(e + 4 * j);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) keep |= static_cast<uint32_t>(g.w[k] >= rng.threshold) << (4 * j + k);
-    }
-  } else {
-#pragma unroll 1
-    for (int k = 0; k < VEC; ++k) {
-      keep |= static_cast<uint32_t>(Word(rng.Group(e + k), (lane + k) & 3) >= rng.threshold) << k;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) v[k] = (keep >> k) & 1u ? v[k] * rng.scale : 0.f;
-}
-
 __device__ __forceinline__ DropoutRng LoadRng(const uint32_t* rng, float rate) {
   if (rate <= 0.f) return DropoutRng{0u, 0u, 0u, 0u, 1.f};
   const uint32_t words[4] = {rng[0], rng[1], rng[2], rng[3]};  // 16 bytes, cached
@@ -129,7 +93,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
         const int64_t e = r * a.cols + c0;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) v[u][k] = Act::F(v[u][k] + b[k]);
-        if (drop) Dropout<VEC>(rng, static_cast<uint64_t>(e), v[u]);
+        if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(e), v[u]);
         if (a.residual) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) v[u][k] += res[u][k];
@@ -177,7 +141,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasD
 #pragma unroll
           for (int k = 0; k < VEC; ++k) g[u][k] = Act::G(s[u][k]) ? g[u][k] * scale : 0.f;
         } else {
-          if (drop) Dropout<VEC>(rng, static_cast<uint64_t>(e), g[u]);
+          if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(e), g[u]);
           if constexpr (Act::kNeedsInput) {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) g[u][k] *= Act::D(s[u][k] + b[k]);
