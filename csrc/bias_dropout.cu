@@ -8,8 +8,9 @@
 // consecutive columns (16-byte accesses when cols and the pointers allow),
 // keeps their bias in registers, and walks rows with a grid stride, holding
 // kFwdRows / kBwdRows rows of loads in flight. Dropout draws one Philox call
-// per 4 consecutive elements: ~15 instructions per element, more than the rest
-// of an identity/relu pass (~7).
+// per 4 consecutive elements (csrc/philox.h): ~12 instructions per element,
+// about twice the rest of an identity/relu pass; gelu adds ~16 (forward) and
+// ~27 (backward), gelu_tanh a little less (SASS counts, bf16).
 //
 // The forward gives each thread kFwdRows rows and launches blocks for all
 // rows: many short blocks, so blocks in their load phase overlap blocks in

@@ -34,18 +34,22 @@ namespace lsjax {
 // Matches the Python side's activation codes (lsjax/ops/bias_act_dropout.py).
 enum class Activation : int32_t { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
 
-// 2^v and 1 / v: the hardware approximations on the GPU (ex2.approx, ~2 ulp;
-// rcp.approx, ~1 ulp), the libm functions on the CPU.
+// 2^v and 1 / v: single hardware instructions on the GPU (ex2.approx, ~2 ulp;
+// rcp.approx, ~1 ulp; subnormal results flushed to 0), libm on the CPU.
 LSJAX_ACT_HD float Exp2(float v) {
 #if defined(__CUDA_ARCH__)
-  return exp2f(v);
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
 #else
   return std::exp2(v);
 #endif
 }
 LSJAX_ACT_HD float Rcp(float v) {
 #if defined(__CUDA_ARCH__)
-  return __fdividef(1.f, v);
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
 #else
   return 1.f / v;
 #endif
@@ -111,15 +115,25 @@ struct ActGelu {
   }
 };
 
-struct ActGeluTanh {  // jax.nn.gelu(approximate=True)
+// jax.nn.gelu(approximate=True) = v * (1 + tanh(u)) / 2, u = sqrt(2/pi) (v + 0.044715 v^3).
+// (1 + tanh(u)) / 2 is the logistic sigmoid s = 1 / (1 + e), e = exp(-2u): one
+// ex2 and one rcp instead of tanhf, no cancellation where s is small, and
+// s' = 2 s (1 - s) u' with 1 - s = e s (none where s is near 1 either).
+struct ActGeluTanh {
   static constexpr bool kGradFromOutput = false;
   static constexpr bool kNeedsInput = true;
   static constexpr float kA = 0.79788456080286536f;  // sqrt(2 / pi)
   static constexpr float kB = 0.044715f;
-  LSJAX_ACT_HD static float F(float v) { return 0.5f * v * (1.f + tanhf(kA * (v + kB * v * v * v))); }
+  // exp(-2u) = 2^(-2 log2(e) u), at most 2^125 so that e * s stays finite (1 for v -> -inf).
+  LSJAX_ACT_HD static float Exp2u(float v, float v2) {
+    return Exp2(fminf(-2.8853900817779268f * kA * (v + kB * v * v2), 125.f));
+  }
+  LSJAX_ACT_HD static float F(float v) { return v * Rcp(1.f + Exp2u(v, v * v)); }
   LSJAX_ACT_HD static float D(float v) {
-    const float t = tanhf(kA * (v + kB * v * v * v));
-    return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kA * (1.f + 3.f * kB * v * v);
+    const float v2 = v * v;
+    const float e = Exp2u(v, v2);
+    const float s = Rcp(1.f + e);
+    return s + 2.f * kA * v * s * (e * s) * (1.f + 3.f * kB * v2);
   }
 };
 

@@ -86,33 +86,27 @@ LSJAX_HD uint32_t Word(const PhiloxOut& g, uint32_t i) {
 
 LSJAX_HD bool DropoutRng::Keep(uint64_t e) const { return Word(Group(e), (e + offset) & 3u) >= threshold; }
 
-// Bit k (k < VEC <= 32) set iff element e + k is kept. When e + offset is a
-// multiple of 4 (for VEC > 1 always, with the offsets lsjax's ops pass) one
-// Philox call serves 4 elements; otherwise each element makes its own call,
-// one at a time, so that the rare path adds no live registers.
+// v[k] = keep(e + k) ? v[k] / (1 - rate) : 0 for the VEC (<= 32) elements from
+// flat index e. When e + offset is a multiple of 4 (for VEC > 1 always, with
+// the offsets lsjax's ops pass) one Philox call serves 4 elements; otherwise
+// each element makes its own call, one at a time into a keep bitmask, so that
+// the rare path adds no live registers.
 template <int VEC>
-LSJAX_HD uint32_t KeepBits(const DropoutRng& rng, uint64_t e) {
-  uint32_t keep = 0;
+LSJAX_HD void ApplyDropout(const DropoutRng& rng, uint64_t e, float (&v)[VEC]) {
   if (VEC % 4 == 0 && ((e + rng.offset) & 3u) == 0) {
     LSJAX_UNROLL
     for (int j = 0; j < VEC / 4; ++j) {
       const PhiloxOut g = rng.Group(e + 4 * j);
       LSJAX_UNROLL
-      for (int k = 0; k < 4; ++k) keep |= static_cast<uint32_t>(g.w[k] >= rng.threshold) << (4 * j + k);
+      for (int k = 0; k < 4; ++k) v[4 * j + k] = g.w[k] >= rng.threshold ? v[4 * j + k] * rng.scale : 0.f;
     }
   } else {
+    uint32_t keep = 0;
     LSJAX_NO_UNROLL
     for (int k = 0; k < VEC; ++k) keep |= static_cast<uint32_t>(rng.Keep(e + k)) << k;
+    LSJAX_UNROLL
+    for (int k = 0; k < VEC; ++k) v[k] = (keep >> k) & 1u ? v[k] * rng.scale : 0.f;
   }
-  return keep;
-}
-
-// v[k] = keep(e + k) ? v[k] / (1 - rate) : 0 for the VEC elements from flat index e.
-template <int VEC>
-LSJAX_HD void ApplyDropout(const DropoutRng& rng, uint64_t e, float (&v)[VEC]) {
-  const uint32_t keep = KeepBits<VEC>(rng, e);
-  LSJAX_UNROLL
-  for (int k = 0; k < VEC; ++k) v[k] = (keep >> k) & 1u ? v[k] * rng.scale : 0.f;
 }
 
 // 1 / (1 - rate), the scale of kept elements (1 without dropout).

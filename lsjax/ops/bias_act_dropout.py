@@ -12,12 +12,13 @@ under a ``jax.custom_vjp``. No mask is stored; what the backward reads besides
 * gelu / gelu_tanh: the pre-activation ``x`` (the preceding matmul's output) and
   the ``uint32[4]`` rng operand: the backward recomputes ``act'(x + bias)`` and
   regenerates the Philox mask (``csrc/philox.h``; element index = flat index
-  into the output). Regenerating costs ~13 instructions per element and no
+  into the output). Regenerating costs ~12 instructions per element and no
   bytes; a stored 1-bit mask would add 1/16 of a 16-bit tensor write and read
-  to save those instructions, and a 1-byte mask half a tensor each way. After
+  to save those instructions, and a 1-byte mask half a tensor each way. With
   the cheap erfc (``csrc/bias_dropout.h``) the gelu backward is ~45
-  instructions per element against ~60 that 6 bytes per element take at copy
-  bandwidth on an H100, so it is memory-bound and the mask would buy nothing.
+  instructions per element against the ~60 that an H100 issues in the time
+  its copy bandwidth moves the 6 bytes per element (bf16), so it stays
+  memory-bound and the mask would only add bytes.
 
 ``dbias`` is a deterministic float32 column sum.
 """
@@ -73,7 +74,8 @@ def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str = "relu",
       ``dbias = sum over rows of dx`` (float32, cast to ``bias.dtype``). The
       kernels' relu gradient is 0 where ``0 < x + bias`` rounds ``y`` to 0
       (below half the smallest subnormal of ``x.dtype``); their gelu's
-      ``Phi`` is within 3e-7 of the exact one.
+      ``Phi`` is within 3e-7 of the exact one, and gelu_tanh evaluates
+      ``(1 + tanh(u)) / 2`` as the equal ``sigmoid(2u)``.
     """
     op = "bias_act_dropout"
     check_rank(op, "x", x, 1)
