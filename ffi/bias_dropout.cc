@@ -4,10 +4,11 @@
 //   bias_dropout_residual_fwd (x, bias, residual, rng) -> y
 //   bias_dropout_residual_bwd (dy, rng)                -> (dx, dbias, partials)
 //   bias_act_dropout_fwd      (x, bias, rng)           -> y          [activation]
-//   bias_act_dropout_bwd      (dy, x, bias, rng)       -> (dx, dbias, partials) [activation]
+//   bias_act_dropout_bwd      (dy, saved, bias, rng)   -> (dx, dbias, partials) [activation]
 //   dropout_fwd               (x, rng)                 -> y
 //   dropout_bwd               (dy, rng)                -> dx
-// x/y/dy/dx/residual: [..., H] in f32/f16/bf16; bias, dbias: f32 [H];
+// x/y/dy/dx/residual/saved: [..., H] in f32/f16/bf16; bias, dbias: f32 [H];
+// saved: the forward's y for relu, its x for the gelus (csrc/bias_dropout.h);
 // rng: u32[4] (ignored when rate == 0); partials: f32 [BiasDropoutDbiasPartials(rows), H]
 // workspace for the deterministic dbias (CUDA only). Activation codes: csrc/bias_dropout.h.
 #include <optional>
@@ -73,11 +74,11 @@ xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* bias, const Buf* re
 }
 
 template <typename Types, typename Run>
-xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias, Buf rng, Res dx, Res* dbias,
-                Res* partials, float rate, int32_t act) {
+xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* saved, const Buf* bias, Buf rng, Res dx,
+                Res* dbias, Res* partials, float rate, int32_t act) {
   if (auto e = CheckCommon(op, dy, bias, rng, rate, act); e.failure()) return e;
-  if (x) {
-    if (auto e = CheckLike(op, dy, *x, "x"); e.failure()) return e;
+  if (saved) {
+    if (auto e = CheckLike(op, dy, *saved, "saved"); e.failure()) return e;
   }
   if (auto e = CheckLike(op, dy, *dx, "dx"); e.failure()) return e;
   if (dbias) {
@@ -94,15 +95,15 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias
         e.failure())
       return e;
   }
-  if (auto e = Expect(act == static_cast<int32_t>(Activation::kIdentity) || x != nullptr, op,
-                      "an activation's backward needs its input");
+  if (auto e = Expect(act == static_cast<int32_t>(Activation::kIdentity) || saved != nullptr, op,
+                      "an activation's backward needs its saved input or output");
       e.failure())
     return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto [rows, cols] = RowsCols(dy);
     BiasDropoutBwdArgs<T> a{In<T>(dy),
-                            x ? In<T>(*x) : nullptr,
+                            saved ? In<T>(*saved) : nullptr,
                             bias ? In<float>(*bias) : nullptr,
                             In<uint32_t>(rng),
                             Out<T>(dx),
@@ -134,8 +135,9 @@ struct Targets {
   xffi::Error BadFwd(Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
     return Fwd<Types>("bias_act_dropout_fwd", fwd, x, &bias, nullptr, rng, y, rate, act);
   }
-  xffi::Error BadBwd(Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int32_t act) {
-    return Bwd<Types>("bias_act_dropout_bwd", bwd, dy, &x, &bias, rng, dx, &dbias, &partials, rate, act);
+  xffi::Error BadBwd(Buf dy, Buf saved, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate,
+                     int32_t act) {
+    return Bwd<Types>("bias_act_dropout_bwd", bwd, dy, &saved, &bias, rng, dx, &dbias, &partials, rate, act);
   }
   xffi::Error DropFwd(Buf x, Buf rng, Res y, float rate) {
     return Fwd<Types>("dropout_fwd", fwd, x, nullptr, nullptr, rng, y, rate, kIdentity);
@@ -182,8 +184,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadBwdCpuHandler,
-    [](Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int32_t act) {
-      return Cpu().BadBwd(dy, x, bias, rng, dx, dbias, partials, rate, act);
+    [](Buf dy, Buf saved, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int32_t act) {
+      return Cpu().BadBwd(dy, saved, bias, rng, dx, dbias, partials, rate, act);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -270,8 +272,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadBwdCudaHandler,
-    [](cudaStream_t stream, Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate,
-       int32_t act) { return Cuda(stream).BadBwd(dy, x, bias, rng, dx, dbias, partials, rate, act); },
+    [](cudaStream_t stream, Buf dy, Buf saved, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate,
+       int32_t act) { return Cuda(stream).BadBwd(dy, saved, bias, rng, dx, dbias, partials, rate, act); },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
         .Arg<Buf>()
