@@ -8,9 +8,12 @@
 // consecutive columns (16-byte accesses when cols and the pointers allow),
 // keeps their bias in registers, and walks rows with a grid stride, holding
 // kFwdRows / kBwdRows rows of loads in flight. Dropout draws one Philox call
-// per 4 consecutive elements (csrc/philox.h): ~12 instructions per element,
-// about twice the rest of an identity/relu pass; gelu adds ~16 (forward) and
-// ~27 (backward), gelu_tanh a little less (SASS counts, bf16).
+// per 4 consecutive elements (csrc/philox.h; element index offset + r *
+// row_stride + c, 4-aligned for VEC > 1 whenever offset and row_stride are,
+// as for every shard lsjax's ops pass, whose width VEC divides; else one call
+// per element): ~12 instructions per element, about twice the rest of an
+// identity/relu pass; gelu adds ~16 (forward) and ~27 (backward), gelu_tanh a
+// little less (SASS counts, bf16).
 //
 // The forward gives each thread kFwdRows rows and launches blocks for all
 // rows: many short blocks, so blocks in their load phase overlap blocks in
@@ -94,7 +97,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
         const int64_t e = r * a.cols + c0;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) v[u][k] = Act::F(v[u][k] + b[k]);
-        if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(e), v[u]);
+        if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0), v[u]);
         if (a.residual) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) v[u][k] += res[u][k];
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasD
 #pragma unroll
           for (int k = 0; k < VEC; ++k) g[u][k] = Act::G(s[u][k]) ? g[u][k] * scale : 0.f;
         } else {
-          if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(e), g[u]);
+          if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0), g[u]);
           if constexpr (Act::kNeedsInput) {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) g[u][k] *= Act::D(s[u][k] + b[k]);

@@ -5,8 +5,12 @@
 // Forward:  v = act(x + bias);  y = keep(e) ? v / (1 - rate) : 0  (+ residual)
 // Backward: g = keep(e) ? dy / (1 - rate) : 0  (* act'(x + bias));
 //           dx = g;  dbias = sum_rows(g)  (fp32, deterministic order)
-// keep(e) is the Philox stream of csrc/philox.h for the flat element index
-// e = row * cols + col; with rate == 0 no random bits are drawn at all.
+// keep(e) is the Philox stream of csrc/philox.h for the element index
+// e = row * row_stride + col: row_stride == cols is the flat index of this
+// tensor; a [rows, cols] block at (row0, col0) of a wider [R, row_stride]
+// tensor (its last dim sharded) draws that tensor's mask when the rng offset
+// is advanced by row0 * row_stride + col0. With rate == 0 no random bits are
+// drawn at all.
 // relu's backward reads the forward's output y instead of x: keep(e) and
 // x + bias > 0 together are y > 0 (see ActRelu), so it draws no random bits.
 //
@@ -166,7 +170,8 @@ struct BiasDropoutFwdArgs {
   T* y;
   int64_t rows;
   int64_t cols;
-  float rate;  // in [0, 1)
+  int64_t row_stride;  // >= cols: Philox element index of (r, c) is r * row_stride + c
+  float rate;          // in [0, 1)
   Activation act;
 };
 
@@ -181,6 +186,7 @@ struct BiasDropoutBwdArgs {
   float* partials;  // with dbias, CUDA only: float32 [BiasDropoutDbiasPartials(rows), cols]
   int64_t rows;
   int64_t cols;
+  int64_t row_stride;  // as in the forward
   float rate;
   Activation act;
 };

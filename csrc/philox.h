@@ -4,7 +4,9 @@
 //
 // Mask convention (every op that drops elements):
 //   rng = uint32[4] {k0, k1, off_lo, off_hi} (from a JAX PRNG key + offset)
-//   element e (flat row-major index into the op's output, plus the 64-bit offset)
+//   element e = offset + r * row_stride + c for element (r, c) of the op's
+//     [rows, cols] view (row_stride == cols: the flat row-major index; a larger
+//     row_stride and an advanced offset: a block of a wider tensor's mask)
 //   bits  = Philox(counter = {b_lo, b_hi, 0, 0}, key = {k0, k1})[e % 4], b = e / 4
 //   keep  = bits >= threshold,  threshold = floor(rate * 2^32)
 //   out   = keep ? v / (1 - rate) : 0
@@ -87,8 +89,8 @@ LSJAX_HD uint32_t Word(const PhiloxOut& g, uint32_t i) {
 LSJAX_HD bool DropoutRng::Keep(uint64_t e) const { return Word(Group(e), (e + offset) & 3u) >= threshold; }
 
 // v[k] = keep(e + k) ? v[k] / (1 - rate) : 0 for the VEC (<= 32) elements from
-// flat index e. When e + offset is a multiple of 4 (for VEC > 1 always, with
-// the offsets lsjax's ops pass) one Philox call serves 4 elements; otherwise
+// element index e. When e + offset is a multiple of 4 (for VEC > 1 always, with
+// the row strides and offsets lsjax's ops pass) one Philox call serves 4 elements; otherwise
 // each element makes its own call, one at a time into a keep bitmask, so that
 // the rare path adds no live registers.
 template <int VEC>

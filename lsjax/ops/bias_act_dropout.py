@@ -21,6 +21,12 @@ under a ``jax.custom_vjp``. No mask is stored; what the backward reads besides
   memory-bound and the mask would only add bytes.
 
 ``dbias`` is a deterministic float32 column sum.
+
+Sharding: the rows and the hidden dim may both stay sharded (e.g. the FFN's
+``[tokens, mlp]`` under Megatron tensor parallelism, with ``bias [mlp]`` split
+alike): every shard runs the kernels on its block and draws the unsharded
+mask's bits for it (:mod:`lsjax.ops._bias_dropout`); ``dbias`` comes out split
+the same way, summed over the row shards.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 from lsjax.ops import backend as _backend
 from lsjax.ops._bias_dropout import dbias_call, dropout_reference, dropout_rng, dropout_rowwise, ffi, like
 from lsjax.ops._checks import check_float, check_rank, check_shape
-from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS
+from lsjax.ops._rowwise import COL_SUM, COLS, ROWS
 
 _F32 = jnp.float32
 
@@ -94,16 +100,16 @@ def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str = "relu",
 
 # ------------------------------------------------------------- FFI path --
 
-@dropout_rowwise([ROWS, PARAM], [ROWS], n_static=3)
-def _fwd(act, rate, backend, x, bias, rng):
+@dropout_rowwise([ROWS, COLS], [ROWS], n_static=3)
+def _fwd(act, rate, backend, row_stride, x, bias, rng):
     return ffi("bias_act_dropout_fwd", backend, like(x), x, bias, rng, rate=np.float32(rate),
-               activation=np.int32(act))
+               row_stride=np.int64(row_stride), activation=np.int32(act))
 
 
-@dropout_rowwise([ROWS, ROWS, PARAM], [ROWS, ROW_SUM], n_static=3)
-def _bwd(act, rate, backend, dy, saved, bias, rng):
+@dropout_rowwise([ROWS, ROWS, COLS], [ROWS, COL_SUM], n_static=3)
+def _bwd(act, rate, backend, row_stride, dy, saved, bias, rng):
     return dbias_call("bias_act_dropout_bwd", backend, dy, saved, bias, rng, rate=np.float32(rate),
-                      activation=np.int32(act))
+                      row_stride=np.int64(row_stride), activation=np.int32(act))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
