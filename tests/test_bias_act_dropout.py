@@ -244,7 +244,7 @@ def _check_row_stride(backend, rng, dtype, shape, block):
     ``r0 * H + c0``, drop exactly that block of the tensor's mask (the whole
     tensor: ``row_stride == cols``, the flat index). Inputs >= 0.5 (gelu and
     its derivative far from 0), so a zero means dropped."""
-    (big_rows, hidden), (r0, c0, rows, cols) = shape, block
+    (_, hidden), (r0, c0, rows, cols) = shape, block
     key = _key(rng)
     want = ~np.asarray(_philox.dropout_mask(_philox.rng_operand(key), shape, 0.4))[r0 : r0 + rows, c0 : c0 + cols]
     x = (jnp.abs(normal(rng, (rows, cols))) + 0.5).astype(dtype)
@@ -272,6 +272,13 @@ STRIDE_CASES = [((5, 37), (0, 0, 5, 37)), ((9, 37), (2, 5, 4, 20)), ((6, 64), (1
 @pytest.mark.parametrize("shape, block", STRIDE_CASES)
 def test_cpu_ffi_row_stride(rng, shape, block):
     _check_row_stride("cpu_ffi", rng, jnp.float32, shape, block)
+
+
+def test_cpu_ffi_rejects_short_row_stride():
+    x = jnp.ones((2, 8))
+    with pytest.raises(Exception, match="row_stride must be >= the last dim"):
+        ffi("dropout_fwd", "cpu_ffi", like(x), x, jnp.zeros(4, jnp.uint32), rate=np.float32(0.1),
+            row_stride=np.int64(7)).block_until_ready()
 
 
 def _mesh(shape, names):
