@@ -4,6 +4,10 @@ Each timed call is one ``jax.jit`` program that applies the op to ``K``
 different fresh random inputs (rotating buffers, so neither caches nor a
 single dispatch dominate); the per-op time is the median over repeats of the
 program's wall time (after ``block_until_ready``) divided by ``K``.
+
+fwd+bwd is timed as in a training step (see :func:`_fwd_bwd`): the cotangent
+is a random input, not a constant, and it only exists once the forward's
+output does.
 """
 
 from __future__ import annotations
@@ -49,13 +53,31 @@ def _scalar_loss(fn, argnums):
 
 
 def _fwd_bwd(fn, argnums):
-    """fwd + bwd with a random-free but non-trivial cotangent (ones)."""
+    """fwd + bwd of ``fn(*args)`` for ``run(*args, cot)``, as in a training step.
+
+    The cotangent ``cot`` (a tree like the output) is an input, so XLA can
+    neither fold it (a constant ``ones`` cotangent lets XLA's reference skip
+    reading ``dy`` while a kernel must read a materialised one) nor compute
+    the backward in the forward's fusions: an optimisation barrier makes it
+    available only after the output, as when it comes from the layers above.
+    What the forward saves and what the backward recomputes stay each
+    implementation's choice.
+    """
     def run(*args):
+        *args, cot = args
         out, vjp = jax.vjp(fn, *args)
-        cot = jax.tree.map(jnp.ones_like, out)
+        out, cot = jax.lax.optimization_barrier((out, cot))
         grads = vjp(cot)
         return out, tuple(grads[i] for i in argnums)
     return run
+
+
+def _with_cotangent(fn, inputs: list[tuple], rng: np.random.Generator) -> list[tuple]:
+    """Each input tuple plus a random normal cotangent shaped like ``fn``'s output."""
+    out = jax.eval_shape(fn, *inputs[0])
+    return [(*ins, jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32)).astype(s.dtype), out))
+        for ins in inputs]
 
 
 def time_fn(fn: Callable, inputs: list[tuple], calls: int = 10, trials: int = 7, warmup: int = 2,
@@ -110,10 +132,13 @@ def run_case(case: Case, rng: np.random.Generator, copy_bw: float) -> list[dict]
     for mode, nbytes in (("fwd", case.bytes_fwd), ("fwd+bwd", case.bytes_fwd_bwd)):
         if mode not in case.modes:
             continue
-        wrap = (lambda f: f) if mode == "fwd" else (lambda f: _fwd_bwd(f, case.grad_argnums))
+        if mode == "fwd":
+            wrap, args = (lambda f: f), inputs
+        else:
+            wrap, args = (lambda f: _fwd_bwd(f, case.grad_argnums)), _with_cotangent(case.ref, inputs, rng)
         with ops.use_backend("xla"):
-            t_ref = time_fn(wrap(case.ref), inputs)
-        t_ours = time_fn(wrap(case.ours), inputs)
+            t_ref = time_fn(wrap(case.ref), args)
+        t_ours = time_fn(wrap(case.ours), args)
         rows.append({
             "op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": mode,
             "ours_ms": t_ours * 1e3, "xla_ms": t_ref * 1e3,

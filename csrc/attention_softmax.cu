@@ -14,8 +14,9 @@
 //   streamed twice from L2 (online max/sum, then the write).
 // Dropout: one Philox call per group of 4 consecutive elements in the vector
 // path (when the rng offset is a multiple of 4, the usual case), per element
-// otherwise. The backward regenerates the mask and recomputes p from the
-// scores and the saved row statistics. Deterministic: no atomics.
+// otherwise (ApplyDropout, csrc/philox.h). The backward regenerates the mask
+// and recomputes p from the scores and the saved row statistics.
+// Deterministic: no atomics.
 #include <algorithm>
 #include <type_traits>
 
@@ -37,6 +38,11 @@ constexpr int kBlock = 256;  // threads per block, all kernels
 constexpr int kMaxItemsFwd = 8;
 constexpr int kMaxItemsBwd = 4;
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Blocks per SM the register kernels' registers must allow, by elements per
+// thread: 3 (<= 80 registers) up to 32, else 2. Uncapped, the compiler took 128
+// registers for the bf16 backward at 32 elements (2 blocks, 25% occupancy).
+constexpr int MinBlocks(int elements) { return elements <= 32 ? 3 : 2; }
 
 // Reduction (max or sum) over the `tpr` consecutive threads of a row slot
 // (tpr a power of two in [1, kBlock]); smem holds kBlock / 32 floats. Every
@@ -86,31 +92,10 @@ __device__ __forceinline__ void ValidVec(const AttnSoftmaxGeometry& g, const Att
   for (int k = 0; k < VEC; ++k) valid[k] = keep[k] != 0 && col + k < row.limit;
 }
 
-// v[k] *= keep(e0 + k) / (1 - rate), or 0 where dropped.
-template <int VEC>
-__device__ __forceinline__ void Dropout(const DropoutRng& rng, bool grouped, uint64_t e0,
-                                        float (&v)[VEC]) {
-  if constexpr (VEC % 4 == 0) {
-    if (grouped) {  // (e0 + offset) % 4 == 0: one Philox call per 4 elements
-#pragma unroll
-      for (int j = 0; j < VEC / 4; ++j) {
-        const PhiloxOut w = rng.Group(e0 + 4 * j);
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          v[4 * j + l] = w.w[l] >= rng.threshold ? v[4 * j + l] * rng.scale : 0.f;
-        }
-      }
-      return;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) v[k] = rng.Keep(e0 + k) ? v[k] * rng.scale : 0.f;
-}
-
 // ---------------------------------------------------------------- forward --
 
 template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(kBlock) FwdRegister(AttnSoftmaxFwdArgs<T> a, int tpr) {
+__global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) FwdRegister(AttnSoftmaxFwdArgs<T> a, int tpr) {
   __shared__ float smem[kBlock / 32];
   const AttnSoftmaxGeometry& g = a.g;
   const int slot = threadIdx.x / tpr, t = threadIdx.x % tpr;
@@ -157,14 +142,13 @@ __global__ void __launch_bounds__(kBlock) FwdRegister(AttnSoftmaxFwdArgs<T> a, i
   const bool dropout = g.rate > 0.f;
   DropoutRng rng{};
   if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
-  const bool grouped = dropout && ((rng.offset & 3u) == 0) && (K % 4 == 0);
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * tpr + t;
     if (active && idx < nvec) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) z[i][k] *= inv;
-      if (dropout) Dropout<VEC>(rng, grouped, row.global_row * K + static_cast<uint64_t>(idx) * VEC, z[i]);
+      if (dropout) ApplyDropout<VEC>(rng, row.global_row * K + static_cast<uint64_t>(idx) * VEC, z[i]);
       StoreFloats<T, VEC>(a.y + off + static_cast<int64_t>(idx) * VEC, z[i]);
     }
   }
@@ -224,7 +208,7 @@ __global__ void __launch_bounds__(kBlock) FwdGeneric(AttnSoftmaxFwdArgs<T> a) {
 // --------------------------------------------------------------- backward --
 
 template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(kBlock) BwdRegister(AttnSoftmaxBwdArgs<T> a, int tpr) {
+__global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) BwdRegister(AttnSoftmaxBwdArgs<T> a, int tpr) {
   __shared__ float smem[kBlock / 32];
   const AttnSoftmaxGeometry& g = a.g;
   const int slot = threadIdx.x / tpr, t = threadIdx.x % tpr;
@@ -241,7 +225,6 @@ __global__ void __launch_bounds__(kBlock) BwdRegister(AttnSoftmaxBwdArgs<T> a, i
   const bool dropout = g.rate > 0.f;
   DropoutRng rng{};
   if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
-  const bool grouped = dropout && ((rng.offset & 3u) == 0) && (K % 4 == 0);
   float p[ITEMS][VEC], gr[ITEMS][VEC];
   float sum = 0.f;
 #pragma unroll
@@ -255,7 +238,7 @@ __global__ void __launch_bounds__(kBlock) BwdRegister(AttnSoftmaxBwdArgs<T> a, i
       ValidVec<VEC>(g, row, col, valid);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) p[i][k] = valid[k] ? exp2f(p[i][k] * zscale - m) * inv : 0.f;
-      if (dropout) Dropout<VEC>(rng, grouped, row.global_row * K + static_cast<uint64_t>(col), gr[i]);
+      if (dropout) ApplyDropout<VEC>(rng, row.global_row * K + static_cast<uint64_t>(col), gr[i]);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) sum += gr[i][k] * p[i][k];
     }

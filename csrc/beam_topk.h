@@ -1,17 +1,17 @@
 // Beam-search top-k: per batch row, the k best of
 //   v(i, t) = scores[i] + (logits[i, t] - max_i) - log(sum_t exp(logits[i, t] - max_i))
 // over the beam * vocab candidates (i = beam, t = token), as float32 values and
-// flat int32 indices i * vocab + t, sorted by value descending, equal values by
-// index ascending (lax.top_k's order). Framework-free: pointers, sizes, stream.
+// flat int32 indices i * vocab + t, sorted by value descending. Equal values
+// come in index order (lax.top_k's order), with one refinement: where float32
+// rounding maps two different logits of one beam onto the same value, the
+// larger logit comes first. A dead beam (score -inf or NaN) counts its logits
+// as -inf. Framework-free: pointers, sizes, stream.
 //
-// CUDA (LightSeq's hierarchical "R-top-k", no host synchronisation):
-//   1. per (row, beam): max and log-sum-exp, and R_i = v(min of k group maxima),
-//      split into k contiguous groups: k elements of the beam are >= R_i, so
-//      R = max_i R_i is a lower bound of the row's k-th best value;
-//   2. per (row, beam, chunk): candidates v >= R appended to a fixed-size
-//      workspace of `capacity` entries per row (atomic counter);
-//   3. per row: exact k-pass selection over the candidates, or, when they
-//      overflowed the workspace, over the full row (slow but exact).
+// CUDA, two launches, no host synchronisation (details in beam_topk.cu):
+//   1. one warp per (row, beam, chunk of kBeamTopkChunk tokens): the chunk's
+//      partial (max, sum exp) and its k best tokens by logit, a sorted list;
+//   2. one block per row: per-beam log-sum-exp from the partials, then the
+//      exact top k of the few list entries that can still make it.
 #pragma once
 
 #include <cstdint>
@@ -34,13 +34,17 @@ struct BeamTopkArgs {
   int64_t k;
 };
 
-// CUDA workspace (extra FFI outputs, sized by the caller).
+// CUDA limits (the Python wrapper runs the reference beyond them).
+constexpr int64_t kBeamTopkChunk = 1024;     // tokens per pass-1 list
+constexpr int64_t kBeamTopkMaxK = 64;
+constexpr int64_t kBeamTopkMaxBeam = 1024;
+constexpr int64_t kBeamTopkMaxLists = 4096;  // beam * ceil(vocab / kBeamTopkChunk)
+
+// CUDA workspace (extra FFI outputs), with chunks = ceil(vocab / kBeamTopkChunk).
 struct BeamTopkWorkspace {
-  float* cand_values;    // [batch, capacity]
-  int32_t* cand_indices;  // [batch, capacity]
-  float* beam_stats;     // [batch, beam, 3]: (R_i, max, log(sum exp(x - max)))
-  int32_t* counts;       // [batch] candidates found (may exceed capacity)
-  int64_t capacity;
+  uint64_t* lists;  // [batch, beam, chunks, k] pass-1 token keys
+  float* partials;  // [batch, beam, chunks, 2] (max, sum exp(x - max)) per chunk
+  int64_t chunks;
 };
 
 template <typename T>

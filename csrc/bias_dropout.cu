@@ -7,8 +7,24 @@
 // Layout: a 2-D grid over (column vectors, rows). Each thread owns VEC
 // consecutive columns (16-byte accesses when cols and the pointers allow),
 // keeps their bias in registers, and walks rows with a grid stride, holding
-// kUnroll rows of loads in flight. Dropout draws one Philox call per 4
-// consecutive elements (two when the stream offset is not a multiple of 4).
+// kFwdRows / kBwdRows rows of loads in flight. Dropout draws one Philox call
+// per 4 consecutive elements (csrc/philox.h; element index offset + r *
+// row_stride + c, 4-aligned for VEC > 1 whenever offset and row_stride are,
+// as for every shard lsjax's ops pass, whose width VEC divides; else one call
+// per element): ~12 instructions per element, about twice the rest of an
+// identity/relu pass; gelu adds ~16 (forward) and ~27 (backward), gelu_tanh a
+// little less (SASS counts, bf16).
+//
+// The forward gives each thread kFwdRows rows and launches blocks for all
+// rows: many short blocks, so blocks in their load phase overlap blocks in
+// their Philox phase (one long pass per thread puts the whole GPU in the same
+// phase at once when the tensor fills about one wave). The backward is one
+// wave of kMinBlocks blocks per SM, which bounds its dbias partial rows.
+//
+// Registers are capped so that kMinBlocks blocks fit on an SM (without the cap
+// the compiler took 100-170 registers: one or two blocks, 12-25% occupancy).
+//
+// relu's backward reads y and draws no random bits (csrc/bias_dropout.h).
 //
 // Backward dbias is deterministic: each thread accumulates its columns over
 // its rows in float32 registers, the block reduces its row lanes through
@@ -29,55 +45,15 @@ using cuda::LoadFloats;
 using cuda::NextPow2;
 using cuda::StoreFloats;
 
-constexpr int kBlock = 256;  // threads per block
-constexpr int kUnroll = 4;   // rows in flight per thread
-constexpr int kMaxVec = 8;   // 16 bytes of 16-bit elements
+constexpr int kBlock = 256;    // threads per block
+constexpr int kMinBlocks = 3;  // blocks per SM the registers must allow: <= 80 per thread (no spills)
+constexpr int kFwdRows = 2;    // rows per thread of the forward
+constexpr int kBwdRows = 2;    // rows in flight per thread of the backward
+constexpr int kMaxVec = 8;     // 16 bytes of 16-bit elements
 
 using cuda::Int;
 
 // ------------------------------------------------------------- dropout --
-
-// Word i (0 <= i < 8) of the concatenation of two Philox outputs, by selects
-// (no dynamically indexed local arrays).
-__device__ __forceinline__ uint32_t Word(const PhiloxOut& a, const PhiloxOut& b, int i) {
-  uint32_t w = a.w[0];
-  w = i == 1 ? a.w[1] : w;
-  w = i == 2 ? a.w[2] : w;
-  w = i == 3 ? a.w[3] : w;
-  w = i == 4 ? b.w[0] : w;
-  w = i == 5 ? b.w[1] : w;
-  w = i == 6 ? b.w[2] : w;
-  w = i == 7 ? b.w[3] : w;
-  return w;
-}
-
-// v[k] = keep(e + k) ? v[k] * scale : 0 for the VEC elements from flat index
-// e (VEC == 1, or VEC % 4 == 0 and e % 4 == 0).
-template <int VEC>
-__device__ __forceinline__ void Dropout(const DropoutRng& rng, uint64_t e, float (&v)[VEC]) {
-  const int lane = static_cast<int>((e + rng.offset) & 3u);  // uniform over the grid for VEC > 1
-  if constexpr (VEC == 1) {
-    const PhiloxOut g = rng.Group(e);
-    v[0] = Word(g, g, lane) >= rng.threshold ? v[0] * rng.scale : 0.f;
-  } else {
-    static_assert(VEC % 4 == 0, "vector width must be 1 or a multiple of 4");
-#pragma unroll
-    for (int j = 0; j < VEC / 4; ++j) {
-      const PhiloxOut a = rng.Group(e + 4 * j);
-      uint32_t bits[4];
-      if (lane == 0) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) bits[k] = a.w[k];
-      } else {  // the 4 elements straddle two Philox groups
-        const PhiloxOut b = rng.Group(e + 4 * j + 4);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) bits[k] = Word(a, b, lane + k);
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k) v[4 * j + k] = bits[k] >= rng.threshold ? v[4 * j + k] * rng.scale : 0.f;
-    }
-  }
-}
 
 __device__ __forceinline__ DropoutRng LoadRng(const uint32_t* rng, float rate) {
   if (rate <= 0.f) return DropoutRng{0u, 0u, 0u, 0u, 1.f};
@@ -88,7 +64,7 @@ __device__ __forceinline__ DropoutRng LoadRng(const uint32_t* rng, float rate) {
 // ------------------------------------------------------------- kernels --
 
 template <typename T, int VEC, typename Act>
-__global__ void __launch_bounds__(kBlock) BiasDropoutFwdKernel(BiasDropoutFwdArgs<T> a) {
+__global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasDropoutFwdArgs<T> a) {
   const int64_t nvec = a.cols / VEC;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= nvec) return;  // no barriers below
@@ -104,10 +80,10 @@ __global__ void __launch_bounds__(kBlock) BiasDropoutFwdKernel(BiasDropoutFwdArg
   const DropoutRng rng = LoadRng(a.rng, a.rate);
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r0 < a.rows;
-       r0 += stride * kUnroll) {
-    float v[kUnroll][VEC], res[kUnroll][VEC];
+       r0 += stride * kFwdRows) {
+    float v[kFwdRows][VEC], res[kFwdRows][VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kFwdRows; ++u) {
       const int64_t r = r0 + u * stride;
       if (r < a.rows) {
         LoadFloats<T, VEC>(a.x + r * a.cols + c0, v[u]);
@@ -115,13 +91,13 @@ __global__ void __launch_bounds__(kBlock) BiasDropoutFwdKernel(BiasDropoutFwdArg
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kFwdRows; ++u) {
       const int64_t r = r0 + u * stride;
       if (r < a.rows) {
         const int64_t e = r * a.cols + c0;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) v[u][k] = Act::F(v[u][k] + b[k]);
-        if (drop) Dropout<VEC>(rng, static_cast<uint64_t>(e), v[u]);
+        if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0), v[u]);
         if (a.residual) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) v[u][k] += res[u][k];
@@ -134,8 +110,9 @@ __global__ void __launch_bounds__(kBlock) BiasDropoutFwdKernel(BiasDropoutFwdArg
 
 // partial: [gridDim.y, cols] float32, or nullptr without dbias.
 template <typename T, int VEC, typename Act>
-__global__ void __launch_bounds__(kBlock) BiasDropoutBwdKernel(BiasDropoutBwdArgs<T> a, float* partial) {
+__global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasDropoutBwdArgs<T> a, float* partial) {
   __shared__ float red[kBlock * kMaxVec];
+  constexpr bool kSaved = Act::kGradFromOutput || Act::kNeedsInput;
   const int64_t nvec = a.cols / VEC;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = cv < nvec;  // inactive threads still reach the barrier
@@ -144,29 +121,35 @@ __global__ void __launch_bounds__(kBlock) BiasDropoutBwdKernel(BiasDropoutBwdArg
 #pragma unroll
   for (int k = 0; k < VEC; ++k) b[k] = acc[k] = 0.f;
   if (Act::kNeedsInput && active && a.bias) LoadFloats<float, VEC>(a.bias + c0, b);
-  const bool drop = a.rate > 0.f;
-  const DropoutRng rng = LoadRng(a.rng, a.rate);
+  const bool drop = a.rate > 0.f && !Act::kGradFromOutput;
+  const DropoutRng rng = LoadRng(a.rng, drop ? a.rate : 0.f);
+  const float scale = DropoutScale(a.rate);
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; active && r0 < a.rows;
-       r0 += stride * kUnroll) {
-    float g[kUnroll][VEC], x[kUnroll][VEC];
+       r0 += stride * kBwdRows) {
+    float g[kBwdRows][VEC], s[kBwdRows][VEC];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBwdRows; ++u) {
       const int64_t r = r0 + u * stride;
       if (r < a.rows) {
         LoadFloats<T, VEC>(a.dy + r * a.cols + c0, g[u]);
-        if constexpr (Act::kNeedsInput) LoadFloats<T, VEC>(a.x + r * a.cols + c0, x[u]);
+        if constexpr (kSaved) LoadFloats<T, VEC>(a.saved + r * a.cols + c0, s[u]);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBwdRows; ++u) {
       const int64_t r = r0 + u * stride;
       if (r < a.rows) {
         const int64_t e = r * a.cols + c0;
-        if (drop) Dropout<VEC>(rng, static_cast<uint64_t>(e), g[u]);
-        if constexpr (Act::kNeedsInput) {
+        if constexpr (Act::kGradFromOutput) {
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) g[u][k] *= Act::D(x[u][k] + b[k]);
+          for (int k = 0; k < VEC; ++k) g[u][k] = Act::G(s[u][k]) ? g[u][k] * scale : 0.f;
+        } else {
+          if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0), g[u]);
+          if constexpr (Act::kNeedsInput) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) g[u][k] *= Act::D(s[u][k] + b[k]);
+          }
         }
         StoreFloats<T, VEC>(a.dx + e, g[u]);
 #pragma unroll
@@ -228,13 +211,13 @@ Plan MakePlan(int vec, int64_t cols) {
   return plan;
 }
 
-// Row blocks of the backward: enough to fill the GPU (4 blocks per SM), at
+// Row blocks of the backward: enough to fill the GPU (kMinBlocks per SM), at
 // least 32 rows each so the partial rows stay small next to the data, and at
-// most one per kUnroll rows of each thread. Never more than the workspace's
+// most one per kBwdRows rows of each thread. Never more than the workspace's
 // BiasDropoutDbiasPartials(rows).
 int64_t BwdGridY(const Plan& plan, int64_t rows) {
-  const int64_t fill = std::max<int64_t>(1, 4 * cuda::NumSMs() / plan.grid_x);
-  return std::max<int64_t>(1, std::min({CeilDiv(rows, plan.block.y * kUnroll), fill, BiasDropoutDbiasPartials(rows)}));
+  const int64_t fill = std::max<int64_t>(1, kMinBlocks * cuda::NumSMs() / plan.grid_x);
+  return std::max<int64_t>(1, std::min({CeilDiv(rows, plan.block.y * kBwdRows), fill, BiasDropoutDbiasPartials(rows)}));
 }
 
 template <typename T, typename F>
@@ -260,7 +243,7 @@ cudaError_t BiasDropoutFwdCuda(const BiasDropoutFwdArgs<T>& a, cudaStream_t stre
   if (a.rows == 0 || a.cols == 0) return cudaSuccess;
   const void* ptrs[] = {a.x, a.residual, a.y};
   const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, a.bias), a.cols);
-  const int64_t grid_y = std::min<int64_t>(CeilDiv(a.rows, plan.block.y * kUnroll), 65535);
+  const int64_t grid_y = std::min<int64_t>(CeilDiv(a.rows, plan.block.y * kFwdRows), 65535);
   const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
   bool known = DispatchActivation(a.act, [&](auto act) {
     DispatchVec<T>(plan.vec, [&](auto vec) {
@@ -278,15 +261,16 @@ cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stre
     if (a.dbias) cudaMemsetAsync(a.dbias, 0, a.cols * sizeof(float), stream);
     return cudaGetLastError();
   }
-  const bool needs_x = a.act != Activation::kIdentity;
-  const void* ptrs[] = {a.dy, a.dx, needs_x ? a.x : nullptr};
-  const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, needs_x ? a.bias : nullptr), a.cols);
-  const int64_t grid_y = BwdGridY(plan, a.rows);  // <= BiasDropoutDbiasPartials: fits a.partials
-  const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
   float* partial = a.dbias ? a.partials : nullptr;
+  int64_t grid_y = 0;
   bool known = DispatchActivation(a.act, [&](auto act) {
+    using Act = decltype(act);
+    const void* ptrs[] = {a.dy, a.dx, Act::kGradFromOutput || Act::kNeedsInput ? a.saved : nullptr};
+    const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, Act::kNeedsInput ? a.bias : nullptr), a.cols);
+    grid_y = BwdGridY(plan, a.rows);  // <= BiasDropoutDbiasPartials: fits a.partials
+    const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
     DispatchVec<T>(plan.vec, [&](auto vec) {
-      BiasDropoutBwdKernel<T, decltype(vec)::value, decltype(act)><<<grid, plan.block, 0, stream>>>(a, partial);
+      BiasDropoutBwdKernel<T, decltype(vec)::value, Act><<<grid, plan.block, 0, stream>>>(a, partial);
     });
   });
   if (!known) return cudaErrorInvalidValue;

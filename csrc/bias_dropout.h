@@ -5,8 +5,14 @@
 // Forward:  v = act(x + bias);  y = keep(e) ? v / (1 - rate) : 0  (+ residual)
 // Backward: g = keep(e) ? dy / (1 - rate) : 0  (* act'(x + bias));
 //           dx = g;  dbias = sum_rows(g)  (fp32, deterministic order)
-// keep(e) is the Philox stream of csrc/philox.h for the flat element index
-// e = row * cols + col; with rate == 0 no random bits are drawn at all.
+// keep(e) is the Philox stream of csrc/philox.h for the element index
+// e = row * row_stride + col: row_stride == cols is the flat index of this
+// tensor; a [rows, cols] block at (row0, col0) of a wider [R, row_stride]
+// tensor (its last dim sharded) draws that tensor's mask when the rng offset
+// is advanced by row0 * row_stride + col0. With rate == 0 no random bits are
+// drawn at all.
+// relu's backward reads the forward's output y instead of x: keep(e) and
+// x + bias > 0 together are y > 0 (see ActRelu), so it draws no random bits.
 //
 // The same code serves bias_dropout_residual (act = identity, residual),
 // bias_act_dropout (act = relu/gelu/gelu_tanh, no residual) and plain dropout
@@ -32,36 +38,106 @@ namespace lsjax {
 // Matches the Python side's activation codes (lsjax/ops/bias_act_dropout.py).
 enum class Activation : int32_t { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
 
+// 2^v and 1 / v: single hardware instructions on the GPU (ex2.approx, ~2 ulp;
+// rcp.approx, ~1 ulp; subnormal results flushed to 0), libm on the CPU.
+LSJAX_ACT_HD float Exp2(float v) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return std::exp2(v);
+#endif
+}
+LSJAX_ACT_HD float Rcp(float v) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return 1.f / v;
+#endif
+}
+
 // Element-wise activations and their derivatives (float32), shared by the CPU
-// twin and the CUDA kernels. kNeedsInput: the backward reads x (and bias).
+// twin and the CUDA kernels. What the backward reads besides dy:
+//   kGradFromOutput: the forward's output y, and G(y) gates the gradient;
+//   else kNeedsInput: the pre-activation x (and bias), for D(x + bias);
+//   else nothing.
 struct ActIdentity {
+  static constexpr bool kGradFromOutput = false;
   static constexpr bool kNeedsInput = false;
   LSJAX_ACT_HD static float F(float v) { return v; }
   LSJAX_ACT_HD static float D(float) { return 1.f; }
 };
 
-struct ActRelu {  // jax.nn.relu: gradient 0 at 0; NaN propagates
-  static constexpr bool kNeedsInput = true;
+// jax.nn.relu: gradient 0 at 0; NaN propagates forward, gets gradient 0.
+// y > 0 iff the element was kept and x + bias > 0, so dx = y > 0 ? dy * scale
+// : 0 is the exact backward, except where 0 < (x + bias) * scale is below half
+// the smallest subnormal of y's dtype and y rounded to 0 (float16 with a
+// float32 bias: x + bias < 3e-8), where it gives 0 instead of dy * scale.
+struct ActRelu {
+  static constexpr bool kGradFromOutput = true;
+  static constexpr bool kNeedsInput = false;
   LSJAX_ACT_HD static float F(float v) { return v < 0.f ? 0.f : v; }
-  LSJAX_ACT_HD static float D(float v) { return v > 0.f ? 1.f : 0.f; }
+  LSJAX_ACT_HD static bool G(float y) { return y > 0.f; }
 };
 
-struct ActGelu {  // jax.nn.gelu(approximate=False): v * Phi(v), Phi by erfc (no cancellation for v < 0)
+// jax.nn.gelu(approximate=False) = v * Phi(v). Phi(v) = erfc(-v / sqrt 2) / 2
+// by the Chebyshev fit of Numerical Recipes' erfcc (relative error < 1.2e-7 in
+// erfc for every argument, so no cancellation in the lower tail), with log2(e)
+// and the 1/2 folded into its exponent; evaluated in float32 the absolute
+// error of Phi is < 3e-7. One rcp and one ex2 (CUDA's erfcf costs ~3x more
+// instructions, and the kernels are instruction-bound on it).
+struct ActGelu {
+  static constexpr bool kGradFromOutput = false;
   static constexpr bool kNeedsInput = true;
-  LSJAX_ACT_HD static float F(float v) { return 0.5f * v * erfcf(-v * 0.70710678118654752f); }
-  LSJAX_ACT_HD static float D(float v) {
-    return 0.5f * erfcf(-v * 0.70710678118654752f) + v * 0.39894228040143268f * expf(-0.5f * v * v);
+  static constexpr double kLog2e = 1.4426950408889634;
+  static constexpr float kHalfLog2e = static_cast<float>(-0.5 * kLog2e);  // exp(-v^2 / 2) = 2^(kHalfLog2e v^2)
+  LSJAX_ACT_HD static float Phi(float v, float v2) {
+    // erfcc's coefficients times log2(e); the constant term also takes the -1.
+    constexpr float kP[10] = {
+        static_cast<float>(-1.26551223 * kLog2e - 1.0), static_cast<float>(1.00002368 * kLog2e),
+        static_cast<float>(0.37409196 * kLog2e),        static_cast<float>(0.09678418 * kLog2e),
+        static_cast<float>(-0.18628806 * kLog2e),       static_cast<float>(0.27886807 * kLog2e),
+        static_cast<float>(-1.13520398 * kLog2e),       static_cast<float>(1.48851587 * kLog2e),
+        static_cast<float>(-0.82215223 * kLog2e),       static_cast<float>(0.17087277 * kLog2e)};
+    const float t = Rcp(1.f + 0.35355339059327376f * fabsf(v));  // 1 / (1 + |z| / 2), z = v / sqrt 2
+    float p = kP[9];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int i = 8; i >= 0; --i) p = p * t + kP[i];
+    const float h = t * Exp2(kHalfLog2e * v2 + p);  // erfc(|z|) / 2
+    return v < 0.f ? h : 1.f - h;
+  }
+  LSJAX_ACT_HD static float F(float v) { return v * Phi(v, v * v); }
+  LSJAX_ACT_HD static float D(float v) {  // Phi(v) + v * phi(v), phi = exp(-v^2 / 2) / sqrt(2 pi)
+    const float v2 = v * v;
+    const float phi = Exp2(kHalfLog2e * v2 - 1.3257480647361593f);  // - log2(sqrt(2 pi))
+    return v * phi + Phi(v, v2);
   }
 };
 
-struct ActGeluTanh {  // jax.nn.gelu(approximate=True)
+// jax.nn.gelu(approximate=True) = v * (1 + tanh(u)) / 2, u = sqrt(2/pi) (v + 0.044715 v^3).
+// (1 + tanh(u)) / 2 is the logistic sigmoid s = 1 / (1 + e), e = exp(-2u): one
+// ex2 and one rcp instead of tanhf, no cancellation where s is small, and
+// s' = 2 s (1 - s) u' with 1 - s = e s (none where s is near 1 either).
+struct ActGeluTanh {
+  static constexpr bool kGradFromOutput = false;
   static constexpr bool kNeedsInput = true;
   static constexpr float kA = 0.79788456080286536f;  // sqrt(2 / pi)
   static constexpr float kB = 0.044715f;
-  LSJAX_ACT_HD static float F(float v) { return 0.5f * v * (1.f + tanhf(kA * (v + kB * v * v * v))); }
+  // exp(-2u) = 2^(-2 log2(e) u), at most 2^125 so that e * s stays finite (1 for v -> -inf).
+  LSJAX_ACT_HD static float Exp2u(float v, float v2) {
+    return Exp2(fminf(-2.8853900817779268f * kA * (v + kB * v * v2), 125.f));
+  }
+  LSJAX_ACT_HD static float F(float v) { return v * Rcp(1.f + Exp2u(v, v * v)); }
   LSJAX_ACT_HD static float D(float v) {
-    const float t = tanhf(kA * (v + kB * v * v * v));
-    return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kA * (1.f + 3.f * kB * v * v);
+    const float v2 = v * v;
+    const float e = Exp2u(v, v2);
+    const float s = Rcp(1.f + e);
+    return s + 2.f * kA * v * s * (e * s) * (1.f + 3.f * kB * v2);
   }
 };
 
@@ -94,21 +170,23 @@ struct BiasDropoutFwdArgs {
   T* y;
   int64_t rows;
   int64_t cols;
-  float rate;  // in [0, 1)
+  int64_t row_stride;  // >= cols: Philox element index of (r, c) is r * row_stride + c
+  float rate;          // in [0, 1)
   Activation act;
 };
 
 template <typename T>
 struct BiasDropoutBwdArgs {
   const T* dy;
-  const T* x;           // pre-activation input; read only for a non-identity activation
-  const float* bias;    // nullable: no bias (read only for a non-identity activation)
+  const T* saved;       // the forward's y for relu, its input x for gelu/gelu_tanh; unread for identity
+  const float* bias;    // nullable: no bias (read only with x)
   const uint32_t* rng;  // as in the forward
   T* dx;
   float* dbias;     // nullable: no bias gradient
   float* partials;  // with dbias, CUDA only: float32 [BiasDropoutDbiasPartials(rows), cols]
   int64_t rows;
   int64_t cols;
+  int64_t row_stride;  // as in the forward
   float rate;
   Activation act;
 };

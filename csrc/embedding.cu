@@ -8,7 +8,8 @@
 // thread owns column vector c of the sin half and the same vector of the cos
 // half ("paired"): one sincosf (one range reduction) feeds two outputs.
 // Dropout draws one Philox call per 4 consecutive elements (4-aligned element
-// index), falling back to one call per element when misaligned.
+// index), falling back to one call per element when misaligned (ApplyDropout,
+// csrc/philox.h).
 //
 // Backward: deterministic segment sum, no atomics. The caller sorts the tokens
 // by key (stable), so each table row's tokens form one contiguous segment in
@@ -41,25 +42,6 @@ using Bool = std::bool_constant<B>;
 
 __device__ __forceinline__ int64_t ClampRow(int64_t v, int64_t rows) {
   return v < 0 ? 0 : (v >= rows ? rows - 1 : v);
-}
-
-// Dropout of VEC consecutive elements starting at flat element e (the rng
-// offset is added inside DropoutRng).
-template <int VEC>
-__device__ __forceinline__ void ApplyDropout(const DropoutRng& r, uint64_t e, float (&v)[VEC]) {
-  if constexpr (VEC % 4 == 0) {
-    if (((e + r.offset) & 3u) == 0) {
-#pragma unroll
-      for (int g = 0; g < VEC / 4; ++g) {
-        const PhiloxOut w = r.Group(e + 4 * g);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) v[4 * g + k] = w.w[k] >= r.threshold ? v[4 * g + k] * r.scale : 0.f;
-      }
-      return;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) v[k] = r.Keep(e + k) ? v[k] * r.scale : 0.f;
 }
 
 // ---------------------------------------------------------------- forward --

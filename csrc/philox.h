@@ -4,7 +4,9 @@
 //
 // Mask convention (every op that drops elements):
 //   rng = uint32[4] {k0, k1, off_lo, off_hi} (from a JAX PRNG key + offset)
-//   element e (flat row-major index into the op's output, plus the 64-bit offset)
+//   element e = offset + r * row_stride + c for element (r, c) of the op's
+//     [rows, cols] view (row_stride == cols: the flat row-major index; a larger
+//     row_stride and an advanced offset: a block of a wider tensor's mask)
 //   bits  = Philox(counter = {b_lo, b_hi, 0, 0}, key = {k0, k1})[e % 4], b = e / 4
 //   keep  = bits >= threshold,  threshold = floor(rate * 2^32)
 //   out   = keep ? v / (1 - rate) : 0
@@ -16,6 +18,13 @@
 #define LSJAX_HD __host__ __device__ __forceinline__
 #else
 #define LSJAX_HD inline
+#endif
+#if defined(__CUDA_ARCH__)
+#define LSJAX_UNROLL _Pragma("unroll")
+#define LSJAX_NO_UNROLL _Pragma("unroll 1")
+#else
+#define LSJAX_UNROLL
+#define LSJAX_NO_UNROLL
 #endif
 
 namespace lsjax {
@@ -37,9 +46,7 @@ LSJAX_HD PhiloxOut Philox4x32(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   uint32_t x0 = c0, x1 = c1, x2 = 0u, x3 = 0u;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+  LSJAX_UNROLL
   for (int round = 0; round < 10; ++round) {
     const uint32_t hi0 = MulHi32(kM0, x0), lo0 = kM0 * x0;
     const uint32_t hi1 = MulHi32(kM1, x2), lo1 = kM1 * x2;
@@ -66,8 +73,46 @@ struct DropoutRng {
     const uint64_t b = (e + offset) >> 2;
     return Philox4x32(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), k0, k1);
   }
-  LSJAX_HD bool Keep(uint64_t e) const { return Group(e).w[(e + offset) & 3u] >= threshold; }
+  LSJAX_HD bool Keep(uint64_t e) const;
 };
+
+// Word i (0 <= i < 4) of a Philox output, by selects (no dynamically indexed
+// local array on the GPU).
+LSJAX_HD uint32_t Word(const PhiloxOut& g, uint32_t i) {
+  uint32_t w = g.w[0];
+  w = i == 1 ? g.w[1] : w;
+  w = i == 2 ? g.w[2] : w;
+  w = i == 3 ? g.w[3] : w;
+  return w;
+}
+
+LSJAX_HD bool DropoutRng::Keep(uint64_t e) const { return Word(Group(e), (e + offset) & 3u) >= threshold; }
+
+// v[k] = keep(e + k) ? v[k] / (1 - rate) : 0 for the VEC (<= 32) elements from
+// element index e. When e + offset is a multiple of 4 (for VEC > 1 always, with
+// the row strides and offsets lsjax's ops pass) one Philox call serves 4 elements; otherwise
+// each element makes its own call, one at a time into a keep bitmask, so that
+// the rare path adds no live registers.
+template <int VEC>
+LSJAX_HD void ApplyDropout(const DropoutRng& rng, uint64_t e, float (&v)[VEC]) {
+  if (VEC % 4 == 0 && ((e + rng.offset) & 3u) == 0) {
+    LSJAX_UNROLL
+    for (int j = 0; j < VEC / 4; ++j) {
+      const PhiloxOut g = rng.Group(e + 4 * j);
+      LSJAX_UNROLL
+      for (int k = 0; k < 4; ++k) v[4 * j + k] = g.w[k] >= rng.threshold ? v[4 * j + k] * rng.scale : 0.f;
+    }
+  } else {
+    uint32_t keep = 0;
+    LSJAX_NO_UNROLL
+    for (int k = 0; k < VEC; ++k) keep |= static_cast<uint32_t>(rng.Keep(e + k)) << k;
+    LSJAX_UNROLL
+    for (int k = 0; k < VEC; ++k) v[k] = (keep >> k) & 1u ? v[k] * rng.scale : 0.f;
+  }
+}
+
+// 1 / (1 - rate), the scale of kept elements (1 without dropout).
+LSJAX_HD float DropoutScale(float rate) { return rate > 0.f ? 1.f / (1.f - rate) : 1.f; }
 
 // rng: {k0, k1, off_lo, off_hi}; rate in [0, 1).
 LSJAX_HD DropoutRng MakeDropoutRng(const uint32_t* rng, float rate) {
@@ -77,7 +122,7 @@ LSJAX_HD DropoutRng MakeDropoutRng(const uint32_t* rng, float rate) {
   r.offset = static_cast<uint64_t>(rng[2]) | (static_cast<uint64_t>(rng[3]) << 32);
   const double t = static_cast<double>(rate) * 4294967296.0;
   r.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
-  r.scale = rate > 0.f ? 1.f / (1.f - rate) : 1.f;
+  r.scale = DropoutScale(rate);
   return r;
 }
 

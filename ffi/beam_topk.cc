@@ -1,9 +1,9 @@
 // XLA FFI handlers for the beam-search top-k (csrc/beam_topk.h). Targets:
 //   beam_topk (logits [B, beam, V] f32/f16/bf16, scores f32 [B, beam])
 //     -> values f32 [B, k], indices s32 [B, k]                       ("cpu")
-//     -> values, indices, cand_values f32 [B, C], cand_indices s32 [B, C],
-//        beam_stats f32 [B, beam, 3], counts s32 [B]   (workspace, "CUDA")
-// k and the workspace capacity C are read from the output shapes.
+//     -> values, indices, lists u32 [B, beam * C * k * 2],
+//        partials f32 [B, beam * C * 2]   (workspace, C = ceil(V / 1024), "CUDA")
+// k is read from the output shapes.
 #include <string>
 
 #include "csrc/beam_topk.h"
@@ -66,17 +66,22 @@ LSJAX_FFI_TARGET_CPU("beam_topk", BeamTopkCpuHandler);
 // ------------------------------------------------------------------ CUDA --
 #ifdef LSJAX_WITH_CUDA
 
-xffi::Error BeamTopkCudaImpl(cudaStream_t stream, Buf logits, Buf scores, Res values, Res indices,
-                             Res cand_values, Res cand_indices, Res beam_stats, Res counts) {
-  const int64_t batch = logits.dimensions().size() == 3 ? logits.dimensions()[0] : 0;
-  const auto cd = cand_values->dimensions();
-  const bool ok = cd.size() == 2 && cd[0] == batch && cd[1] >= 1 &&
-                  cand_indices->element_count() == cand_values->element_count() &&
-                  beam_stats->element_count() == 3 * scores.element_count() &&
-                  static_cast<int64_t>(counts->element_count()) == batch;
+xffi::Error BeamTopkCudaImpl(cudaStream_t stream, Buf logits, Buf scores, Res values, Res indices, Res lists,
+                             Res partials) {
+  const auto d = logits.dimensions();
+  if (auto e = CheckShapes(logits, scores, values, indices); e.failure()) return e;
+  const int64_t k = values->dimensions()[1], chunks = (d[2] + kBeamTopkChunk - 1) / kBeamTopkChunk;
+  const int64_t n_lists = d[0] * d[1] * chunks;
+  if (auto e = Expect(k <= kBeamTopkMaxK && d[1] <= kBeamTopkMaxBeam && d[1] * chunks <= kBeamTopkMaxLists, kOp,
+                      "the CUDA kernel needs k <= 64, beam <= 1024 and beam * ceil(vocab / 1024) <= 4096");
+      e.failure())
+    return e;
+  const bool ok = lists->element_type() == xffi::DataType::U32 &&
+                  static_cast<int64_t>(lists->element_count()) == n_lists * k * 2 &&
+                  partials->element_type() == xffi::DataType::F32 &&
+                  static_cast<int64_t>(partials->element_count()) == n_lists * 2;
   if (auto e = Expect(ok, kOp, "workspace outputs have the wrong shapes"); e.failure()) return e;
-  const BeamTopkWorkspace w{Out<float>(cand_values), Out<int32_t>(cand_indices), Out<float>(beam_stats),
-                            Out<int32_t>(counts), cd[1]};
+  const BeamTopkWorkspace w{Out<uint64_t>(lists), Out<float>(partials), chunks};
   auto run = [&](const auto& a) { return CudaStatus(BeamTopkCuda(a, w, stream), kOp); };
   return Launch<CudaTypes>(run, logits, scores, values, indices);
 }
@@ -87,8 +92,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xffi::PlatformStream<cudaStream_t>>()
         .Arg<Buf>()
         .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()

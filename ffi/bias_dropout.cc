@@ -1,14 +1,17 @@
 // XLA FFI handlers for bias + activation + dropout (+ residual): decode and
 // check buffers, dispatch dtype, call csrc/. Targets (each for "cpu" and,
-// when built, "CUDA"; attrs: rate f32, activation i32 where listed):
+// when built, "CUDA"; attrs: rate f32, row_stride i64, activation i32 where listed):
 //   bias_dropout_residual_fwd (x, bias, residual, rng) -> y
 //   bias_dropout_residual_bwd (dy, rng)                -> (dx, dbias, partials)
 //   bias_act_dropout_fwd      (x, bias, rng)           -> y          [activation]
-//   bias_act_dropout_bwd      (dy, x, bias, rng)       -> (dx, dbias, partials) [activation]
+//   bias_act_dropout_bwd      (dy, saved, bias, rng)   -> (dx, dbias, partials) [activation]
 //   dropout_fwd               (x, rng)                 -> y
 //   dropout_bwd               (dy, rng)                -> dx
-// x/y/dy/dx/residual: [..., H] in f32/f16/bf16; bias, dbias: f32 [H];
-// rng: u32[4] (ignored when rate == 0); partials: f32 [BiasDropoutDbiasPartials(rows), H]
+// x/y/dy/dx/residual/saved: [..., H] in f32/f16/bf16; bias, dbias: f32 [H];
+// saved: the forward's y for relu, its x for the gelus (csrc/bias_dropout.h);
+// rng: u32[4] (ignored when rate == 0); row_stride >= H: element (r, c) of the
+// [rows, H] view draws Philox element r * row_stride + c plus the rng offset
+// (csrc/bias_dropout.h); partials: f32 [BiasDropoutDbiasPartials(rows), H]
 // workspace for the deterministic dbias (CUDA only). Activation codes: csrc/bias_dropout.h.
 #include <optional>
 #include <string>
@@ -24,7 +27,7 @@ using Buf = xffi::AnyBuffer;
 using Res = xffi::Result<xffi::AnyBuffer>;
 
 xffi::Error CheckCommon(const char* op, const Buf& x, const Buf* bias, const Buf& rng, float rate,
-                        int32_t act) {
+                        int64_t row_stride, int32_t act) {
   const int64_t cols = RowsCols(x).second;
   if (auto e = Expect(x.dimensions().size() >= 1, op, "input must have rank >= 1"); e.failure()) return e;
   if (auto e = Expect(bias == nullptr || (bias->element_type() == xffi::DataType::F32 &&
@@ -37,6 +40,7 @@ xffi::Error CheckCommon(const char* op, const Buf& x, const Buf* bias, const Buf
       e.failure())
     return e;
   if (auto e = Expect(rate >= 0.f && rate < 1.f, op, "rate must be in [0, 1)"); e.failure()) return e;
+  if (auto e = Expect(row_stride >= cols, op, "row_stride must be >= the last dim"); e.failure()) return e;
   return Expect(act >= static_cast<int32_t>(Activation::kIdentity) &&
                     act <= static_cast<int32_t>(Activation::kGeluTanh),
                 op, "unknown activation code");
@@ -50,8 +54,8 @@ xffi::Error CheckLike(const char* op, const Buf& x, const Buf& other, const char
 // Shared body of the forward handlers; `run(args)` launches on the platform.
 template <typename Types, typename Run>
 xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* bias, const Buf* residual, Buf rng, Res y,
-                float rate, int32_t act) {
-  if (auto e = CheckCommon(op, x, bias, rng, rate, act); e.failure()) return e;
+                float rate, int64_t row_stride, int32_t act) {
+  if (auto e = CheckCommon(op, x, bias, rng, rate, row_stride, act); e.failure()) return e;
   if (residual) {
     if (auto e = CheckLike(op, x, *residual, "residual"); e.failure()) return e;
   }
@@ -66,6 +70,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* bias, const Buf* re
                             Out<T>(y),
                             rows,
                             cols,
+                            row_stride,
                             rate,
                             static_cast<Activation>(act)};
     return run(a);
@@ -73,11 +78,11 @@ xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* bias, const Buf* re
 }
 
 template <typename Types, typename Run>
-xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias, Buf rng, Res dx, Res* dbias,
-                Res* partials, float rate, int32_t act) {
-  if (auto e = CheckCommon(op, dy, bias, rng, rate, act); e.failure()) return e;
-  if (x) {
-    if (auto e = CheckLike(op, dy, *x, "x"); e.failure()) return e;
+xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* saved, const Buf* bias, Buf rng, Res dx,
+                Res* dbias, Res* partials, float rate, int64_t row_stride, int32_t act) {
+  if (auto e = CheckCommon(op, dy, bias, rng, rate, row_stride, act); e.failure()) return e;
+  if (saved) {
+    if (auto e = CheckLike(op, dy, *saved, "saved"); e.failure()) return e;
   }
   if (auto e = CheckLike(op, dy, *dx, "dx"); e.failure()) return e;
   if (dbias) {
@@ -94,15 +99,15 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias
         e.failure())
       return e;
   }
-  if (auto e = Expect(act == static_cast<int32_t>(Activation::kIdentity) || x != nullptr, op,
-                      "an activation's backward needs its input");
+  if (auto e = Expect(act == static_cast<int32_t>(Activation::kIdentity) || saved != nullptr, op,
+                      "an activation's backward needs its saved input or output");
       e.failure())
     return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto [rows, cols] = RowsCols(dy);
     BiasDropoutBwdArgs<T> a{In<T>(dy),
-                            x ? In<T>(*x) : nullptr,
+                            saved ? In<T>(*saved) : nullptr,
                             bias ? In<float>(*bias) : nullptr,
                             In<uint32_t>(rng),
                             Out<T>(dx),
@@ -110,6 +115,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* x, const Buf* bias
                             dbias ? Out<float>(*partials) : nullptr,
                             rows,
                             cols,
+                            row_stride,
                             rate,
                             static_cast<Activation>(act)};
     return run(a);
@@ -124,24 +130,27 @@ struct Targets {
   RunF fwd;
   RunB bwd;
 
-  xffi::Error BdrFwd(Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate) {
-    return Fwd<Types>("bias_dropout_residual_fwd", fwd, x, &bias, &residual, rng, y, rate, kIdentity);
+  xffi::Error BdrFwd(Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate, int64_t stride) {
+    return Fwd<Types>("bias_dropout_residual_fwd", fwd, x, &bias, &residual, rng, y, rate, stride, kIdentity);
   }
-  xffi::Error BdrBwd(Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate) {
+  xffi::Error BdrBwd(Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate, int64_t stride) {
     return Bwd<Types>("bias_dropout_residual_bwd", bwd, dy, nullptr, nullptr, rng, dx, &dbias, &partials, rate,
+                      stride, kIdentity);
+  }
+  xffi::Error BadFwd(Buf x, Buf bias, Buf rng, Res y, float rate, int64_t stride, int32_t act) {
+    return Fwd<Types>("bias_act_dropout_fwd", fwd, x, &bias, nullptr, rng, y, rate, stride, act);
+  }
+  xffi::Error BadBwd(Buf dy, Buf saved, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate,
+                     int64_t stride, int32_t act) {
+    return Bwd<Types>("bias_act_dropout_bwd", bwd, dy, &saved, &bias, rng, dx, &dbias, &partials, rate, stride,
+                      act);
+  }
+  xffi::Error DropFwd(Buf x, Buf rng, Res y, float rate, int64_t stride) {
+    return Fwd<Types>("dropout_fwd", fwd, x, nullptr, nullptr, rng, y, rate, stride, kIdentity);
+  }
+  xffi::Error DropBwd(Buf dy, Buf rng, Res dx, float rate, int64_t stride) {
+    return Bwd<Types>("dropout_bwd", bwd, dy, nullptr, nullptr, rng, dx, nullptr, nullptr, rate, stride,
                       kIdentity);
-  }
-  xffi::Error BadFwd(Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
-    return Fwd<Types>("bias_act_dropout_fwd", fwd, x, &bias, nullptr, rng, y, rate, act);
-  }
-  xffi::Error BadBwd(Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int32_t act) {
-    return Bwd<Types>("bias_act_dropout_bwd", bwd, dy, &x, &bias, rng, dx, &dbias, &partials, rate, act);
-  }
-  xffi::Error DropFwd(Buf x, Buf rng, Res y, float rate) {
-    return Fwd<Types>("dropout_fwd", fwd, x, nullptr, nullptr, rng, y, rate, kIdentity);
-  }
-  xffi::Error DropBwd(Buf dy, Buf rng, Res dx, float rate) {
-    return Bwd<Types>("dropout_bwd", bwd, dy, nullptr, nullptr, rng, dx, nullptr, nullptr, rate, kIdentity);
   }
 };
 
@@ -160,31 +169,50 @@ Targets<CpuTypes, decltype(RunFwdCpu), decltype(RunBwdCpu)> Cpu() { return {RunF
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BdrFwdCpuHandler,
-    [](Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate) {
-      return Cpu().BdrFwd(x, bias, residual, rng, y, rate);
+    [](Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate, int64_t stride) {
+      return Cpu().BdrFwd(x, bias, residual, rng, y, rate, stride);
     },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"));
+    xffi::Ffi::Bind()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate")
+        .Attr<int64_t>("row_stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BdrBwdCpuHandler,
-    [](Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate) {
-      return Cpu().BdrBwd(dy, rng, dx, dbias, partials, rate);
+    [](Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate, int64_t stride) {
+      return Cpu().BdrBwd(dy, rng, dx, dbias, partials, rate, stride);
     },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"));
+    xffi::Ffi::Bind()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate")
+        .Attr<int64_t>("row_stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadFwdCpuHandler,
-    [](Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
-      return Cpu().BadFwd(x, bias, rng, y, rate, act);
+    [](Buf x, Buf bias, Buf rng, Res y, float rate, int64_t stride, int32_t act) {
+      return Cpu().BadFwd(x, bias, rng, y, rate, stride, act);
     },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int32_t>(
-        "activation"));
+    xffi::Ffi::Bind()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate")
+        .Attr<int64_t>("row_stride")
+        .Attr<int32_t>("activation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadBwdCpuHandler,
-    [](Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int32_t act) {
-      return Cpu().BadBwd(dy, x, bias, rng, dx, dbias, partials, rate, act);
-    },
+    [](Buf dy, Buf saved, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int64_t stride,
+       int32_t act) { return Cpu().BadBwd(dy, saved, bias, rng, dx, dbias, partials, rate, stride, act); },
     xffi::Ffi::Bind()
         .Arg<Buf>()
         .Arg<Buf>()
@@ -194,15 +222,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("rate")
+        .Attr<int64_t>("row_stride")
         .Attr<int32_t>("activation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DropFwdCpuHandler, [](Buf x, Buf rng, Res y, float rate) { return Cpu().DropFwd(x, rng, y, rate); },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"));
+    DropFwdCpuHandler,
+    [](Buf x, Buf rng, Res y, float rate, int64_t stride) { return Cpu().DropFwd(x, rng, y, rate, stride); },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>("row_stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    DropBwdCpuHandler, [](Buf dy, Buf rng, Res dx, float rate) { return Cpu().DropBwd(dy, rng, dx, rate); },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"));
+    DropBwdCpuHandler,
+    [](Buf dy, Buf rng, Res dx, float rate, int64_t stride) { return Cpu().DropBwd(dy, rng, dx, rate, stride); },
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>("row_stride"));
 
 LSJAX_FFI_TARGET_CPU("bias_dropout_residual_fwd", BdrFwdCpuHandler);
 LSJAX_FFI_TARGET_CPU("bias_dropout_residual_bwd", BdrBwdCpuHandler);
@@ -232,8 +263,8 @@ auto Cuda(cudaStream_t stream) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BdrFwdCudaHandler,
-    [](cudaStream_t stream, Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate) {
-      return Cuda(stream).BdrFwd(x, bias, residual, rng, y, rate);
+    [](cudaStream_t stream, Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate, int64_t stride) {
+      return Cuda(stream).BdrFwd(x, bias, residual, rng, y, rate, stride);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
@@ -242,21 +273,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Ret<Buf>()
-        .Attr<float>("rate"),
+        .Attr<float>("rate")
+        .Attr<int64_t>("row_stride"),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BdrBwdCudaHandler,
-    [](cudaStream_t stream, Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate) {
-      return Cuda(stream).BdrBwd(dy, rng, dx, dbias, partials, rate);
+    [](cudaStream_t stream, Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate, int64_t stride) {
+      return Cuda(stream).BdrBwd(dy, rng, dx, dbias, partials, rate, stride);
     },
-    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Attr<float>("rate"),
+    xffi::Ffi::Bind()
+        .Ctx<Stream>()
+        .Arg<Buf>()
+        .Arg<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
+        .Attr<float>("rate")
+        .Attr<int64_t>("row_stride"),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadFwdCudaHandler,
-    [](cudaStream_t stream, Buf x, Buf bias, Buf rng, Res y, float rate, int32_t act) {
-      return Cuda(stream).BadFwd(x, bias, rng, y, rate, act);
+    [](cudaStream_t stream, Buf x, Buf bias, Buf rng, Res y, float rate, int64_t stride, int32_t act) {
+      return Cuda(stream).BadFwd(x, bias, rng, y, rate, stride, act);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
@@ -265,13 +305,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Attr<float>("rate")
+        .Attr<int64_t>("row_stride")
         .Attr<int32_t>("activation"),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadBwdCudaHandler,
-    [](cudaStream_t stream, Buf dy, Buf x, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate,
-       int32_t act) { return Cuda(stream).BadBwd(dy, x, bias, rng, dx, dbias, partials, rate, act); },
+    [](cudaStream_t stream, Buf dy, Buf saved, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate,
+       int64_t stride, int32_t act) {
+      return Cuda(stream).BadBwd(dy, saved, bias, rng, dx, dbias, partials, rate, stride, act);
+    },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
         .Arg<Buf>()
@@ -282,19 +325,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("rate")
+        .Attr<int64_t>("row_stride")
         .Attr<int32_t>("activation"),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DropFwdCudaHandler,
-    [](cudaStream_t stream, Buf x, Buf rng, Res y, float rate) { return Cuda(stream).DropFwd(x, rng, y, rate); },
-    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"),
+    [](cudaStream_t stream, Buf x, Buf rng, Res y, float rate, int64_t stride) {
+      return Cuda(stream).DropFwd(x, rng, y, rate, stride);
+    },
+    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>(
+        "row_stride"),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DropBwdCudaHandler,
-    [](cudaStream_t stream, Buf dy, Buf rng, Res dx, float rate) { return Cuda(stream).DropBwd(dy, rng, dx, rate); },
-    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate"),
+    [](cudaStream_t stream, Buf dy, Buf rng, Res dx, float rate, int64_t stride) {
+      return Cuda(stream).DropBwd(dy, rng, dx, rate, stride);
+    },
+    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>(
+        "row_stride"),
     {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("bias_dropout_residual_fwd", BdrFwdCudaHandler);

@@ -205,15 +205,19 @@ def test_batch_sharded_has_no_all_gather(rng):
         assert_close(a, e, 1e-4, "sharded grads")
 
 
-def test_two_axis_sharding_keeps_the_mask(rng):
+@pytest.mark.parametrize("mesh_shape, names, spec, shape", [
+    ((4, 2), ("data", "seq"), P("data", "seq", None), (8, 6, 5)),
+    ((2, 4), ("data", "tensor"), P("data", None, "tensor"), (8, 6, 12)),
+])
+def test_two_axis_sharding_keeps_the_mask(rng, mesh_shape, names, spec, shape):
     """Rows sharded over two dims (local blocks not contiguous, offsets not
-    multiples of 4) and a replicated cotangent, so XLA partitions the forward
-    and the backward differently: both must still draw the unsharded mask."""
-    mesh = _mesh((4, 2), ("data", "seq"))
-    shape = (8, 6, 5)
+    multiples of 4), or rows and hidden (row stride 12, blocks 3 wide), and a
+    replicated cotangent, so XLA partitions the forward and the backward
+    differently: both must still draw the unsharded mask."""
+    mesh = _mesh(mesh_shape, names)
     x, b, _ = _inputs(rng, shape, jnp.float32)
     r = jnp.zeros(shape)
-    spec = NamedSharding(mesh, P("data", "seq", None))
+    spec = NamedSharding(mesh, spec)
     xs, rs = jax.device_put(x, spec), jax.device_put(r, spec)
     key = _key(rng)
 

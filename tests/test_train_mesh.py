@@ -153,9 +153,8 @@ def test_step_matches_single_device(mode):
         assert not _activation_gathers(hlo)
 
 
-@pytest.mark.xfail(strict=True, reason="bias_act_dropout (lsjax/ops/_bias_dropout.py) needs the whole last dim, so "
-                   "XLA all-gathers the mlp-split FFN activations [tokens, mlp] around it under tensor parallelism")
 def test_tp_keeps_ffn_activations_split():
+    """The mlp-split FFN activations [tokens, mlp] stay split through bias_act_dropout (fwd and bwd)."""
     assert not _activation_gathers(_run("tp")[4])
 
 

@@ -8,8 +8,12 @@ wrapped op has no ``RNG`` operand at all (no offset arithmetic under a mesh,
 and vmap batches it instead of mapping sequentially).
 
 Dropout ops run on the ``[rows, hidden]`` view of their operands (see
-:func:`dropout_rowwise`): the mask is then the unsharded one under any row
-sharding, at the price of a reshard when a non-leading row dim is sharded.
+:func:`dropout_rowwise`), element-wise along ``hidden``: the mask is the
+unsharded one under any sharding of the rows and of ``hidden`` (the kernels
+draw element ``(r, c)`` of a block at ``offset + r * row_stride + c``, with
+``row_stride`` the global ``hidden`` and the offset advanced to the block's
+first element; :mod:`lsjax.ops._rowwise`), at the price of a reshard when a
+non-leading row dim is sharded.
 """
 
 from __future__ import annotations
@@ -62,17 +66,22 @@ def ffi(target: str, backend: str, out, *args, **attrs):
 
 
 def dropout_rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int):
-    """Like :func:`rowwise` for ``local_fn(*static, *arrays, rng)``: the last
-    argument is the rng operand, or None for the deterministic variant."""
+    """Like :func:`rowwise` (``elementwise``) for ``local_fn(*static, row_stride,
+    *arrays, rng)``: ``rng`` is the rng operand, or None for the deterministic
+    variant, and ``row_stride`` the kernel's Philox row stride (its local last
+    dim when deterministic: no bits are drawn). The wrapped op takes
+    ``(*static, *arrays, rng)``."""
 
     def wrap(local_fn: Callable) -> Callable:
-        with_rng = rowwise([*in_kinds, RNG], out_kinds, n_static)(local_fn)
+        with_rng = rowwise([*in_kinds, RNG], out_kinds, n_static, elementwise=True)(local_fn)
 
         def local_det(*args):
-            return local_fn(*args, jnp.zeros((4,), jnp.uint32))
+            static, arrays = args[:n_static], args[n_static:]
+            cols = next(a.shape[-1] for a, k in zip(arrays, in_kinds) if k == ROWS)
+            return local_fn(*static, cols, *arrays, jnp.zeros((4,), jnp.uint32))
 
         local_det.__name__ = f"{local_fn.__name__}_deterministic"
-        without_rng = rowwise(in_kinds, out_kinds, n_static)(local_det)
+        without_rng = rowwise(in_kinds, out_kinds, n_static, elementwise=True)(local_det)
 
         @functools.wraps(local_fn)
         def call(*args):
@@ -80,10 +89,10 @@ def dropout_rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static:
             if rng is None:
                 return without_rng(*rest)
             # With dropout, run on the [rows, hidden] view: its shards are
-            # contiguous row blocks, so the per-shard RNG offsets reproduce the
-            # unsharded mask exactly, however XLA partitions each call (the
-            # backward regenerates the forward's mask even if dy is sharded
-            # differently). Free when only the leading dim is sharded.
+            # row blocks (times column blocks), so the per-shard RNG offsets
+            # reproduce the unsharded mask exactly, however XLA partitions each
+            # call (the backward regenerates the forward's mask even if dy is
+            # sharded differently). Free unless a non-leading row dim is sharded.
             static, arrays = rest[:n_static], rest[n_static:]
             shape = next(a.shape for a, k in zip(arrays, in_kinds) if k == ROWS)
             flat = [a.reshape(-1, a.shape[-1]) if k == ROWS else a for a, k in zip(arrays, in_kinds)]

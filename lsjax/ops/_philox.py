@@ -7,6 +7,11 @@ kept iff word ``(e + off) % 4`` of ``Philox(counter=(b_lo, b_hi, 0, 0),
 key=(k0, k1))``, ``b = (e + off) // 4``, is ``>= floor(rate * 2**32)``; kept
 elements are scaled by ``1 / (1 - rate)``. The backward passes regenerate the
 mask from the same operand, so no mask tensor is stored.
+
+The kernels index a ``[rows, cols]`` block as ``e = r * row_stride + c``: with
+``row_stride`` the global last dim ``H`` and the offset advanced by the block's
+first element ``r0 * H + c0`` (how sharded ops run, :mod:`lsjax.ops._rowwise`),
+the block draws exactly ``philox_bits(rng, (R, H))[r0:r0 + rows, c0:c0 + cols]``.
 """
 
 from __future__ import annotations

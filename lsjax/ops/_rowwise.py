@@ -1,21 +1,31 @@
 """Sharding and vmap support shared by the row-wise fused ops.
 
-A row-wise op treats every operand and result as one of four kinds:
+A row-wise op treats every operand and result as one of these kinds:
 
 * ``ROWS``:  ``[..., d]`` - leading dims are independent rows, the last dim is
-  reduced over inside the kernel (so it must not be sharded);
+  reduced over inside the kernel (so it must not be sharded) unless the op is
+  ``elementwise`` (below);
 * ``STATS``: ``[...]`` - one value per row (per-row statistics, labels, ids);
 * ``PARAM``: any shape, read whole by every row (scale, bias, tables);
+* ``COLS``: ``[d]`` - one value per column of the ``ROWS`` operands (a bias),
+  sharded as their last dim;
 * ``ROW_SUM``: result only; a sum over all rows (e.g. ``dscale``);
+* ``COL_SUM``: result only; ``[d]``, a per-column sum over all rows (``dbias``),
+  sharded as the last dim;
 * ``RNG``: the ``uint32[4]`` dropout operand of :mod:`lsjax.ops._philox`.
 
 :func:`rowwise` wraps a function of local arrays (which calls the FFI target)
 so that under a mesh the rows stay sharded as the first ``ROWS``/``STATS``
-operand is (no all-gather): ``PARAM`` operands are replicated and ``ROW_SUM``
-results are ``psum``-ed over the mesh axes that shard the rows. Under
-``jax.vmap`` the mapped axis becomes one more row dim; when a ``PARAM`` operand
-is mapped, or a ``ROW_SUM`` result must be per-example, it falls back to a
-sequential ``lax.map``.
+operand is (no all-gather): ``PARAM`` operands are replicated and ``ROW_SUM``/
+``COL_SUM`` results are ``psum``-ed over the mesh axes that shard the rows. Under
+``jax.vmap`` the mapped axis becomes one more row dim; when a ``PARAM``/``COLS``
+operand is mapped, or a ``ROW_SUM``/``COL_SUM`` result must be per-example, it
+falls back to a sequential ``lax.map``.
+
+Element-wise ops (``elementwise=True``: no reduction over the last dim, results
+``ROWS`` and ``COL_SUM`` only) keep a sharded last dim as it is: the kernel
+runs on the local ``[rows, columns]`` blocks, with the ``COLS`` operands'
+matching slices.
 
 Reductions over a sharded last dim (vocab-parallel ops): by default the last
 dim of ``ROWS`` operands is gathered, since the kernel reduces over it. An op
@@ -25,10 +35,15 @@ that passes ``split_last`` keeps it sharded: on the local blocks it then runs
 the block count, and ``split_last`` combines across the axes itself
 (``lax.psum``/``lax.pmax``).
 
-Dropout under a mesh: ops with an ``RNG`` operand keep only the leading dim
-sharded (others are gathered), and each shard adds ``shard_index *
-local_elements`` (of the first ``ROWS`` result) to the ``RNG`` offset: exactly
-the unsharded mask, for the forward and the backward alike.
+Dropout: an op with an ``RNG`` operand gets one more static argument after its
+own, ``row_stride`` (the global last dim ``H``), for its kernel to draw element
+``(r, c)`` of its local block at Philox index ``offset + r * row_stride + c``.
+Under a mesh it keeps only the leading row dim sharded (others are gathered;
+the last dim stays sharded if the op is ``elementwise``), and the block in row
+shard ``i`` and column block ``j`` (width ``h``) adds ``i * local_rows * H + j
+* h`` to the ``RNG`` offset: every element draws its index ``row * H + column``
+in the global ``[rows, H]`` view, exactly the unsharded mask, for the forward
+and the backward alike.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-ROWS, STATS, PARAM, ROW_SUM, RNG = "rows", "stats", "param", "row_sum", "rng"
+ROWS, STATS, PARAM, COLS, ROW_SUM, COL_SUM, RNG = "rows", "stats", "param", "cols", "row_sum", "col_sum", "rng"
 
 
 class LastDimShard(NamedTuple):
@@ -67,19 +82,28 @@ def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
     return ()
 
 
-def _last_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]):
-    """Partition spec entry of the last dim of the first ROWS operand (None if unsharded)."""
+def _last_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str], mesh):
+    """Partition spec entry of the last dim of the first ROWS operand (None if
+    unsharded, or not split into equal blocks)."""
     for shape, kind in zip(arg_shapes, in_kinds):
         if kind == ROWS:
             sharding = shape.sharding
             spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
-            return spec[len(shape.shape) - 1] if len(spec) == len(shape.shape) else None
+            last = spec[len(shape.shape) - 1] if len(spec) == len(shape.shape) else None
+            return None if shape.shape[-1] % _count((last,), mesh) else last
     return None
+
+
+def _count(spec: tuple, mesh) -> int:
+    """Number of blocks the mesh axes of ``spec`` make."""
+    return int(np.prod([mesh.shape[a] for a in _mesh_axes(spec)], dtype=np.int64))
 
 
 def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh, last=None) -> NamedSharding:
     if kind in (PARAM, ROW_SUM, RNG):
         return NamedSharding(mesh, PartitionSpec())
+    if kind in (COLS, COL_SUM):
+        return NamedSharding(mesh, PartitionSpec(last))
     n_rows = rank - (1 if kind == ROWS else 0)
     lead = row_spec[len(row_spec) - n_rows :] if n_rows <= len(row_spec) else (None,) * n_rows
     return NamedSharding(mesh, PartitionSpec(*lead, *((last,) if kind == ROWS else ())))
@@ -94,25 +118,30 @@ def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
     return tuple(axes)
 
 
-def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks, split_last: bool) -> str:
+def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks, share_last: bool) -> str:
     """Shardy rule: row dims are shared factors, everything else its own factor.
 
-    With ``split_last`` the last dims of all ROWS operands share one factor
-    (``v``) that may stay sharded.
+    With ``share_last`` the last dims of all ROWS operands and the COLS /
+    COL_SUM dims share one factor (``v``) that may stay sharded.
     """
     n_rows = max(r - (1 if k == ROWS else 0) for k, r in zip(in_kinds, in_ranks) if k in (ROWS, STATS))
     row = [f"r{i}" for i in range(n_rows)]
     fresh = iter(f"c{i}" for i in range(1000))
     own: list[str] = []
 
+    def last() -> str:
+        if share_last:
+            return "v"
+        own.append(next(fresh))
+        return own[-1]
+
     def dims(kind: str, rank: int) -> str:
         if kind == STATS:
             return " ".join(row[n_rows - rank :])
         if kind == ROWS:
-            last = "v" if split_last else next(fresh)
-            if not split_last:
-                own.append(last)
-            return " ".join(row[n_rows - (rank - 1) :] + [last])
+            return " ".join(row[n_rows - (rank - 1) :] + [last()])
+        if kind in (COLS, COL_SUM):
+            return last()
         names = [next(fresh) for _ in range(rank)]
         own.extend(names)
         return " ".join(names)
@@ -133,29 +162,34 @@ def _shard_index(row_spec: tuple, mesh) -> jax.Array:
     return index
 
 
-def _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, mesh):
-    """Adds shard_index * local_elements to every RNG operand's 64-bit offset."""
+def _advance(rng: jax.Array, index: jax.Array, step: int) -> jax.Array:
+    """``rng`` with ``index * step`` (uint32 ``index``) added to its 64-bit offset."""
     from lsjax.ops._philox import _mulhilo  # the one uint32 wide multiply
 
-    results = jax.tree.leaves(result_shape)
-    ref = next(r for r, k in zip(results, out_kinds) if k == ROWS)
-    total = int(np.prod(ref.shape, dtype=np.int64))
-    local = total // int(np.prod([mesh.shape[a] for a in _mesh_axes(row_spec)], dtype=np.int64))
-    sid = _shard_index(row_spec, mesh)
-    hi, lo = _mulhilo(sid, np.uint32(local & 0xFFFFFFFF))
-    hi = hi + sid * np.uint32(local >> 32)
+    hi, lo = _mulhilo(index, np.uint32(step & 0xFFFFFFFF))
+    hi = hi + index * np.uint32(step >> 32)
+    new_lo = rng[2] + lo
+    new_hi = rng[3] + hi + (new_lo < lo).astype(jnp.uint32)
+    return jnp.stack([rng[0], rng[1], new_lo, new_hi])
+
+
+def _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh):
+    """Advances every RNG operand's offset to this block's first element:
+    ``row_shard * local_rows * H + column_block * h`` (module docstring)."""
+    ref = next(r for r, k in zip(jax.tree.leaves(result_shape), out_kinds) if k == ROWS)
+    row_step = int(np.prod(ref.shape, dtype=np.int64)) // _count(row_spec, mesh)  # local_rows * H
+    col_step = ref.shape[-1] // _count((last,), mesh)  # h
     out = list(arrays)
     for i, kind in enumerate(in_kinds):
         if kind == RNG:
-            rng = out[i]
-            new_lo = rng[2] + lo
-            new_hi = rng[3] + hi + (new_lo < lo).astype(jnp.uint32)
-            out[i] = jnp.stack([rng[0], rng[1], new_lo, new_hi])
+            for spec, step in ((row_spec, row_step), ((last,), col_step)):
+                if _mesh_axes(spec):
+                    out[i] = _advance(out[i], _shard_index(spec, mesh), step)
     return tuple(out)
 
 
 def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_static: int,
-                      split_last: Callable | None):
+                      split_last: Callable | None, elementwise: bool):
     """custom_partitioning of ``local_fn(*static, *arrays)``."""
     static_argnums = tuple(range(n_static))
     fn = custom_partitioning(local_fn, static_argnums=static_argnums)
@@ -164,11 +198,11 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
         row_spec = _row_spec(arg_shapes, in_kinds)
         if RNG in in_kinds and row_spec:
             # Only the leading dim may stay sharded: each shard then holds a
-            # contiguous block of the flat tensor, so offset + shard * local
-            # elements is exactly the unsharded mask, however the forward and
-            # backward get partitioned.
+            # contiguous row block of the [rows, H] view, so the shifted offset
+            # and row_stride H give exactly the unsharded mask, however the
+            # forward and backward get partitioned.
             row_spec = (row_spec[0],) + (None,) * (len(row_spec) - 1)
-        last = _last_spec(arg_shapes, in_kinds) if split_last else None
+        last = _last_spec(arg_shapes, in_kinds, mesh) if (split_last or elementwise) else None
         if set(_mesh_axes((last,))) & set(_mesh_axes(row_spec)):
             last = None  # a mesh axis shards the rows already
         args = tuple(_sharding_for(k, len(s.shape), row_spec, mesh, last) for k, s in zip(in_kinds, arg_shapes))
@@ -189,17 +223,16 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
         last_axes = _mesh_axes((last,))
 
         def lower(*arrays):
-            if RNG in in_kinds and axes:
-                arrays = _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, mesh)
-            if last_axes:
-                shard = LastDimShard(last_axes, _shard_index((last,), mesh).astype(jnp.int32),
-                                     int(np.prod([mesh.shape[a] for a in last_axes])))
+            if RNG in in_kinds and (axes or last_axes):
+                arrays = _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh)
+            if last_axes and split_last:
+                shard = LastDimShard(last_axes, _shard_index((last,), mesh).astype(jnp.int32), _count((last,), mesh))
                 outs = split_last(shard, *static, *arrays)
             else:
                 outs = local_fn(*static, *arrays)
             flat = outs if isinstance(outs, (tuple, list)) else (outs,)
             flat = tuple(
-                jax.lax.psum(o, axes) if (k == ROW_SUM and axes) else o for o, k in zip(flat, out_kinds)
+                jax.lax.psum(o, axes) if (k in (ROW_SUM, COL_SUM) and axes) else o for o, k in zip(flat, out_kinds)
             )
             return flat if isinstance(outs, (tuple, list)) else flat[0]
 
@@ -210,7 +243,7 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
         *static, mesh, value_types, result_types = args
         ranks_in = [len(t.shape) for t in value_types]
         ranks_out = [len(t.shape) for t in result_types]
-        rule, own = _rule(in_kinds, out_kinds, ranks_in, ranks_out, split_last is not None)
+        rule, own = _rule(in_kinds, out_kinds, ranks_in, ranks_out, split_last is not None or elementwise)
         return rule, {"need_replication_factors": tuple(own)}
 
     fn.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule)
@@ -218,24 +251,34 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
 
 
 def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0,
-            split_last: Callable | None = None):
+            split_last: Callable | None = None, elementwise: bool = False):
     """Decorator: make ``local_fn(*static, *arrays)`` shard- and vmap-aware.
 
     ``static`` are hashable trace-time constants (attributes, dtypes). The
-    returned function has the same signature. ``split_last(shard, *static,
-    *arrays)``, if given, runs instead of ``local_fn`` when the last dim of the
-    ``ROWS`` operands is sharded (see the module docstring).
+    returned function takes ``(*static, *arrays)``; with an ``RNG`` operand
+    ``local_fn`` takes ``(*static, row_stride, *arrays)``. ``split_last(shard,
+    *static, *arrays)``, if given, runs instead of ``local_fn`` when the last
+    dim of the ``ROWS`` operands is sharded; ``elementwise`` runs ``local_fn``
+    on such blocks as they are (see the module docstring).
     """
     in_kinds, out_kinds = tuple(in_kinds), tuple(out_kinds)
-    if split_last is not None and RNG in in_kinds:
-        raise ValueError("rowwise: split_last cannot be combined with an RNG operand")
+    if split_last is not None and (elementwise or RNG in in_kinds):
+        raise ValueError("rowwise: split_last (a reduction over the last dim) cannot be combined with "
+                         "elementwise or an RNG operand")
+    if elementwise and not set(out_kinds) <= {ROWS, COL_SUM}:
+        raise ValueError(f"rowwise: an elementwise op's results must be ROWS or COL_SUM (the others would "
+                         f"be partial over a sharded last dim), got {out_kinds}")
+    with_stride = RNG in in_kinds
 
     def wrap(local_fn: Callable) -> Callable:
-        partitioned = _make_partitioned(local_fn, in_kinds, out_kinds, n_static, split_last)
+        partitioned = _make_partitioned(local_fn, in_kinds, out_kinds, n_static + with_stride, split_last,
+                                        elementwise)
 
         @functools.wraps(local_fn)
         def call(*args):
             static, arrays = args[:n_static], args[n_static:]
+            if with_stride:  # row_stride: the global last dim
+                static = (*static, next(a.shape[-1] for a, k in zip(arrays, in_kinds) if k == ROWS))
             fn = jax.custom_batching.custom_vmap(lambda *a: partitioned(*static, *a))
 
             @fn.def_vmap
@@ -253,10 +296,10 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
 
 def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
     """vmap rule: the mapped axis (at 0) becomes a leading row dim when possible."""
-    mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k in (PARAM, RNG))
+    mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k in (PARAM, COLS, RNG))
     # RNG ops map sequentially too: every instance must see the same mask
     # as an unbatched call with the same key.
-    if mapped_param or ROW_SUM in out_kinds or RNG in in_kinds:
+    if mapped_param or {ROW_SUM, COL_SUM} & set(out_kinds) or RNG in in_kinds:
         batched_args = [a for a, b in zip(args, in_batched) if b]
 
         def one(xs):
@@ -266,7 +309,8 @@ def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
         outs = jax.lax.map(one, batched_args)
         flat = outs if isinstance(outs, (tuple, list)) else (outs,)
         return outs, (type(outs)(True for _ in flat) if isinstance(outs, (tuple, list)) else True)
-    full = [a if (b or k in (PARAM, RNG)) else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b, k in zip(args, in_batched, in_kinds)]
+    full = [a if (b or k in (PARAM, COLS, RNG)) else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, b, k in zip(args, in_batched, in_kinds)]
     outs = f(*full)
     flat = outs if isinstance(outs, (tuple, list)) else (outs,)
     return outs, (type(outs)(True for _ in flat) if isinstance(outs, (tuple, list)) else True)

@@ -4,16 +4,20 @@ For logits ``[batch, beam, vocab]`` and the beams' running scores
 ``[batch, beam]``, ranks ``scores[b, i] + log_softmax(logits[b, i])[t]`` over the
 ``beam * vocab`` candidates of each row and returns the ``k`` best as float32
 values and flat int32 indices ``i * vocab + t``, sorted descending, ties broken
-by the smaller index (the order of :func:`jax.lax.top_k`).
+by the smaller index (the order of :func:`jax.lax.top_k`). One refinement on
+the kernels: where float32 rounding maps two different logits of one beam onto
+the same value, the larger logit comes first (the reference's own rounding may
+order such a pair either way).
 
 Backends: ``"xla"`` runs :func:`beam_topk_reference` (a full log-softmax and
 ``lax.top_k``); ``"cpu_ffi"``/``"cuda"`` call ``lsjax_beam_topk_{cpu,cuda}``.
-The CUDA kernel is LightSeq's hierarchical "R-top-k": one pass per beam finds the
-log-sum-exp and a lower bound ``R`` on the row's k-th best value (the minimum of
-``k`` group maxima), a second pass keeps only candidates ``>= R``, and a small
-exact selection over those gives the top ``k``. Its candidate workspace is a
-fixed-size extra output (no host synchronisation); a row whose candidates
-overflow it is finished by an exact full scan, so results are always exact.
+The CUDA kernel takes two launches and no host synchronisation: one warp per
+1024-token chunk of each (row, beam) computes the chunk's partial log-sum-exp
+and its ``k`` best tokens by logit (within a beam, the ranking by logit is the
+ranking by value); one block per row then combines the partials and takes the
+exact top ``k`` of the few chunk-list entries that can still make it. Its
+scratch is two extra outputs. Beyond its limits (``k > 64``, ``beam > 1024`` or
+``beam * ceil(vocab / 1024) > 4096``) the ``"cuda"`` backend runs the reference.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ from lsjax.ops._rowwise import ROWS, rowwise
 
 _F32 = jnp.float32
 
-# Candidates per batch row kept by the CUDA kernel's compaction pass
-# (csrc/beam_topk.h: the workspace is [batch, _CANDIDATES] values + indices).
-_CANDIDATES = 4096
+# CUDA kernel limits and chunk size (csrc/beam_topk.h: kBeamTopk*).
+_CHUNK, _MAX_K, _MAX_BEAM, _MAX_LISTS = 1024, 64, 1024, 4096
+
+
+def _cuda_supports(beam: int, vocab: int, k: int) -> bool:
+    return k <= _MAX_K and beam <= _MAX_BEAM and beam * -(-vocab // _CHUNK) <= _MAX_LISTS
 
 
 def beam_topk_reference(logits: jax.Array, scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -67,7 +74,7 @@ def beam_topk(logits: jax.Array, scores: jax.Array, k: int) -> tuple[jax.Array, 
     if beam * vocab >= 2**31:
         raise ValueError(f"{op}: beam * vocab = {beam * vocab} does not fit the int32 indices")
     backend = _backend.get_backend()
-    if backend == "xla":
+    if backend == "xla" or (backend == "cuda" and not _cuda_supports(beam, vocab, k)):
         return beam_topk_reference(logits, scores, k)
     # Row-wise over the batch (sharding / vmap through _rowwise): beam*vocab is one row.
     return _beam_topk_ffi(backend, beam, k, logits.reshape(batch, beam * vocab), scores.astype(_F32))
@@ -80,17 +87,16 @@ def _beam_topk_ffi(backend, beam, k, logits, scores):
     rows = math.prod(lead)
     out = (jax.ShapeDtypeStruct((rows, k), _F32), jax.ShapeDtypeStruct((rows, k), jnp.int32))
     if backend == "cuda":
-        out += _cuda_workspace(rows, beam)
+        out += _cuda_workspace(rows, beam, logits.shape[-1] // beam, k)
     values, indices, *_ = jax.ffi.ffi_call(_backend.ffi_target("beam_topk", backend), out)(
         logits.reshape(rows, beam, -1), scores.reshape(rows, beam))
     return values.reshape(lead + (k,)), indices.reshape(lead + (k,))
 
 
-def _cuda_workspace(batch: int, beam: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+def _cuda_workspace(rows: int, beam: int, vocab: int, k: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Extra outputs the CUDA kernel uses as scratch (csrc/beam_topk.h: BeamTopkWorkspace)."""
+    lists = beam * -(-vocab // _CHUNK)
     return (
-        jax.ShapeDtypeStruct((batch, _CANDIDATES), _F32),  # candidate values
-        jax.ShapeDtypeStruct((batch, _CANDIDATES), jnp.int32),  # candidate flat indices
-        jax.ShapeDtypeStruct((batch, beam, 3), _F32),  # per beam: threshold, max, log-sum-exp
-        jax.ShapeDtypeStruct((batch,), jnp.int32),  # candidates found per row
+        jax.ShapeDtypeStruct((rows, lists * k * 2), jnp.uint32),  # per chunk: k 64-bit token keys
+        jax.ShapeDtypeStruct((rows, lists * 2), _F32),  # per chunk: (max, sum exp(x - max))
     )

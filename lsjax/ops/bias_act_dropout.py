@@ -2,11 +2,31 @@
 
 Backends: ``"xla"`` runs :func:`bias_act_dropout_reference`; ``"cpu_ffi"``/
 ``"cuda"`` run the FFI targets ``lsjax_bias_act_dropout_{fwd,bwd}_{cpu,cuda}``
-under a ``jax.custom_vjp`` that saves the pre-activation input ``x`` (which the
-preceding matmul produced anyway) and the ``uint32[4]`` rng operand: the
-backward recomputes ``act'(x + bias)`` and regenerates the Philox mask
-(``csrc/philox.h``; element index = flat index into the output). ``dbias`` is a
-deterministic float32 column sum.
+under a ``jax.custom_vjp``. No mask is stored; what the backward reads besides
+``dy``:
+
+* relu: the output ``y`` (kept alive anyway as the next matmul's input). ``y > 0``
+  iff the element was kept and ``x + bias > 0``, so ``dx = y > 0 ? dy / (1 - rate)
+  : 0`` needs neither ``x`` nor random bits: the backward reads ``dy`` and ``y``,
+  writes ``dx`` and computes nothing else (``x`` need not outlive the forward).
+* gelu / gelu_tanh: the pre-activation ``x`` (the preceding matmul's output) and
+  the ``uint32[4]`` rng operand: the backward recomputes ``act'(x + bias)`` and
+  regenerates the Philox mask (``csrc/philox.h``; element index = flat index
+  into the output). Regenerating costs ~12 instructions per element and no
+  bytes; a stored 1-bit mask would add 1/16 of a 16-bit tensor write and read
+  to save those instructions, and a 1-byte mask half a tensor each way. With
+  the cheap erfc (``csrc/bias_dropout.h``) the gelu backward is ~45
+  instructions per element against the ~60 that an H100 issues in the time
+  its copy bandwidth moves the 6 bytes per element (bf16), so it stays
+  memory-bound and the mask would only add bytes.
+
+``dbias`` is a deterministic float32 column sum.
+
+Sharding: the rows and the hidden dim may both stay sharded (e.g. the FFN's
+``[tokens, mlp]`` under Megatron tensor parallelism, with ``bias [mlp]`` split
+alike): every shard runs the kernels on its block and draws the unsharded
+mask's bits for it (:mod:`lsjax.ops._bias_dropout`); ``dbias`` comes out split
+the same way, summed over the row shards.
 """
 
 from __future__ import annotations
@@ -20,7 +40,7 @@ import numpy as np
 from lsjax.ops import backend as _backend
 from lsjax.ops._bias_dropout import dbias_call, dropout_reference, dropout_rng, dropout_rowwise, ffi, like
 from lsjax.ops._checks import check_float, check_rank, check_shape
-from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS
+from lsjax.ops._rowwise import COL_SUM, COLS, ROWS
 
 _F32 = jnp.float32
 
@@ -57,7 +77,11 @@ def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str = "relu",
       ``y`` of ``x``'s shape and dtype; the dropout mask is the one
       :func:`lsjax.ops.bias_dropout_residual.bias_dropout_residual` draws for
       the same key and shape. Gradients: ``dx = mask * dy * act'(x + bias) / (1 - rate)``,
-      ``dbias = sum over rows of dx`` (float32, cast to ``bias.dtype``).
+      ``dbias = sum over rows of dx`` (float32, cast to ``bias.dtype``). The
+      kernels' relu gradient is 0 where ``0 < x + bias`` rounds ``y`` to 0
+      (below half the smallest subnormal of ``x.dtype``); their gelu's
+      ``Phi`` is within 3e-7 of the exact one, and gelu_tanh evaluates
+      ``(1 + tanh(u)) / 2`` as the equal ``sigmoid(2u)``.
     """
     op = "bias_act_dropout"
     check_rank(op, "x", x, 1)
@@ -76,16 +100,16 @@ def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str = "relu",
 
 # ------------------------------------------------------------- FFI path --
 
-@dropout_rowwise([ROWS, PARAM], [ROWS], n_static=3)
-def _fwd(act, rate, backend, x, bias, rng):
+@dropout_rowwise([ROWS, COLS], [ROWS], n_static=3)
+def _fwd(act, rate, backend, row_stride, x, bias, rng):
     return ffi("bias_act_dropout_fwd", backend, like(x), x, bias, rng, rate=np.float32(rate),
-               activation=np.int32(act))
+               row_stride=np.int64(row_stride), activation=np.int32(act))
 
 
-@dropout_rowwise([ROWS, ROWS, PARAM], [ROWS, ROW_SUM], n_static=3)
-def _bwd(act, rate, backend, dy, x, bias, rng):
-    return dbias_call("bias_act_dropout_bwd", backend, dy, x, bias, rng, rate=np.float32(rate),
-                      activation=np.int32(act))
+@dropout_rowwise([ROWS, ROWS, COLS], [ROWS, COL_SUM], n_static=3)
+def _bwd(act, rate, backend, row_stride, dy, saved, bias, rng):
+    return dbias_call("bias_act_dropout_bwd", backend, dy, saved, bias, rng, rate=np.float32(rate),
+                      row_stride=np.int64(row_stride), activation=np.int32(act))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -94,12 +118,15 @@ def _bad_ffi(x, bias, rng, act, rate, backend):
 
 
 def _bad_ffi_fwd(x, bias, rng, act, rate, backend):
-    return _fwd(act, rate, backend, x, bias.astype(_F32), rng), (x, bias, rng)
+    y = _fwd(act, rate, backend, x, bias.astype(_F32), rng)
+    if act == ACTIVATIONS["relu"]:  # the backward reads y; bias and the rng go unread
+        return y, (y, bias, None)
+    return y, (x, bias, rng)
 
 
 def _bad_ffi_bwd(act, rate, backend, saved, dy):
-    x, bias, rng = saved
-    dx, dbias = _bwd(act, rate, backend, dy, x, bias.astype(_F32), rng)
+    saved, bias, rng = saved
+    dx, dbias = _bwd(act, rate, backend, dy, saved, bias.astype(_F32), rng)
     return dx, dbias.astype(bias.dtype), None
 
 

@@ -20,7 +20,7 @@ from lsjax.ops import backend as _backend
 from lsjax.ops._bias_dropout import dropout_reference as _dropout32
 from lsjax.ops._bias_dropout import dbias_call, dropout_rng, dropout_rowwise, ffi, like
 from lsjax.ops._checks import check_float, check_rank, check_same_dtype, check_shape
-from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS
+from lsjax.ops._rowwise import COL_SUM, COLS, ROWS
 
 _F32 = jnp.float32
 
@@ -96,14 +96,16 @@ def dropout(x: jax.Array, *, rate: float, key: jax.Array | None) -> jax.Array:
 
 # ------------------------------------------------------------- FFI path --
 
-@dropout_rowwise([ROWS, PARAM, ROWS], [ROWS], n_static=2)
-def _fwd(rate, backend, x, bias, residual, rng):
-    return ffi("bias_dropout_residual_fwd", backend, like(x), x, bias, residual, rng, rate=np.float32(rate))
+@dropout_rowwise([ROWS, COLS, ROWS], [ROWS], n_static=2)
+def _fwd(rate, backend, row_stride, x, bias, residual, rng):
+    return ffi("bias_dropout_residual_fwd", backend, like(x), x, bias, residual, rng, rate=np.float32(rate),
+               row_stride=np.int64(row_stride))
 
 
-@dropout_rowwise([ROWS], [ROWS, ROW_SUM], n_static=2)
-def _bwd(rate, backend, dy, rng):
-    return dbias_call("bias_dropout_residual_bwd", backend, dy, rng, rate=np.float32(rate))
+@dropout_rowwise([ROWS], [ROWS, COL_SUM], n_static=2)
+def _bwd(rate, backend, row_stride, dy, rng):
+    return dbias_call("bias_dropout_residual_bwd", backend, dy, rng, rate=np.float32(rate),
+                      row_stride=np.int64(row_stride))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -127,13 +129,13 @@ _bdr_ffi.defvjp(_bdr_ffi_fwd, _bdr_ffi_bwd)
 
 
 @dropout_rowwise([ROWS], [ROWS], n_static=2)
-def _dropout_fwd(rate, backend, x, rng):
-    return ffi("dropout_fwd", backend, like(x), x, rng, rate=np.float32(rate))
+def _dropout_fwd(rate, backend, row_stride, x, rng):
+    return ffi("dropout_fwd", backend, like(x), x, rng, rate=np.float32(rate), row_stride=np.int64(row_stride))
 
 
 @dropout_rowwise([ROWS], [ROWS], n_static=2)
-def _dropout_bwd(rate, backend, dy, rng):
-    return ffi("dropout_bwd", backend, like(dy), dy, rng, rate=np.float32(rate))
+def _dropout_bwd(rate, backend, row_stride, dy, rng):
+    return ffi("dropout_bwd", backend, like(dy), dy, rng, rate=np.float32(rate), row_stride=np.int64(row_stride))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
