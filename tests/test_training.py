@@ -539,3 +539,19 @@ def test_translator_with_while_loop_graphs_gives_the_same_translations(straight)
     plain = translate.Translator(model, tokenizer, buckets, beam_size=2)
     graphs = translate.Translator(model, tokenizer, buckets, beam_size=2, compiler_options=decode.WHILE_LOOP_GRAPHS)
     assert graphs.translate(params, SOURCES) == plain.translate(params, SOURCES)
+
+
+def test_precompile_compiles_every_shape_once_in_parallel():
+    from lsjax.training.metrics import ShapeCompileTracker
+
+    fn = jax.jit(lambda x, y: (x * 2 + y).sum(axis=0))
+    tracker = ShapeCompileTracker(fn, signature=lambda x, y: x.shape)
+    specs = [(jax.ShapeDtypeStruct((n, 3), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)) for n in (2, 5, 2)]
+    tracker.precompile(specs)
+    assert len(tracker) == 2 and set(tracker.compile_seconds) == {(2, 3), (5, 3)}
+    assert tracker.precompile_seconds > 0
+    for n in (2, 5):
+        x = jnp.arange(3 * n, dtype=jnp.float32).reshape(n, 3)
+        np.testing.assert_array_equal(tracker(x, jnp.float32(1)), x.sum(axis=0) * 2 + n)
+    assert fn._cache_size() == 0  # the calls ran the precompiled executables, jit compiled nothing
+    assert len(tracker) == 2
