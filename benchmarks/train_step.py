@@ -27,7 +27,9 @@ token batches (``batch`` sentences, ``src_len``/``tgt_len`` positions, lengths d
 
 Reported per row: step ms, the median over the timed steps, each step timed on its own
 with ``jax.block_until_ready`` after warm-up; target tokens/s = mean non-pad ``tgt_out``
-tokens per timed step / median step time; compile seconds of ``jit(...).lower(...).compile()``
+tokens per timed step / median step time; pipelined ms, the same steps dispatched back to
+back as a training loop runs them (lsjax-train blocks only to log), the median over windows of
+5 steps of window time / 5, and the speedup on it (``speedup_pipelined``); compile seconds of ``jit(...).lower(...).compile()``
 (cold unless ``--compilation-cache``; the step is compiled before the state exists); the
 device's ``peak_bytes_in_use`` after the run (state, batches, the step's buffers) and XLA's
 compiled estimate (arguments + outputs + temporaries - donated aliases);
@@ -68,6 +70,7 @@ IMPLS = ("lsjax", "plain")
 PRECISION = {jnp.dtype(v).name: k for k, v in COMPUTE_DTYPES.items()}  # "bfloat16" -> "bf16"
 OPTIMIZER = OptimizerConfig(name="adamw", weight_decay=0.01)  # both sides; the rest: lsjax-train's defaults
 _ROOT = Path(__file__).resolve().parents[1]  # the variant subprocesses run here
+PIPELINE_WINDOW = 5  # steps per pipelined timing window
 _ROW = "ROW "  # prefix of the result line a variant subprocess prints
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")  # a traceback's last line
 
@@ -184,6 +187,17 @@ def _measure(v: Variant) -> dict:
         jax.block_until_ready((state, metrics))
         if i >= v.warmup:
             times.append(time.perf_counter() - start)
+    # Pipelined, as a training loop runs: the timed batches again, dispatched back to back in
+    # windows of PIPELINE_WINDOW steps, blocking once per window (the host queues the next step
+    # while the device runs this one).
+    timed = batches[v.warmup:]
+    window_times = []
+    for w in range(0, len(timed) - PIPELINE_WINDOW + 1, PIPELINE_WINDOW):
+        start = time.perf_counter()
+        for batch in timed[w:w + PIPELINE_WINDOW]:
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        window_times.append((time.perf_counter() - start) / PIPELINE_WINDOW)
     tokens = sum(int(np.count_nonzero(b["tgt_out"])) for b in host_batches[v.warmup:])
     stats = jax.devices()[0].memory_stats() or {}
     metrics = jax.device_get(metrics)
@@ -194,6 +208,8 @@ def _measure(v: Variant) -> dict:
         "param_dtype": jnp.dtype(jax.tree.leaves(state.params)[0].dtype).name,
         "tgt_tokens_per_step": tokens / v.steps, "tgt_tokens_per_s": tokens / v.steps / float(np.median(times)),
         "step_ms": 1e3 * float(np.median(times)), "step_ms_min": 1e3 * min(times),
+        "step_ms_pipelined": 1e3 * float(np.median(window_times)) if window_times else None,
+        "tgt_tokens_per_s_pipelined": tokens / v.steps / float(np.median(window_times)) if window_times else None,
         "lower_s": t1 - t0, "compile_s": t2 - t0, "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
         **_memory_analysis(compiled),
         "final_loss": float(metrics["loss"]), "skipped_steps": int(metrics["skipped_steps"]),
@@ -226,6 +242,8 @@ def add_speedups(rows: list[dict]) -> None:
         twin = plain.get((r["model"], r["dtype"]))
         if r["impl"] == "lsjax" and "error" not in r and twin:
             r["speedup"] = r["tgt_tokens_per_s"] / twin["tgt_tokens_per_s"]
+            if r.get("tgt_tokens_per_s_pipelined") and twin.get("tgt_tokens_per_s_pipelined"):
+                r["speedup_pipelined"] = r["tgt_tokens_per_s_pipelined"] / twin["tgt_tokens_per_s_pipelined"]
 
 
 def _mib(b: int | None) -> str:
@@ -234,17 +252,19 @@ def _mib(b: int | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the result rows."""
-    lines = ["| model | dtype | impl | params M | tgt tok/s | step ms | speedup | peak MiB | compiled MiB "
-             "| bytes/param | compile s | skipped |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | dtype | impl | params M | tgt tok/s | step ms | speedup | pipelined ms | speedup "
+             "| peak MiB | compiled MiB | bytes/param | compile s | skipped |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         backend = f" ({r['lsjax_backend']})" if r.get("lsjax_backend") else ""
         head = f"| {r['model']} | {r['dtype']} | {r['impl']}{backend} |"
         if "error" in r:
-            lines.append(f"{head} error: {r['error'].replace('|', '/')} |" + " |" * 8)
+            lines.append(f"{head} error: {r['error'].replace('|', '/')} |" + " |" * 10)
             continue
-        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        speedup, piped = (f"{r[k]:.2f}x" if k in r else "" for k in ("speedup", "speedup_pipelined"))
+        piped_ms = f"{r['step_ms_pipelined']:.2f}" if r.get("step_ms_pipelined") else "n/a"
         lines.append(f"{head} {r['params_M']:.1f} | {r['tgt_tokens_per_s']:,.0f} | {r['step_ms']:.2f} | {speedup} "
+                     f"| {piped_ms} | {piped} "
                      f"| {_mib(r['peak_bytes_in_use'])} | {_mib(r['compiled_peak_bytes'])} "
                      f"| {r['bytes_per_param']:.2f} | {r['compile_s']:.1f} | {r['skipped_steps']} |")
     return "\n".join(lines)
@@ -274,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.smoke:
         args.models, args.batch, args.src_len, args.tgt_len = "transformer-tiny", 8, 16, 16
-        args.steps, args.warmup = 3, 1
+        args.steps, args.warmup = 5, 1
         args.backend = args.backend or "cpu_ffi"
     # The parent never touches a device: a GPU client here would hold memory the variants need.
     print(f"train step, {args.batch} sentences x {args.src_len} src / {args.tgt_len} tgt positions, "

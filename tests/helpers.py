@@ -38,6 +38,18 @@ def assert_sum_close(actual, expected, n_terms: int, rtol: float = 1e-5, what: s
     assert err <= bound, f"{what}: abs error {err:.3g} > {bound:.3g} for a sum of {n_terms} terms"
 
 
+def assert_remat_scan_grad_matches_reference(f, x, rtol: float) -> None:
+    """``grad(f)(x)`` jitted on the ``cpu_ffi`` backend equals it on ``xla`` (the reference);
+    ``f`` is built around ``lax.scan`` of a ``jax.checkpoint``-ed body that calls a fused op."""
+    from lsjax import ops
+
+    with ops.use_backend("cpu_ffi"):
+        g = jax.jit(jax.grad(f))(x)
+    with ops.use_backend("xla"):
+        g_ref = jax.grad(f)(x)
+    assert_close(g, g_ref, rtol, "remat+scan grads")
+
+
 def compiled_hlo(fn, *args) -> str:
     """Optimised HLO text of ``jax.jit(fn)`` for ``args``."""
     return jax.jit(fn).lower(*args).compile().as_text()

@@ -10,7 +10,8 @@ from jax.test_util import check_grads
 
 from lsjax import ops
 from lsjax.ops.attention_softmax import attention_softmax, attention_softmax_reference
-from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, assert_sum_close, compiled_hlo, normal
+from tests.helpers import (DTYPES, KERNEL_RTOL, assert_close,
+                           assert_remat_scan_grad_matches_reference, assert_sum_close, compiled_hlo, normal)
 
 # [batch, heads, q_len, k_len]: length 1, odd k, k not a multiple of 8, long rows.
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (2, 2, 9, 128), (1, 1, 2, 4097)]
@@ -212,11 +213,7 @@ def test_remat_and_scan(rng):
     x = normal(rng, (2, 2, 4, 12))
     body = lambda c, _: (attention_softmax(c, causal=True, dropout_rate=0.1, key=jax.random.key(1)) * 3.0, None)
     f = lambda x: jnp.sum(jnp.sin(jax.lax.scan(jax.checkpoint(body), x, None, length=3)[0]))
-    with ops.use_backend("cpu_ffi"):
-        g = jax.jit(jax.grad(f))(x)
-    with ops.use_backend("xla"):
-        g_ref = jax.grad(f)(x)
-    assert_close(g, g_ref, 1e-4, "remat+scan grads")
+    assert_remat_scan_grad_matches_reference(f, x, 1e-4)
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])

@@ -27,9 +27,11 @@ def test_train_step_smoke(tmp_path, monkeypatch):
     assert (ours["param_dtype"], plain["param_dtype"], ours["lsjax_backend"]) == ("float16", "float32", "cpu_ffi")
     assert ours["params_M"] == plain["params_M"]
     assert ours["speedup"] == pytest.approx(ours["tgt_tokens_per_s"] / plain["tgt_tokens_per_s"])
+    assert ours["speedup_pipelined"] == pytest.approx(
+        ours["tgt_tokens_per_s_pipelined"] / plain["tgt_tokens_per_s_pipelined"])
     for r in (ours, plain):
         assert r["device"] == "cpu" and r["tgt_tokens_per_step"] > 0
-        assert r["compile_s"] > 0 and r["step_ms"] > 0 and r["compiled_peak_bytes"] > 0
+        assert r["compile_s"] > 0 and r["step_ms"] > 0 and r["step_ms_pipelined"] > 0 and r["compiled_peak_bytes"] > 0
         assert math.isfinite(r["final_loss"]) and r["skipped_steps"] == 0 and r["loss_scale"] == 2.0**15
 
 

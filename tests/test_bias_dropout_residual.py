@@ -18,7 +18,8 @@ from lsjax.ops.bias_dropout_residual import (
     dropout,
     dropout_reference,
 )
-from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, assert_sum_close, compiled_hlo, normal
+from tests.helpers import (DTYPES, KERNEL_RTOL, assert_close,
+                           assert_remat_scan_grad_matches_reference, assert_sum_close, compiled_hlo, normal)
 
 SHAPES = [(3, 1), (5, 7), (2, 3, 1000), (3, 4097)]
 
@@ -237,11 +238,7 @@ def test_remat_and_scan(rng):
     key = _key(rng)
     body = lambda c, k: (bias_dropout_residual(c, b, r, rate=0.2, key=k) * 0.5, None)
     f = lambda x: jnp.sum(jax.lax.scan(jax.checkpoint(body), x, jax.random.split(key, 3))[0])
-    with ops.use_backend("cpu_ffi"):
-        g = jax.jit(jax.grad(f))(x)
-    with ops.use_backend("xla"):
-        g_ref = jax.grad(f)(x)
-    assert_close(g, g_ref, 1e-4, "remat+scan grads")
+    assert_remat_scan_grad_matches_reference(f, x, 1e-4)
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])

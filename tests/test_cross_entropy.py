@@ -10,7 +10,8 @@ from jax.test_util import check_grads
 
 from lsjax import ops
 from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
-from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, compiled_hlo, normal
+from tests.helpers import (DTYPES, KERNEL_RTOL, assert_close,
+                           assert_remat_scan_grad_matches_reference, compiled_hlo, normal)
 
 # Vocab sizes: 1, odd, not a multiple of 8 (unaligned rows), multiples of 8, > 32k.
 SHAPES = [(3, 1), (5, 7), (2, 3, 100), (4, 1001), (6, 512), (2, 4097), (3, 32003)]
@@ -192,11 +193,7 @@ def test_remat_and_scan(rng):
     x, y, w = _inputs(rng, (5, 16), jnp.float32)
     body = lambda c, _: (c * 1.1, cross_entropy(c, y, label_smoothing=0.1)[0])
     f = lambda x: jnp.sum(jax.lax.scan(jax.checkpoint(body), x, None, length=3)[1])
-    with ops.use_backend("cpu_ffi"):
-        g = jax.jit(jax.grad(f))(x)
-    with ops.use_backend("xla"):
-        g_ref = jax.grad(f)(x)
-    assert_close(g, g_ref, 2e-5, "remat+scan grads")
+    assert_remat_scan_grad_matches_reference(f, x, 2e-5)
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])

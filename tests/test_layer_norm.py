@@ -10,7 +10,8 @@ from jax.test_util import check_grads
 
 from lsjax import ops
 from lsjax.ops import layer_norm, layer_norm_reference
-from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, compiled_hlo, normal
+from tests.helpers import (DTYPES, KERNEL_RTOL, assert_close,
+                           assert_remat_scan_grad_matches_reference, compiled_hlo, normal)
 
 SHAPES = [(3, 1), (5, 7), (2, 3, 1000), (4, 4097), (6, 512), (2, 5, 1024), (3, 16384)]
 
@@ -117,11 +118,7 @@ def test_remat_and_scan(rng):
     x, s, b, _ = _inputs(rng, (5, 16), jnp.float32)
     body = lambda c, _: (layer_norm(c, s, b) * 1.5, None)
     f = lambda x: jnp.sum(jax.lax.scan(jax.checkpoint(body), x, None, length=3)[0])
-    with ops.use_backend("cpu_ffi"):
-        g = jax.jit(jax.grad(f))(x)
-    with ops.use_backend("xla"):
-        g_ref = jax.grad(f)(x)
-    assert_close(g, g_ref, 1e-4, "remat+scan grads")
+    assert_remat_scan_grad_matches_reference(f, x, 1e-4)
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])

@@ -118,7 +118,9 @@ class TrainConfig:
     ``precision``: ``"bf16"``/``"fp16"``/``"fp32"``, the compute dtype and, by default, the only
     copy of the params (lsjax optimizer, no fp32 master). ``master_weights=True`` is the standard
     mixed-precision recipe used as the baseline: fp32 params, compute in ``precision``, plain
-    ``optax`` optimizer (adam/adamw/lion) on the fp32 params.
+    ``optax`` optimizer (adam/adamw/lion) on the fp32 params. ``compile_ahead``: compile the step
+    program of every bucket that has data before the first step, in parallel threads (else each
+    compiles when its bucket first comes up).
     """
 
     model: str = "transformer-tiny"
@@ -137,6 +139,7 @@ class TrainConfig:
     log_every: int = 50
     mesh: str = "single"
     compilation_cache: str | None = "~/.cache/lsjax/jax_compilation_cache"
+    compile_ahead: bool = True
     backend: str | None = None
 
     def __post_init__(self):

@@ -149,6 +149,12 @@ def shard_batch(plan: ShardingPlan, batch: dict) -> dict[str, jax.Array]:
     return jax.device_put(arrays, plan.batch)
 
 
+def batch_spec(plan: ShardingPlan, shape: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract :func:`shard_batch` of host ``[B, L]`` batches (rows padded as it pads them)."""
+    rows = shape[0] + (-shape[0] % plan.batch_divisor)
+    return {k: jax.ShapeDtypeStruct((rows, shape[1]), jnp.int32, sharding=plan.batch) for k in lsdata.BATCH_KEYS}
+
+
 def compile_steps(model, optimizer, plan: ShardingPlan, abstract: TrainState, *, label_smoothing: float):
     """``(train_step, eval_step)`` jitted on ``plan``'s mesh: ``train_step(state, batch) -> (state,
     metrics)`` donates the state; ``eval_step(params, batch) -> {"nll_sum", "tokens"}``."""
@@ -230,6 +236,10 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     train_step, eval_step = compile_steps(model, optimizer, plan, abstract, label_smoothing=config.label_smoothing)
     train_step = ShapeCompileTracker(train_step, signature=lambda s, b: b["src"].shape)
+    if config.compile_ahead:  # every bucket's step program, compiled in parallel before the first step
+        train_step.precompile([(abstract, batch_spec(plan, shape)) for shape in data.train.batch_shapes])
+        tqdm.write(f"compiled {len(train_step)} step programs in {train_step.precompile_seconds:.1f} s "
+                   f"(in parallel; each: {', '.join(f'{v:.1f}' for v in train_step.compile_seconds.values())} s)")
     translator = make_translator(config, model, data.tokenizer)
 
     def decode_params():  # beam search runs replicated: each device decodes the same batch
@@ -301,6 +311,7 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
         "train_seconds": round(train_seconds, 2),
         "mesh": {"name": plan.config.name, "axes": dict(plan.mesh.shape), "zero_stage": plan.config.zero_stage},
         "compiled_step_shapes": {str(k): round(v, 2) for k, v in train_step.compile_seconds.items()},
+        "step_compile_wall_seconds": round(train_step.precompile_seconds, 2),
         "num_step_programs": len(train_step),
         "bucket_ladder": list(config.data.buckets),
         "compilation_cache": cache_dir,

@@ -8,6 +8,8 @@ import math
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import jax
@@ -45,15 +47,40 @@ class ShapeCompileTracker:
     """Wraps a jitted function; the first call per distinct argument shape is timed as its compile.
 
     ``compile_seconds`` maps a shape signature to the wall time of its first call (trace + compile
-    + one execution, or a persistent-cache load); ``len(tracker)`` is the number of programs.
+    + one execution, or a persistent-cache load), or to its compile time under :meth:`precompile`;
+    ``len(tracker)`` is the number of programs.
     """
 
     def __init__(self, fn: Callable, signature: Callable[..., tuple]):
         self.fn, self.signature = fn, signature
         self.compile_seconds: dict[tuple, float] = {}
+        self.precompile_seconds = 0.0  # wall time of :meth:`precompile` (its compiles overlap)
+        self._compiled: dict[tuple, Callable] = {}
+
+    def precompile(self, arg_specs: Sequence[tuple]) -> None:
+        """Compiles the programs for ``arg_specs`` (tuples of ``jax.ShapeDtypeStruct`` with
+        shardings, one per shape) at once: traced and lowered here one by one, then compiled in
+        parallel threads (XLA compiles outside the GIL, and mostly on one core per program), so the
+        first steps wait for the slowest compile, not for the sum. Later calls with those shapes
+        run the compiled executables; their arguments must have the specs' shardings."""
+        start = time.perf_counter()
+        todo = {self.signature(*spec): spec for spec in arg_specs}
+        lowered = {sig: self.fn.lower(*spec) for sig, spec in todo.items() if sig not in self._compiled}
+
+        def compile_one(item):
+            sig, low = item
+            t0 = time.perf_counter()
+            return sig, low.compile(), time.perf_counter() - t0
+
+        with ThreadPoolExecutor(max_workers=max(1, len(lowered))) as pool:
+            for sig, compiled, seconds in pool.map(compile_one, lowered.items()):
+                self._compiled[sig], self.compile_seconds[sig] = compiled, seconds
+        self.precompile_seconds += time.perf_counter() - start
 
     def __call__(self, *args):
         sig = self.signature(*args)
+        if sig in self._compiled:
+            return self._compiled[sig](*args)
         if sig in self.compile_seconds:
             return self.fn(*args)
         start = time.perf_counter()
