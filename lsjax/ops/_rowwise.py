@@ -154,14 +154,15 @@ def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
     return tuple(axes)
 
 
-def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks, share_last: bool,
-          share_table: bool) -> str:
-    """Shardy rule: row dims are shared factors, everything else its own factor.
+def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks,
+          share_last: bool) -> tuple[str, list[str]]:
+    """Shardy rule and its replicated factors: row dims are shared factors,
+    everything else its own factor that must be replicated.
 
     With ``share_last`` the last dims of all ROWS operands and the COLS /
-    COL_SUM dims share one factor (``v``) that may stay sharded; with
-    ``share_table`` so do dim 0 of TABLE operands and TABLE_SUM results
-    (``t``).
+    COL_SUM dims share one factor (``v``) that may stay sharded. Dim 0 of the
+    TABLE operand and of the TABLE_SUM results share one (``t``) that may stay
+    sharded.
     """
     n_rows = max(r - (1 if k == ROWS else 0) for k, r in zip(in_kinds, in_ranks) if k in (ROWS, STATS))
     row = [f"r{i}" for i in range(n_rows)]
@@ -181,13 +182,10 @@ def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks
             return " ".join(row[n_rows - (rank - 1) :] + [last()])
         if kind in (COLS, COL_SUM):
             return last()
-        if share_table and kind in (TABLE, TABLE_SUM):
-            names = [next(fresh) for _ in range(rank - 1)]
-            own.extend(names)
-            return " ".join(["t"] + names)
-        names = [next(fresh) for _ in range(rank)]
+        table = kind in (TABLE, TABLE_SUM)
+        names = [next(fresh) for _ in range(rank - table)]
         own.extend(names)
-        return " ".join(names)
+        return " ".join(["t"] * table + names)
 
     ins = ", ".join(dims(k, r) for k, r in zip(in_kinds, in_ranks))
     outs = ", ".join(dims(k, r) for k, r in zip(out_kinds, out_ranks))
@@ -295,8 +293,7 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
         *static, mesh, value_types, result_types = args
         ranks_in = [len(t.shape) for t in value_types]
         ranks_out = [len(t.shape) for t in result_types]
-        rule, own = _rule(in_kinds, out_kinds, ranks_in, ranks_out, split_last is not None or elementwise,
-                          split_table is not None)
+        rule, own = _rule(in_kinds, out_kinds, ranks_in, ranks_out, split_last is not None or elementwise)
         return rule, {"need_replication_factors": tuple(own)}
 
     fn.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule)
@@ -320,10 +317,12 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
     if split_last is not None and (elementwise or RNG in in_kinds):
         raise ValueError("rowwise: split_last (a reduction over the last dim) cannot be combined with "
                          "elementwise or an RNG operand")
-    if (split_table is not None) != (TABLE in in_kinds) or (TABLE_SUM in out_kinds and TABLE not in in_kinds):
-        raise ValueError(f"rowwise: a TABLE operand needs split_table (how a table block runs) and split_table "
-                         f"or a TABLE_SUM result needs a TABLE operand (whose sharding it takes); got operands "
-                         f"{in_kinds}, results {out_kinds}, split_table={split_table}")
+    if in_kinds.count(TABLE) != (split_table is not None):
+        raise ValueError(f"rowwise: pass split_table (how a block of a vocab-sharded table runs) exactly when the op "
+                         f"has one TABLE operand; got operands {in_kinds} and split_table={split_table}")
+    if TABLE_SUM in out_kinds and TABLE not in in_kinds:
+        raise ValueError("rowwise: a TABLE_SUM result takes its sharding from a TABLE operand; pass the table "
+                         f"(it may be read only for its shape), got operands {in_kinds}")
     if split_table is not None and (split_last is not None or elementwise):
         raise ValueError("rowwise: split_table cannot be combined with split_last or elementwise")
     if elementwise and not set(out_kinds) <= {ROWS, COL_SUM}:
