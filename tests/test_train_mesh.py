@@ -148,6 +148,8 @@ def test_step_matches_single_device(mode):
     if mode in ("tp", "dp_tp"):
         assert "lsjax_cross_entropy" not in hlo  # the vocab-parallel path: no gathered kernel call
         assert not [s for s in gathers if s and s[-1] == VOCAB], "vocab-split logits must never be gathered"
+        assert (VOCAB, 64) not in gathers, "the vocab-split embedding table must never be gathered"
+        assert not grads_reduced, "the embedding gradient stays vocab-split (only its blocks are summed)"
         assert _collectives(hlo, "all-reduce"), "row-parallel outputs are all-reduced"
     if mode not in ("tp", "dp_tp"):
         assert not _activation_gathers(hlo)

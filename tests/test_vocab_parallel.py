@@ -1,4 +1,5 @@
-"""Tensor-parallel ops on 8 fake CPU devices: vocab-sharded cross-entropy never gathers the logits.
+"""Tensor-parallel ops on 8 fake CPU devices: vocab-sharded cross-entropy never gathers the logits,
+the vocab-sharded embedding never gathers its table.
 
 (Head-sharded attention softmax: tests/test_attention_softmax.py::test_sharded_has_no_all_gather.)
 """
@@ -11,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsjax import ops
-from tests.helpers import assert_close, normal
+from tests.helpers import KERNEL_RTOL, assert_close, normal
 
 MESH_SHAPE = (2, 4)  # (data, tensor)
 
@@ -80,3 +81,50 @@ def test_unsharded_vocab_still_uses_the_kernel(rng):
     with ops.use_backend("cpu_ffi"):
         hlo = jax.jit(lambda x: ops.cross_entropy(x, labels)[0]).lower(xs).compile().as_text()
     assert "lsjax_cross_entropy" in hlo and "all-gather" not in hlo
+
+
+def _embedding_loss(embed, ids, learned, key):
+    """``(sum(sin(y * w)), y)`` of ``embed(ids, table, ...)`` with dropout on; a function of the tables."""
+    def f(table, pos_table):
+        y = embed(ids, table, positions=pos_table if learned else "sinusoidal", padding_id=1, rate=0.25, key=key,
+                  offset=2)
+        w = jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) % 7 + 1  # distinct cotangents
+        return jnp.sum(jnp.sin(y.astype(jnp.float32) * w * 0.1)), y
+    return f
+
+
+@pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_vocab_sharded_embedding(rng, backend, learned, dtype):
+    batch, length, vocab, hidden = 4, 7, 44, 24  # vocab / 4 = 11 table rows per shard
+    ids = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32).at[0, 5:].set(1).at[1, :3].set(1)
+    table, pos_table = normal(rng, (vocab, hidden), dtype), normal(rng, (length + 2, hidden), dtype)
+    key = jax.random.key(int(rng.integers(1 << 20)))
+    grad = lambda embed: jax.value_and_grad(_embedding_loss(embed, ids, learned, key), (0, 1), has_aux=True)
+    (_, want), want_grads = jax.jit(grad(ops.embedding_reference))(table, pos_table)
+    with ops.use_backend("cpu_ffi"):
+        unsharded = jax.jit(lambda t, p: grad(ops.embedding)(t, p)[0][1])(table, pos_table)
+
+    mesh = _mesh()
+    ts = jax.device_put(table, NamedSharding(mesh, P("tensor", None)))
+    step = jax.jit(lambda t, p, i: jax.value_and_grad(_embedding_loss(ops.embedding, i, learned, key), (0, 1),
+                                                      has_aux=True)(t, p))
+    ids_s = jax.device_put(ids, NamedSharding(mesh, P("data", None)))
+    with ops.use_backend(backend):
+        hlo = step.lower(ts, pos_table, ids_s).compile().as_text()
+        (_, y), grads = step(ts, pos_table, ids_s)
+
+    rtol = KERNEL_RTOL[jnp.dtype(dtype)]
+    assert_close(y, want, rtol, "forward")
+    np.testing.assert_array_equal(np.asarray(y == 0), np.asarray(want == 0), "dropout mask and pad rows")
+    for name, a, e in zip(["dtable", "dpos"], grads, want_grads):
+        assert a.dtype == e.dtype
+        assert_close(a, e, rtol, name)
+    if backend == "cpu_ffi":  # the vocab-parallel path
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(unsharded, np.float32), "vs unsharded")
+        assert "all-gather" not in hlo and "lsjax_embedding" in hlo
+        name = jnp.dtype(dtype).name.replace("float", "f")  # f32, bf16
+        assert f"{name}[{vocab},{hidden}]" not in hlo  # no device ever holds the whole table
+        assert grads[0].sharding.is_equivalent_to(ts.sharding, 2)  # the table gradient stays vocab-split
+        assert y.sharding.spec[0] == "data"

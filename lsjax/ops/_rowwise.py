@@ -9,18 +9,23 @@ A row-wise op treats every operand and result as one of these kinds:
 * ``PARAM``: any shape, read whole by every row (scale, bias, tables);
 * ``COLS``: ``[d]`` - one value per column of the ``ROWS`` operands (a bias),
   sharded as their last dim;
+* ``TABLE``: ``[vocab, ...]`` - a table the rows index into (an embedding
+  table); replicated like ``PARAM`` except that its dim 0 may stay sharded
+  (``split_table``, below);
 * ``ROW_SUM``: result only; a sum over all rows (e.g. ``dscale``);
 * ``COL_SUM``: result only; ``[d]``, a per-column sum over all rows (``dbias``),
   sharded as the last dim;
+* ``TABLE_SUM``: result only; ``[vocab, ...]``, a per-table-row sum over all
+  rows (a table gradient), sharded like the ``TABLE`` operand;
 * ``RNG``: the ``uint32[4]`` dropout operand of :mod:`lsjax.ops._philox`.
 
 :func:`rowwise` wraps a function of local arrays (which calls the FFI target)
 so that under a mesh the rows stay sharded as the first ``ROWS``/``STATS``
 operand is (no all-gather): ``PARAM`` operands are replicated and ``ROW_SUM``/
-``COL_SUM`` results are ``psum``-ed over the mesh axes that shard the rows. Under
-``jax.vmap`` the mapped axis becomes one more row dim; when a ``PARAM``/``COLS``
-operand is mapped, or a ``ROW_SUM``/``COL_SUM`` result must be per-example, it
-falls back to a sequential ``lax.map``.
+``COL_SUM``/``TABLE_SUM`` results are ``psum``-ed over the mesh axes that shard
+the rows. Under ``jax.vmap`` the mapped axis becomes one more row dim; when a
+``PARAM``/``COLS``/``TABLE`` operand is mapped, or a sum result must be
+per-example, it falls back to a sequential ``lax.map``.
 
 Element-wise ops (``elementwise=True``: no reduction over the last dim, results
 ``ROWS`` and ``COL_SUM`` only) keep a sharded last dim as it is: the kernel
@@ -31,9 +36,18 @@ Reductions over a sharded last dim (vocab-parallel ops): by default the last
 dim of ``ROWS`` operands is gathered, since the kernel reduces over it. An op
 that passes ``split_last`` keeps it sharded: on the local blocks it then runs
 ``split_last(shard, *static, *arrays)`` instead of the kernel, where
-``shard`` (:class:`LastDimShard`) names the mesh axes, this block's index and
+``shard`` (:class:`DimShard`) names the mesh axes, this block's index and
 the block count, and ``split_last`` combines across the axes itself
 (``lax.psum``/``lax.pmax``).
+
+Vocab-parallel tables (Megatron's ``VocabParallelEmbedding``): an op with a
+``TABLE`` operand passes ``split_table``. When the table's dim 0 is sharded
+(into equal blocks, over mesh axes that do not shard the rows) it stays so:
+every block runs ``split_table(shard, *static, *arrays)`` on its local
+``[vocab / count, ...]`` table block (rows sharded as usual, replicated over
+the table's axes), which looks up only the table rows it owns and combines
+across ``shard.axes`` itself; ``TABLE_SUM`` results are then local
+``[vocab / count, ...]`` blocks, still ``psum``-ed over the row axes only.
 
 Dropout: an op with an ``RNG`` operand gets one more static argument after its
 own, ``row_stride`` (the global last dim ``H``), for its kernel to draw element
@@ -58,15 +72,25 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-ROWS, STATS, PARAM, COLS, ROW_SUM, COL_SUM, RNG = "rows", "stats", "param", "cols", "row_sum", "col_sum", "rng"
+ROWS, STATS, PARAM, COLS, TABLE = "rows", "stats", "param", "cols", "table"
+ROW_SUM, COL_SUM, TABLE_SUM, RNG = "row_sum", "col_sum", "table_sum", "rng"
+_WHOLE = (PARAM, COLS, TABLE, RNG)  # operands that are not split into rows
+_SUMS = (ROW_SUM, COL_SUM, TABLE_SUM)  # results summed over the rows
 
 
-class LastDimShard(NamedTuple):
-    """Where a local block sits along a sharded last dim (see ``split_last``)."""
+class DimShard(NamedTuple):
+    """Where a local block sits along a sharded dim (``split_last``: the last
+    dim of ``ROWS``; ``split_table``: dim 0 of ``TABLE``)."""
 
-    axes: tuple[str, ...]  # mesh axes sharding the last dim, major first
+    axes: tuple[str, ...]  # mesh axes sharding the dim, major first
     index: jax.Array  # int32 block index, row-major over ``axes``
     count: int  # number of blocks
+
+    def local(self, indices: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+        """int32 global ``indices`` into the dim -> (``indices`` relative to this
+        block of ``block`` entries, bool: whether this block owns them)."""
+        local = indices - self.index * block
+        return local, (local >= 0) & (local < block)
 
 
 def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
@@ -94,16 +118,28 @@ def _last_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str], mesh):
     return None
 
 
+def _table_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str], mesh):
+    """Partition spec entry of dim 0 of the first TABLE operand (None if
+    unsharded, or not split into equal blocks)."""
+    shape = next(s for s, k in zip(arg_shapes, in_kinds) if k == TABLE)
+    sharding = shape.sharding
+    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+    first = spec[0] if spec else None
+    return None if shape.shape[0] % _count((first,), mesh) else first
+
+
 def _count(spec: tuple, mesh) -> int:
     """Number of blocks the mesh axes of ``spec`` make."""
     return int(np.prod([mesh.shape[a] for a in _mesh_axes(spec)], dtype=np.int64))
 
 
-def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh, last=None) -> NamedSharding:
+def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh, last=None, table=None) -> NamedSharding:
     if kind in (PARAM, ROW_SUM, RNG):
         return NamedSharding(mesh, PartitionSpec())
     if kind in (COLS, COL_SUM):
         return NamedSharding(mesh, PartitionSpec(last))
+    if kind in (TABLE, TABLE_SUM):
+        return NamedSharding(mesh, PartitionSpec(table, *(None,) * (rank - 1)))
     n_rows = rank - (1 if kind == ROWS else 0)
     lead = row_spec[len(row_spec) - n_rows :] if n_rows <= len(row_spec) else (None,) * n_rows
     return NamedSharding(mesh, PartitionSpec(*lead, *((last,) if kind == ROWS else ())))
@@ -118,11 +154,15 @@ def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
     return tuple(axes)
 
 
-def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks, share_last: bool) -> str:
-    """Shardy rule: row dims are shared factors, everything else its own factor.
+def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks,
+          share_last: bool) -> tuple[str, list[str]]:
+    """Shardy rule and its replicated factors: row dims are shared factors,
+    everything else its own factor that must be replicated.
 
     With ``share_last`` the last dims of all ROWS operands and the COLS /
-    COL_SUM dims share one factor (``v``) that may stay sharded.
+    COL_SUM dims share one factor (``v``) that may stay sharded. Dim 0 of the
+    TABLE operand and of the TABLE_SUM results share one (``t``) that may stay
+    sharded.
     """
     n_rows = max(r - (1 if k == ROWS else 0) for k, r in zip(in_kinds, in_ranks) if k in (ROWS, STATS))
     row = [f"r{i}" for i in range(n_rows)]
@@ -142,9 +182,10 @@ def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks
             return " ".join(row[n_rows - (rank - 1) :] + [last()])
         if kind in (COLS, COL_SUM):
             return last()
-        names = [next(fresh) for _ in range(rank)]
+        table = kind in (TABLE, TABLE_SUM)
+        names = [next(fresh) for _ in range(rank - table)]
         own.extend(names)
-        return " ".join(names)
+        return " ".join(["t"] * table + names)
 
     ins = ", ".join(dims(k, r) for k, r in zip(in_kinds, in_ranks))
     outs = ", ".join(dims(k, r) for k, r in zip(out_kinds, out_ranks))
@@ -188,8 +229,13 @@ def _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh):
     return tuple(out)
 
 
+def _dim_shard(entry, mesh) -> DimShard:
+    """The DimShard of this device's block along a dim sharded as spec ``entry``."""
+    return DimShard(_mesh_axes((entry,)), _shard_index((entry,), mesh).astype(jnp.int32), _count((entry,), mesh))
+
+
 def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_static: int,
-                      split_last: Callable | None, elementwise: bool):
+                      split_last: Callable | None, split_table: Callable | None, elementwise: bool):
     """custom_partitioning of ``local_fn(*static, *arrays)``."""
     static_argnums = tuple(range(n_static))
     fn = custom_partitioning(local_fn, static_argnums=static_argnums)
@@ -205,11 +251,16 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
         last = _last_spec(arg_shapes, in_kinds, mesh) if (split_last or elementwise) else None
         if set(_mesh_axes((last,))) & set(_mesh_axes(row_spec)):
             last = None  # a mesh axis shards the rows already
-        args = tuple(_sharding_for(k, len(s.shape), row_spec, mesh, last) for k, s in zip(in_kinds, arg_shapes))
-        results = tuple(
-            _sharding_for(k, len(s.shape), row_spec, mesh, last) for k, s in zip(out_kinds, result_shapes)
+        table = _table_spec(arg_shapes, in_kinds, mesh) if split_table else None
+        if set(_mesh_axes((table,))) & set(_mesh_axes(row_spec)):
+            table = None  # likewise
+        args = tuple(
+            _sharding_for(k, len(s.shape), row_spec, mesh, last, table) for k, s in zip(in_kinds, arg_shapes)
         )
-        return row_spec, last, args, results
+        results = tuple(
+            _sharding_for(k, len(s.shape), row_spec, mesh, last, table) for k, s in zip(out_kinds, result_shapes)
+        )
+        return row_spec, last, table, args, results
 
     def infer(*args):
         *static, mesh, arg_shapes, result_shape = args
@@ -218,7 +269,7 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
 
     def partition(*args):
         *static, mesh, arg_shapes, result_shape = args
-        row_spec, last, arg_shardings, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
+        row_spec, last, table, arg_shardings, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
         axes = _mesh_axes(row_spec)
         last_axes = _mesh_axes((last,))
 
@@ -226,14 +277,13 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
             if RNG in in_kinds and (axes or last_axes):
                 arrays = _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh)
             if last_axes and split_last:
-                shard = LastDimShard(last_axes, _shard_index((last,), mesh).astype(jnp.int32), _count((last,), mesh))
-                outs = split_last(shard, *static, *arrays)
+                outs = split_last(_dim_shard(last, mesh), *static, *arrays)
+            elif _mesh_axes((table,)):
+                outs = split_table(_dim_shard(table, mesh), *static, *arrays)
             else:
                 outs = local_fn(*static, *arrays)
             flat = outs if isinstance(outs, (tuple, list)) else (outs,)
-            flat = tuple(
-                jax.lax.psum(o, axes) if (k in (ROW_SUM, COL_SUM) and axes) else o for o, k in zip(flat, out_kinds)
-            )
+            flat = tuple(jax.lax.psum(o, axes) if (k in _SUMS and axes) else o for o, k in zip(flat, out_kinds))
             return flat if isinstance(outs, (tuple, list)) else flat[0]
 
         out_shardings = results if isinstance(result_shape, (tuple, list)) else results[0]
@@ -251,7 +301,7 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
 
 
 def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0,
-            split_last: Callable | None = None, elementwise: bool = False):
+            split_last: Callable | None = None, split_table: Callable | None = None, elementwise: bool = False):
     """Decorator: make ``local_fn(*static, *arrays)`` shard- and vmap-aware.
 
     ``static`` are hashable trace-time constants (attributes, dtypes). The
@@ -259,12 +309,22 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
     ``local_fn`` takes ``(*static, row_stride, *arrays)``. ``split_last(shard,
     *static, *arrays)``, if given, runs instead of ``local_fn`` when the last
     dim of the ``ROWS`` operands is sharded; ``elementwise`` runs ``local_fn``
-    on such blocks as they are (see the module docstring).
+    on such blocks as they are; ``split_table(shard, *static, *arrays)``
+    (required with a ``TABLE`` operand) runs instead of ``local_fn`` when dim 0
+    of the ``TABLE`` operand is sharded (see the module docstring).
     """
     in_kinds, out_kinds = tuple(in_kinds), tuple(out_kinds)
     if split_last is not None and (elementwise or RNG in in_kinds):
         raise ValueError("rowwise: split_last (a reduction over the last dim) cannot be combined with "
                          "elementwise or an RNG operand")
+    if in_kinds.count(TABLE) != (split_table is not None):
+        raise ValueError(f"rowwise: pass split_table (how a block of a vocab-sharded table runs) exactly when the op "
+                         f"has one TABLE operand; got operands {in_kinds} and split_table={split_table}")
+    if TABLE_SUM in out_kinds and TABLE not in in_kinds:
+        raise ValueError("rowwise: a TABLE_SUM result takes its sharding from a TABLE operand; pass the table "
+                         f"(it may be read only for its shape), got operands {in_kinds}")
+    if split_table is not None and (split_last is not None or elementwise):
+        raise ValueError("rowwise: split_table cannot be combined with split_last or elementwise")
     if elementwise and not set(out_kinds) <= {ROWS, COL_SUM}:
         raise ValueError(f"rowwise: an elementwise op's results must be ROWS or COL_SUM (the others would "
                          f"be partial over a sharded last dim), got {out_kinds}")
@@ -272,7 +332,7 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
 
     def wrap(local_fn: Callable) -> Callable:
         partitioned = _make_partitioned(local_fn, in_kinds, out_kinds, n_static + with_stride, split_last,
-                                        elementwise)
+                                        split_table, elementwise)
 
         @functools.wraps(local_fn)
         def call(*args):
@@ -296,10 +356,10 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
 
 def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
     """vmap rule: the mapped axis (at 0) becomes a leading row dim when possible."""
-    mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k in (PARAM, COLS, RNG))
+    mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k in _WHOLE)
     # RNG ops map sequentially too: every instance must see the same mask
     # as an unbatched call with the same key.
-    if mapped_param or {ROW_SUM, COL_SUM} & set(out_kinds) or RNG in in_kinds:
+    if mapped_param or set(_SUMS) & set(out_kinds) or RNG in in_kinds:
         batched_args = [a for a, b in zip(args, in_batched) if b]
 
         def one(xs):
@@ -309,7 +369,7 @@ def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
         outs = jax.lax.map(one, batched_args)
         flat = outs if isinstance(outs, (tuple, list)) else (outs,)
         return outs, (type(outs)(True for _ in flat) if isinstance(outs, (tuple, list)) else True)
-    full = [a if (b or k in (PARAM, COLS, RNG)) else jnp.broadcast_to(a, (axis_size, *a.shape))
+    full = [a if (b or k in _WHOLE) else jnp.broadcast_to(a, (axis_size, *a.shape))
             for a, b, k in zip(args, in_batched, in_kinds)]
     outs = f(*full)
     flat = outs if isinstance(outs, (tuple, list)) else (outs,)

@@ -32,7 +32,7 @@ import numpy as np
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_rank, check_shape
-from lsjax.ops._rowwise import ROWS, STATS, LastDimShard, rowwise
+from lsjax.ops._rowwise import ROWS, STATS, DimShard, rowwise
 
 _F32 = jnp.float32
 _INT32 = np.iinfo(np.int32)
@@ -147,13 +147,7 @@ def _attrs(eps, ignore_id):
     return {"label_smoothing": np.float32(eps), "ignore_id": np.int32(ignore_id)}
 
 
-def _local_labels(shard: LastDimShard, labels, block: int):
-    """Labels relative to this vocab block and whether the block owns them."""
-    local = labels - shard.index * block
-    return local, (local >= 0) & (local < block)
-
-
-def _vocab_parallel_fwd(shard: LastDimShard, eps, ignore_id, backend, logits, labels):
+def _vocab_parallel_fwd(shard: DimShard, eps, ignore_id, backend, logits, labels):
     """Forward on a ``[..., vocab / shard.count]`` block; (loss, lse) of the whole rows."""
     block = logits.shape[-1]
     vocab = block * shard.count
@@ -161,18 +155,18 @@ def _vocab_parallel_fwd(shard: LastDimShard, eps, ignore_id, backend, logits, la
     row_max = jax.lax.pmax(jnp.max(x, axis=-1), shard.axes)
     sum_exp = jax.lax.psum(jnp.sum(jnp.exp(x - row_max[..., None]), axis=-1), shard.axes)
     lse = row_max + jnp.log(sum_exp)
-    local, owned = _local_labels(shard, labels, block)
+    local, owned = shard.local(labels, block)
     picked = jnp.take_along_axis(x, jnp.clip(local, 0, block - 1)[..., None], axis=-1)[..., 0]
     label_logit, sum_logits = jax.lax.psum((jnp.where(owned, picked, 0.0), jnp.sum(x, axis=-1)), shard.axes)
     loss = (1.0 - eps) * (lse - label_logit) + eps * (lse - sum_logits / vocab)
     return _mask_rows(loss, labels, vocab, ignore_id), lse
 
 
-def _vocab_parallel_bwd(shard: LastDimShard, eps, ignore_id, backend, logits, labels, lse, dloss):
+def _vocab_parallel_bwd(shard: DimShard, eps, ignore_id, backend, logits, labels, lse, dloss):
     """Backward on a vocab block: ``(softmax - q) * dloss``, no communication."""
     block = logits.shape[-1]
     vocab = block * shard.count
-    local, owned = _local_labels(shard, labels, block)
+    local, owned = shard.local(labels, block)
     onehot = (jnp.arange(block, dtype=jnp.int32) == local[..., None]) & owned[..., None]
     target = (1.0 - eps) * onehot.astype(_F32) + eps / vocab
     probs = jnp.exp(logits.astype(_F32) - lse[..., None])

@@ -22,12 +22,23 @@ Sinusoids use fairseq's layout: with ``half = hidden // 2`` and
 column is 0 when ``hidden`` is odd. They are computed in the kernel (no table).
 
 Sharding (``lsjax.ops._rowwise``): ids and the int32 positions/token indices
-are ``STATS``, the output ``ROWS``, the tables ``PARAM`` (replicated) and their
-gradients ``ROW_SUM`` (``psum`` over the shards). Positions are a cumulative
-sum computed in jnp before the kernel, and the dropout element index comes from
-a global flat token index operand (the ``uint32[4]`` rng operand is a
-replicated ``PARAM``), so every shard reproduces the unsharded output and mask
-exactly.
+are ``STATS``, the output ``ROWS``, the token table a ``TABLE`` (vocab-parallel,
+below), a learned position table a replicated ``PARAM``, and the gradients
+``TABLE_SUM`` (``psum`` over the row shards). Positions are a cumulative sum
+computed in jnp before the kernel, and the dropout element index comes from a
+global flat token index operand (the ``uint32[4]`` rng operand is a replicated
+``PARAM``), so every shard reproduces the unsharded output and mask exactly.
+
+Vocab-parallel (Megatron's ``VocabParallelEmbedding``): when the token table
+is sharded over its vocab dim (by mesh axes that do not shard the ids), it is
+never gathered. The forward looks up, on each table block, the rows of the
+tokens it owns (zeros for the others) and ``psum``-s them over the vocab axes:
+exactly ``table[ids]``, one ``[tokens, hidden]`` row per local token. The
+kernel then runs on those rows as its table, with each token's own index as
+its id (pads mapped to a padding id), so scale, positions and the dropout mask
+stay fused and identical to the unsharded op. The backward segment-sums only
+the tokens each block owns into its ``[vocab / n, hidden]`` gradient block,
+which stays sharded like the table.
 """
 
 from __future__ import annotations
@@ -42,11 +53,12 @@ import numpy as np
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_rank
 from lsjax.ops._philox import check_rate, dropout_mask, rng_operand
-from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS, STATS, rowwise
+from lsjax.ops._rowwise import PARAM, ROWS, STATS, TABLE, TABLE_SUM, DimShard, rowwise
 
 _F32 = jnp.float32
 _I32 = jnp.int32
 _EXCLUDED = np.int32(np.iinfo(np.int32).max)  # sort key of tokens without a gradient row
+_NO_ROW = np.int32(-1)  # padding id of the vocab-parallel forward's token-indexed rows
 
 
 def token_positions(ids: jax.Array, padding_id: int = 0, offset: int | jax.Array = 0) -> jax.Array:
@@ -188,7 +200,8 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
     binary search and sums its ``dy`` rows in ascending token order in float32
     registers (the CPU twin sums in the same order), writing each row once.
     Under a batch-sharded mesh each shard does this locally and the partial
-    gradients are ``psum``-ed.
+    gradients are ``psum``-ed; a vocab-sharded ``table`` is never gathered and
+    its gradient stays sharded like it (module doc).
     """
     op = "embedding"
     padding_id = _check(op, ids, table, scale, positions, padding_id, rate, offset)
@@ -208,8 +221,6 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
         float(rate) if dropout else 0.0,
         padding_id,
         backend,
-        table.shape[0],
-        pos_table.shape[0] if learned else 0,
     )
     return _embedding_ffi(table, pos_table, ids, pos, rng, static)
 
@@ -224,28 +235,52 @@ def _out_shape(ids, table):
     return jax.ShapeDtypeStruct(ids.shape + (table.shape[1],), table.dtype)
 
 
-@rowwise([STATS, STATS, STATS, PARAM, PARAM], [ROWS], n_static=4)
-def _fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table):
-    return jax.ffi.ffi_call(_backend.ffi_target("embedding_fwd", backend), _out_shape(ids, table))(
-        ids, pos, tok, rng, table, **_attrs(scale, rate, padding_id))
+def _fwd_local(scale, rate, padding_id, backend, ids, pos, tok, rng, table, *pos_table):
+    """The forward kernel on local blocks; ``pos_table``: none or a learned one."""
+    target = "embedding_learned_fwd" if pos_table else "embedding_fwd"
+    return jax.ffi.ffi_call(_backend.ffi_target(target, backend), _out_shape(ids, table))(
+        ids, pos, tok, rng, table, *pos_table, **_attrs(scale, rate, padding_id))
 
 
-@rowwise([STATS, STATS, STATS, PARAM, PARAM, PARAM], [ROWS], n_static=4)
-def _learned_fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table, pos_table):
-    return jax.ffi.ffi_call(_backend.ffi_target("embedding_learned_fwd", backend), _out_shape(ids, table))(
-        ids, pos, tok, rng, table, pos_table, **_attrs(scale, rate, padding_id))
+def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, ids, pos, tok, rng, table, *pos_table):
+    """The forward on a ``[vocab / shard.count, hidden]`` table block (module doc)."""
+    block = table.shape[0]
+    local, owned = shard.local(jnp.clip(ids, 0, block * shard.count - 1), block)
+    picked = jnp.take(table, jnp.clip(local, 0, block - 1).reshape(-1), axis=0)
+    rows = jax.lax.psum(jnp.where(owned.reshape(-1, 1), picked, jnp.zeros((), table.dtype)), shard.axes)
+    own = jnp.where(ids != padding_id, jnp.arange(ids.size, dtype=_I32).reshape(ids.shape), _NO_ROW)
+    return _fwd_local(scale, rate, int(_NO_ROW), backend, own, pos, tok, rng, rows, *pos_table)
 
 
-@rowwise([ROWS, STATS, STATS, PARAM], [ROW_SUM], n_static=4)
-def _segment_sum(rows, factor, rate, backend, dy, keys, tok, rng):
-    """``[rows, hidden]``: sum of ``dy`` (dropout-masked) over tokens with each key, times factor."""
+_fwd = rowwise([STATS, STATS, STATS, PARAM, TABLE], [ROWS], n_static=4, split_table=_fwd_vocab_parallel)(_fwd_local)
+_learned_fwd = rowwise([STATS, STATS, STATS, PARAM, TABLE, PARAM], [ROWS], n_static=4,
+                       split_table=_fwd_vocab_parallel)(_fwd_local)
+
+
+def _segment_sum_local(factor, rate, backend, dy, keys, tok, rng, like):
+    """``like.shape``: sum of ``dy`` (dropout-masked) over tokens with each key, times factor.
+
+    ``like`` (the table) only gives the row count, dtype and, under a mesh, the
+    gradient's sharding; keys outside ``[0, rows)`` are skipped.
+    """
     flat = keys.reshape(-1)
     order = jnp.argsort(flat, stable=True).astype(_I32)
     # segment_starts: the CUDA kernel's int32 [rows + 1] workspace, dropped.
-    out = (jax.ShapeDtypeStruct((rows, dy.shape[-1]), dy.dtype), jax.ShapeDtypeStruct((rows + 1,), _I32))
+    out = (jax.ShapeDtypeStruct((like.shape[0], dy.shape[-1]), dy.dtype),
+           jax.ShapeDtypeStruct((like.shape[0] + 1,), _I32))
     grad, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
         dy, flat[order], order, tok, rng, factor=np.float32(factor), rate=np.float32(rate))
     return grad
+
+
+def _segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, dy, keys, tok, rng, like):
+    """The gradient block of a ``[rows / shard.count, hidden]`` table block: its own keys only."""
+    local, owned = shard.local(keys, like.shape[0])
+    return _segment_sum_local(factor, rate, backend, dy, jnp.where(owned, local, _EXCLUDED), tok, rng, like)
+
+
+_segment_sum = rowwise([ROWS, STATS, STATS, PARAM, TABLE], [TABLE_SUM], n_static=3,
+                       split_table=_segment_sum_vocab_parallel)(_segment_sum_local)
 
 
 def _token_index(ids, rate, pos):
@@ -260,26 +295,27 @@ def _embedding_ffi(table, pos_table, ids, pos, rng, static):
 
 
 def _ffi_fwd(table, pos_table, ids, pos, rng, static):
-    scale, rate, padding_id, backend, _, _ = static
+    scale, rate, padding_id, backend = static
     tok = _token_index(ids, rate, pos)
     if pos_table is None:
         y = _fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table)
     else:
         y = _learned_fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table, pos_table)
-    return y, (ids, pos, rng)
+    # The tables are saved for their shapes and shardings (params: no copy).
+    return y, (table, pos_table, ids, pos, rng)
 
 
 def _ffi_bwd(static, saved, dy):
-    scale, rate, padding_id, backend, vocab, max_positions = static
-    ids, pos, rng = saved
+    scale, rate, padding_id, backend = static
+    table, pos_table, ids, pos, rng = saved
     tok = _token_index(ids, rate, pos)
     nonpad = ids != padding_id
-    keys = jnp.where(nonpad, jnp.clip(ids, 0, vocab - 1), _EXCLUDED)
-    dtable = _segment_sum(vocab, scale, rate, backend, dy, keys, tok, rng)
+    keys = jnp.where(nonpad, jnp.clip(ids, 0, table.shape[0] - 1), _EXCLUDED)
+    dtable = _segment_sum(scale, rate, backend, dy, keys, tok, rng, table)
     dpos = None
-    if max_positions:
-        pkeys = jnp.where(nonpad, jnp.clip(pos, 0, max_positions - 1), _EXCLUDED)
-        dpos = _segment_sum(max_positions, 1.0, rate, backend, dy, pkeys, tok, rng)
+    if pos_table is not None:
+        pkeys = jnp.where(nonpad, jnp.clip(pos, 0, pos_table.shape[0] - 1), _EXCLUDED)
+        dpos = _segment_sum(1.0, rate, backend, dy, pkeys, tok, rng, pos_table)
     return dtable, dpos, None, None, None
 
 
