@@ -234,6 +234,7 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
                f"ZeRO stage {plan.config.zero_stage}")
 
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    run_start = time.perf_counter()  # wall_seconds and train_seconds count the step compiles too
     train_step, eval_step = compile_steps(model, optimizer, plan, abstract, label_smoothing=config.label_smoothing)
     train_step = ShapeCompileTracker(train_step, signature=lambda s, b: b["src"].shape)
     if config.compile_ahead:  # every bucket's step program, compiled in parallel before the first step
@@ -264,7 +265,7 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     start_step = int(state.step)
     end_step = config.steps if max_steps_this_run is None else min(config.steps, start_step + max_steps_this_run)
     window_tokens, window_start = 0, time.perf_counter()
-    run_start, train_seconds = window_start, 0.0  # train_seconds: steps incl. compilation, no eval/saving
+    train_seconds = train_step.precompile_seconds  # steps incl. their compilation; no eval/saving
     last_scores: dict[str, float] = {}
     loss_guard = LossGuard()
     with checkpointer, _StopRequest() as stop, tqdm(total=config.steps, initial=start_step, desc="train",
