@@ -28,6 +28,14 @@ def _inputs(rng, shape, dtype, ignore_id=-1, ignore_frac=0.25):
     return logits, jnp.asarray(labels, jnp.int32), weights
 
 
+def _grad_rtol(dtype, vocab: int) -> float:
+    """float32: the softmax sum over the vocab is reduced in a different order on
+    each side, so its relative error (and every dlogit's) grows like sqrt(vocab)."""
+    if dtype != jnp.float32:
+        return KERNEL_RTOL[jnp.dtype(dtype)]
+    return max(2e-5, 4 * float(np.finfo(np.float32).eps) * float(np.sqrt(vocab)))
+
+
 def _loss(fn, labels, weights, **kw):
     return lambda x: jnp.sum(fn(x, labels, **kw)[0] * weights)
 
@@ -58,8 +66,7 @@ def _compare(backend, rng, shape, dtype, eps, loss_rtol, grad_rtol, ignore_id=-1
 def test_cpu_ffi_matches_reference(rng, shape, dtype, eps):
     # Same float32 math on both sides from the same stored logits: the loss
     # differs by summation order only; dlogits also by one 16-bit rounding.
-    grad_rtol = 2e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)]
-    _compare("cpu_ffi", rng, shape, dtype, eps, 2e-5, grad_rtol)
+    _compare("cpu_ffi", rng, shape, dtype, eps, 2e-5, _grad_rtol(dtype, shape[-1]))
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
@@ -228,9 +235,8 @@ def test_bad_input(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(64, 32000), (7, 128000 + 3), (4, 256000), (300, 50257)])
 def test_cuda_matches_reference(rng, shape, dtype, eps):
-    grad_rtol = 2e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)]
-    # exp2-based exponentials and another summation order: loss within 1e-5 relative.
-    _compare("cuda", rng, shape, dtype, eps, 2e-5, grad_rtol)
+    # exp2-based exponentials and another summation order: loss within 2e-5 relative.
+    _compare("cuda", rng, shape, dtype, eps, 2e-5, _grad_rtol(dtype, shape[-1]))
 
 
 @pytest.mark.gpu
