@@ -84,8 +84,10 @@ def test_dropout_is_active_and_seeded(rng):
     assert float(jnp.max(jnp.abs(a - c))) > 1e-3
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(scan_layers=True, pre_layer_norm=False)])
-def test_cached_decoding_equals_full_forward(rng, variant):
+@pytest.mark.parametrize("variant,backend", [(dict(), "xla"), (dict(scan_layers=True, pre_layer_norm=False), "xla"),
+                                             (dict(), "cpu_ffi")])
+def test_cached_decoding_equals_full_forward(rng, variant, backend):
+    """Decode steps (decode_attention over the cache) give the full forward's logits."""
     cfg = tiny_config(**variant)
     src, tgt_in, _ = batch(rng)
     model = Transformer(cfg)
@@ -97,12 +99,14 @@ def test_cached_decoding_equals_full_forward(rng, variant):
     assert all(x.shape[0] == src.shape[0] for x in leaves if x.ndim), "leading dim must be the batch"
     enc_k = jax.tree.leaves(encoded["memory"])[0]
     assert enc_k.shape[-2:] == (cfg.nhead, cfg.head_dim) and enc_k.shape[-3] == src.shape[1]
-    step = jax.jit(tokens_to_logits)
-    for t in range(tgt_in.shape[1]):
-        logits, cache = step(tgt_in[:, t:t + 1], cache, encoded)
-        assert logits.shape == (3, cfg.vocab_size) and logits.dtype == jnp.float32
-        real = np.asarray(tgt_in[:, t] != 0)  # a pad step's logits are unused
-        assert_close(logits[real], full[real, t], 2e-5, f"step {t}")
+    with ops.use_backend(backend):
+        step = jax.jit(tokens_to_logits)
+        assert ("lsjax_decode_attention" in step.lower(tgt_in[:, :1], cache, encoded).as_text()) == (backend != "xla")
+        for t in range(tgt_in.shape[1]):
+            logits, cache = step(tgt_in[:, t:t + 1], cache, encoded)
+            assert logits.shape == (3, cfg.vocab_size) and logits.dtype == jnp.float32
+            real = np.asarray(tgt_in[:, t] != 0)  # a pad step's logits are unused
+            assert_close(logits[real], full[real, t], 2e-5, f"step {t}")
     assert int(cache["decoder"]["cache_index"]) == tgt_in.shape[1]
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import ops
+from lsjax.ops.decode_attention import MAX_KEYS
 from lsjax.nn.config import LayerConfig
 
 _DEFAULT_INIT = nn.initializers.xavier_uniform()
@@ -96,7 +97,10 @@ class MultiHeadAttention(nn.Module):
             (not needed in decode steps: the projected memory is cached).
           key_mask: optional bool ``[batch, k_len]``, True = attend (source padding).
           deterministic: no dropout if True.
-          decode: incremental decoding. Self-attention keeps ``cached_key`` /
+          decode: incremental decoding: one token per row, attended with
+            :func:`lsjax.ops.decode_attention` (one kernel; caches of more than
+            8192 keys, or attention dropout, take the :func:`dot_product_attention`
+            path). Self-attention keeps ``cached_key`` /
             ``cached_value`` ``[batch, max_decode_len, heads, head_dim]`` in the
             ``"cache"`` collection; cross-attention keeps the projected memory as
             ``cached_key`` / ``cached_value`` in the ``"memory"`` collection (projected
@@ -125,8 +129,13 @@ class MultiHeadAttention(nn.Module):
             if decode:
                 k, v, key_mask, causal = self._update_cache(k, v, cache_index, max_decode_len, causal, key_mask)
         rate = cfg.attn_prob_dropout_ratio
-        out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=cfg.attention_impl,
-                                    dropout_rate=rate, key=dropout_key(self, rate, deterministic))
+        key = dropout_key(self, rate, deterministic)
+        if decode and key is None and cfg.attention_impl == "fused" and q.shape[1] == 1 and k.shape[1] <= MAX_KEYS:
+            # One decode step: one fused kernel instead of GEMM, transposes, softmax, GEMM.
+            out = ops.decode_attention(q[:, 0], k, v, key_mask, scale=1.0 / math.sqrt(dh))[:, None]
+        else:
+            out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=cfg.attention_impl,
+                                        dropout_rate=rate, key=key)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="out",
                               kernel_init=partitioned(_DEFAULT_INIT, ("heads", "kv", "embed")))(out)

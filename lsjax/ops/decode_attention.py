@@ -1,0 +1,130 @@
+"""Decode attention: one query per row against a key/value cache, in one kernel.
+
+A beam-search step attends one new token per row to the cache of keys and
+values, ``[batch, k_len, heads, head_dim]``. Done as the training path does it
+(score GEMM, a head transpose of the cache, softmax, value GEMM, another
+transpose), that is five or more kernel launches per attention for a few
+microseconds of work each; here it is one (FasterTransformer's
+``masked_multihead_attention`` idea). Keys the mask excludes (the unfilled
+cache, source padding) are not read.
+
+Backends: ``"xla"`` runs :func:`decode_attention_reference`; ``"cpu_ffi"`` /
+``"cuda"`` call ``lsjax_decode_attention_{cpu,cuda}``. The op is meant for
+inference: its gradient (a ``custom_vjp``) recomputes through the reference.
+
+Sharding: row-wise over the batch (:mod:`lsjax.ops._rowwise`); a batch-sharded
+cache stays sharded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsjax.ops import backend as _backend
+from lsjax.ops._checks import check_float, check_same_dtype, check_shape
+from lsjax.ops._rowwise import ROWS, rowwise
+
+_F32 = jnp.float32
+_OP = "decode_attention"
+
+# CUDA kernel limits (csrc/decode_attention.h: kDecodeAttention*).
+MAX_KEYS, MAX_HEAD_DIM = 8192, 512
+
+
+def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
+                               scale: float = 1.0) -> jax.Array:
+    """Pure-JAX decode attention; same contract as :func:`decode_attention`."""
+    s = jnp.einsum("bhd,bkhd->bhk", q.astype(_F32), k.astype(_F32)) * scale
+    if key_mask is not None:
+        s = jnp.where(key_mask[:, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(total > 0, total, 1.0)
+    return jnp.einsum("bhk,bkhd->bhd", p, v.astype(_F32)).astype(q.dtype)
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
+                     scale: float = 1.0) -> jax.Array:
+    """``softmax(scale * q . k) @ v`` for one query per row, over the attended keys.
+
+    Args:
+      q: ``[batch, heads, head_dim]`` float32, float16 or bfloat16.
+      k, v: ``[batch, k_len, heads, head_dim]``, ``q``'s dtype (a KV cache, or the
+        projected encoder output for cross-attention).
+      key_mask: optional bool ``[batch, k_len]``, True = attend (e.g. ``arange(k_len)
+        <= step`` for a self-attention cache, source padding for cross-attention).
+      scale: score scale, usually ``head_dim ** -0.5``.
+
+    Returns:
+      ``[batch, heads, head_dim]`` in ``q``'s dtype; scores, softmax and the
+      weighted sum in float32; a row with no attended key gives zeros.
+
+    Raises:
+      ValueError / TypeError on bad shapes or dtypes; ValueError on the ``"cuda"``
+      backend beyond ``k_len <= 8192`` or ``head_dim <= 512`` (use
+      :func:`lsjax.nn.attention.dot_product_attention` there).
+    """
+    if q.ndim != 3 or q.size == 0:
+        raise ValueError(f"{_OP}: q must be a non-empty [batch, heads, head_dim] array, got shape {q.shape}")
+    check_float(_OP, "q", q)
+    batch, heads, head_dim = q.shape
+    if k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != (heads, head_dim) or k.shape[1] == 0:
+        raise ValueError(f"{_OP}: k must be [batch={batch}, k_len >= 1, heads={heads}, head_dim={head_dim}], "
+                         f"got shape {k.shape}")
+    check_shape(_OP, "v", v, k.shape)
+    check_same_dtype(_OP, "k", k, q)
+    check_same_dtype(_OP, "v", v, q)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"{_OP}: scale must be a finite Python float (it is compiled in), got {scale!r}")
+    k_len = k.shape[1]
+    if key_mask is not None:
+        check_shape(_OP, "key_mask", key_mask, (batch, k_len))
+        if key_mask.dtype != jnp.bool_:
+            raise TypeError(f"{_OP}: key_mask must be bool (True = attend), got {key_mask.dtype}")
+    backend = _backend.get_backend()
+    if backend == "xla":
+        return decode_attention_reference(q, k, v, key_mask, scale=scale)
+    if backend == "cuda" and (k_len > MAX_KEYS or head_dim > MAX_HEAD_DIM):
+        raise ValueError(f"{_OP}: the CUDA kernel takes k_len <= {MAX_KEYS} and head_dim <= {MAX_HEAD_DIM}, got "
+                         f"k_len={k_len}, head_dim={head_dim}; use lsjax.nn.attention.dot_product_attention")
+    mask = jnp.ones((batch, k_len), jnp.bool_) if key_mask is None else key_mask
+    return _decode_attention(backend, float(scale), q, k, v, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _decode_attention(backend: str, scale: float, q, k, v, mask):
+    flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731  rows = batch (see _decode_attention_ffi)
+    return _decode_attention_ffi(backend, scale, q.shape[1], flat(q), flat(k), flat(v), mask).reshape(q.shape)
+
+
+def _fwd(backend, scale, q, k, v, mask):
+    return _decode_attention(backend, scale, q, k, v, mask), (q, k, v, mask)
+
+
+def _bwd(backend, scale, residuals, g):
+    q, k, v, mask = residuals
+    _, vjp = jax.vjp(lambda q, k, v: decode_attention_reference(q, k, v, mask, scale=scale), q, k, v)
+    return (*vjp(g), None)
+
+
+_decode_attention.defvjp(_fwd, _bwd)
+
+
+@rowwise([ROWS, ROWS, ROWS, ROWS], [ROWS], n_static=3)
+def _decode_attention_ffi(backend, scale, heads, q, k, v, mask):
+    """Local call on flattened rows: q ``[..., heads * head_dim]``, k/v ``[..., k_len * heads * head_dim]``,
+    mask ``[..., k_len]`` -> ``[..., heads * head_dim]``."""
+    lead = q.shape[:-1]
+    rows = math.prod(lead)
+    k_len = mask.shape[-1]
+    head_dim = q.shape[-1] // heads
+    out = jax.ffi.ffi_call(_backend.ffi_target(_OP, backend), jax.ShapeDtypeStruct((rows, heads, head_dim), q.dtype))(
+        q.reshape(rows, heads, head_dim), k.reshape(rows, k_len, heads, head_dim),
+        v.reshape(rows, k_len, heads, head_dim), mask.reshape(rows, k_len), scale=np.float32(scale))
+    return out.reshape(lead + (heads * head_dim,))

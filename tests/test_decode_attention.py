@@ -1,0 +1,194 @@
+"""Decode attention: reference vs float64, CPU FFI and CUDA; masks, unread keys, grads, vmap, sharding, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lsjax import ops
+from lsjax.ops.decode_attention import MAX_KEYS, decode_attention, decode_attention_reference
+from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, normal
+
+# (batch, k_len, heads, head_dim): one key, odd sizes, head_dim not a multiple of 8, transformer-base-like.
+SHAPES = [(1, 1, 1, 1), (3, 7, 2, 8), (2, 33, 3, 12), (5, 64, 8, 64), (2, 130, 4, 40)]
+
+
+def _inputs(rng, shape, dtype, mask_kind="random"):
+    batch, k_len, heads, head_dim = shape
+    q = normal(rng, (batch, heads, head_dim), dtype)
+    k = normal(rng, shape, dtype)
+    v = normal(rng, shape, dtype)
+    if mask_kind is None:
+        return q, k, v, None
+    if mask_kind == "prefix":  # a self-attention cache filled up to a step per row
+        mask = np.arange(k_len)[None] <= rng.integers(0, k_len, (batch, 1))
+    else:
+        mask = rng.random((batch, k_len)) < 0.7
+        mask[0] = False  # a row with nothing to attend
+        if batch > 1:
+            mask[1] = True
+    return q, k, v, jnp.asarray(mask)
+
+
+def _compare(backend, rng, shape, dtype, mask_kind, rtol):
+    q, k, v, mask = _inputs(rng, shape, dtype, mask_kind)
+    scale = shape[-1] ** -0.5
+    with ops.use_backend(backend):
+        out = jax.jit(lambda *a: decode_attention(*a, scale=scale))(q, k, v, mask)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, decode_attention_reference(q, k, v, mask, scale=scale), rtol,
+                 f"{backend} {shape} {jnp.dtype(dtype).name} mask={mask_kind}")
+    if mask is not None:
+        empty = ~np.asarray(mask).any(-1)
+        assert np.all(np.asarray(out.astype(jnp.float32))[empty] == 0), "rows with no attended key must be zeros"
+
+
+def test_reference_matches_float64(rng):
+    q, k, v, mask = _inputs(rng, (4, 9, 3, 5), jnp.float32)
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    m = np.asarray(mask)
+    s = np.einsum("bhd,bkhd->bhk", q64, k64) * 0.7
+    s = np.where(m[:, None], s, -np.inf)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+    expected = np.einsum("bhk,bkhd->bhd", p, v64)
+    assert_close(decode_attention_reference(q, k, v, mask, scale=0.7), expected, 1e-6, "reference")
+
+
+@pytest.mark.parametrize("mask_kind", ["random", "prefix", None])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_ffi_matches_reference(rng, shape, dtype, mask_kind):
+    # float32 on both sides; 16-bit outputs differ by at most one rounding.
+    _compare("cpu_ffi", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
+
+
+@pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
+def test_masked_keys_are_not_read(rng, backend):
+    """Unfilled cache slots may hold anything (NaN here): masked keys must not touch the result."""
+    q, k, v, mask = _inputs(rng, (3, 16, 2, 8), jnp.float32, "prefix")
+    expected = decode_attention_reference(q, k, v, mask, scale=0.5)
+    poison = ~np.asarray(mask)[:, :, None, None]
+    k_bad, v_bad = (jnp.where(poison, jnp.nan, a) for a in (k, v))
+    with ops.use_backend(backend):
+        out = jax.jit(lambda *a: decode_attention(*a, scale=0.5))(q, k_bad, v_bad, mask)
+    if backend == "xla":  # the reference multiplies NaN values by p = 0: it needs clean inputs
+        assert not np.all(np.isfinite(np.asarray(out)))
+    else:
+        assert_close(out, expected, 1e-5, "poisoned unfilled slots")
+
+
+def test_equals_training_attention_path(rng):
+    """The decode layer path (lsjax.nn.attention.dot_product_attention, q_len 1) gives the same result."""
+    from lsjax.nn.attention import dot_product_attention
+
+    q, k, v, mask = _inputs(rng, (3, 10, 2, 8), jnp.float32, "prefix")
+    expected = dot_product_attention(q[:, None], k, v, key_mask=mask, causal=False)[:, 0]
+    for backend in ("xla", "cpu_ffi"):
+        with ops.use_backend(backend):
+            assert_close(decode_attention(q, k, v, mask, scale=8 ** -0.5), expected, 1e-5, backend)
+
+
+def test_gradients_match_reference(rng):
+    q, k, v, mask = _inputs(rng, (2, 6, 2, 4), jnp.float32)
+    w = normal(rng, q.shape)
+    loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, scale=0.5) * w)))  # noqa: E731
+    expected = jax.grad(loss(decode_attention_reference), argnums=(0, 1, 2))(q, k, v)
+    with ops.use_backend("cpu_ffi"):
+        grads = jax.jit(jax.grad(loss(decode_attention), argnums=(0, 1, 2)))(q, k, v)
+    for g, e, name in zip(grads, expected, "qkv"):
+        assert_close(g, e, 1e-5, f"d{name}")
+
+
+def test_vmap(rng):
+    q, k, v, mask = _inputs(rng, (2, 5, 2, 4), jnp.float32)
+    stack = lambda a: jnp.stack([a, a[::-1]])  # noqa: E731
+    with ops.use_backend("cpu_ffi"):
+        out = jax.vmap(lambda *a: decode_attention(*a, scale=0.5))(stack(q), stack(k), stack(v), stack(mask))
+    expected = jnp.stack([decode_attention_reference(q, k, v, mask, scale=0.5),
+                          decode_attention_reference(q[::-1], k[::-1], v[::-1], mask[::-1], scale=0.5)])
+    assert_close(out, expected, 1e-5, "vmap")
+
+
+def test_batch_sharded_has_no_all_gather(rng):
+    assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    q, k, v, mask = _inputs(rng, (16, 12, 2, 8), jnp.float32)
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+    args = [shard(a) for a in (q, k, v, mask)]
+    with ops.use_backend("cpu_ffi"):
+        fn = jax.jit(lambda *a: decode_attention(*a, scale=0.5))
+        hlo = fn.lower(*args).compile().as_text()
+        out = fn(*args)
+    assert "all-gather" not in hlo and "lsjax_decode_attention" in hlo
+    assert "f32[2,2,8]" in hlo  # the local [batch / 8, heads, head_dim] block
+    assert tuple(out.sharding.spec)[:1] == ("data",)
+    assert_close(out, decode_attention_reference(q, k, v, mask, scale=0.5), 1e-5, "sharded")
+
+
+@pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
+def test_bad_input(backend):
+    q, k = jnp.ones((2, 3, 4)), jnp.ones((2, 5, 3, 4))
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match=r"q must be a non-empty \[batch, heads, head_dim\]"):
+            decode_attention(jnp.ones((2, 1, 3, 4)), k, k)
+        with pytest.raises(ValueError, match=r"k must be \[batch=2, k_len >= 1, heads=3, head_dim=4\]"):
+            decode_attention(q, jnp.ones((2, 5, 4, 3)), k)
+        with pytest.raises(ValueError, match="k must be"):
+            decode_attention(q, jnp.ones((2, 0, 3, 4)), jnp.ones((2, 0, 3, 4)))
+        with pytest.raises(ValueError, match=r"v must have shape \(2, 5, 3, 4\)"):
+            decode_attention(q, k, jnp.ones((2, 6, 3, 4)))
+        with pytest.raises(TypeError, match="k must have dtype float32"):
+            decode_attention(q, k.astype(jnp.bfloat16), k)
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            decode_attention(q.astype(jnp.int32), k.astype(jnp.int32), k.astype(jnp.int32))
+        with pytest.raises(ValueError, match=r"key_mask must have shape \(2, 5\)"):
+            decode_attention(q, k, k, jnp.ones((2, 4), bool))
+        with pytest.raises(TypeError, match="key_mask must be bool"):
+            decode_attention(q, k, k, jnp.ones((2, 5), jnp.int32))
+        with pytest.raises(TypeError, match="scale must be a finite Python float"):
+            jax.jit(lambda q, s: decode_attention(q, k, k, scale=s))(q, 0.5)
+
+
+# ------------------------------------------------------------------- GPU --
+
+GPU_SHAPES = SHAPES + [(32, 65, 8, 64), (32, 256, 16, 64), (4, 1000, 2, 128), (2, MAX_KEYS, 2, 64), (3, 17, 2, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_kind", ["random", "prefix", None])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_cuda_matches_reference(rng, shape, dtype, mask_kind):
+    _compare("cuda", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
+
+
+@pytest.mark.gpu
+def test_cuda_masked_keys_are_not_read_and_limits(rng):
+    q, k, v, mask = _inputs(rng, (8, 64, 8, 64), jnp.bfloat16, "prefix")
+    poison = ~np.asarray(mask)[:, :, None, None]
+    with ops.use_backend("cuda"):
+        out = jax.jit(lambda *a: decode_attention(*a, scale=0.125))(
+            q, jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v), mask)
+        long = jnp.ones((1, MAX_KEYS + 1, 1, 8), jnp.float32)
+        with pytest.raises(ValueError, match=f"k_len <= {MAX_KEYS}"):
+            decode_attention(jnp.ones((1, 1, 8)), long, long)
+    assert_close(out, decode_attention_reference(q, k, v, mask, scale=0.125), 1e-2, "poisoned unfilled slots")
+
+
+@pytest.mark.gpu
+def test_cuda_writes_every_output(rng):
+    """Outputs poisoned with NaN (donated buffers) must be fully overwritten."""
+    q, k, v, mask = _inputs(rng, (32, 64, 8, 64), jnp.bfloat16)
+
+    def step(poison, q):
+        return poison, decode_attention(q, k, v, mask, scale=0.125)
+
+    with ops.use_backend("cuda"):
+        for _ in range(3):  # reuse freed NaN-filled buffers for the output
+            _, out = jax.jit(step, donate_argnums=0)(jnp.full(q.shape, jnp.nan, q.dtype), q)
+            assert bool(jnp.all(jnp.isfinite(out)))
+    assert_close(out, decode_attention_reference(q, k, v, mask, scale=0.125), 1e-2, "poisoned output")
