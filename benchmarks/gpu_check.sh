@@ -57,7 +57,14 @@ $PY -m lsjax | tee "$OUT/info.txt"
 
 if [ "${TESTS[*]}" != "none" ]; then
   echo "== GPU tests"
-  $PY -m pytest -q -m gpu -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  # Compilation dominates them (~1 s a test): pytest-xdist workers (GPU_TEST_WORKERS, default 4)
+  # share the GPU, each allocating on demand instead of preallocating 75% of it.
+  workers=()
+  if [ "${GPU_TEST_WORKERS:-4}" -gt 1 ] && $PY -c "import xdist" 2>/dev/null; then
+    workers=(-n "${GPU_TEST_WORKERS:-4}")
+  fi
+  XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" "${TESTS[@]}" 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
