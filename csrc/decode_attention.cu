@@ -36,13 +36,15 @@ __device__ __forceinline__ float BlockReduce(float v, float* red) {
   return v;
 }
 
-template <typename T, int VEC>
+// HEAD_DIM: the head size as a compile-time constant (its loops unroll fully), or 0: a.head_dim.
+template <typename T, int VEC, int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentionArgs<T> a, int groups) {
   extern __shared__ float smem[];
   __shared__ float red[32];
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-  const int D = static_cast<int>(a.head_dim), L = static_cast<int>(a.k_len), tid = threadIdx.x;
+  const int D = HEAD_DIM ? HEAD_DIM : static_cast<int>(a.head_dim), L = static_cast<int>(a.k_len), tid = threadIdx.x;
   const int64_t row = a.heads * a.head_dim;
+  constexpr int kDotUnroll = HEAD_DIM ? HEAD_DIM / VEC : 4;  // whole rows of a known head size
   float* qs = smem;              // [D]
   float* p = smem + D;           // [L]
   float* acc = p + L;            // [groups, D]
@@ -59,6 +61,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
     if (mask[j]) {
       const T* kj = k + j * row;
       s = 0.f;
+#pragma unroll(kDotUnroll)  // several 16-byte loads in flight per thread
       for (int d = 0; d < D; d += VEC) {
         float f[VEC];
         LoadFloats<T, VEC>(kj + d, f);
@@ -84,6 +87,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
   for (int task = tid; task < vecs * groups; task += kThreads) {
     const int c = (task % vecs) * VEC, g = task / vecs;
     float o[VEC] = {};
+#pragma unroll 4
     for (int j = g; j < L; j += groups) {
       const float pj = p[j];
       if (pj == 0.f) continue;  // masked (or underflowed) keys add nothing: not read
@@ -116,13 +120,18 @@ cudaError_t DecodeAttentionCuda(const DecodeAttentionArgs<T>& a, cudaStream_t st
   const int groups = vecs >= kThreads ? 1 : kThreads / vecs;
   const size_t smem = sizeof(float) * (a.head_dim + a.k_len + static_cast<int64_t>(groups) * a.head_dim);
   const auto blocks = static_cast<unsigned>(a.batch * a.heads);
-  auto launch = [&](auto v) {
-    DecodeAttentionKernel<T, decltype(v)::value><<<blocks, kThreads, smem, stream>>>(a, groups);
+  auto launch = [&](auto v, auto head_dim) {
+    DecodeAttentionKernel<T, decltype(v)::value, decltype(head_dim)::value>
+        <<<blocks, kThreads, smem, stream>>>(a, groups);
   };
   if (vec == 1) {
-    launch(Int<1>{});
+    launch(Int<1>{}, Int<0>{});
+  } else if (a.head_dim == 64) {
+    launch(Int<cuda::kVec16<T>>{}, Int<64>{});
+  } else if (a.head_dim == 128) {
+    launch(Int<cuda::kVec16<T>>{}, Int<128>{});
   } else {
-    launch(Int<cuda::kVec16<T>>{});
+    launch(Int<cuda::kVec16<T>>{}, Int<0>{});
   }
   return cudaGetLastError();
 }
