@@ -15,6 +15,7 @@
 // workspace for the deterministic dbias (CUDA only). Activation codes: csrc/bias_dropout.h.
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "csrc/bias_dropout.h"
 #include "ffi/common.h"
@@ -154,6 +155,48 @@ struct Targets {
   }
 };
 
+// Argument/attribute lists of the targets, on ``Bind()`` (CPU) or ``Bind().Ctx<Stream>()`` (CUDA).
+template <typename B>
+auto BindRate(B b) {
+  return std::move(b).template Attr<float>("rate").template Attr<int64_t>("row_stride");
+}
+
+template <typename B>
+auto BindBdrFwd(B b) {  // x, bias, residual, rng -> y
+  return BindRate(
+      std::move(b).template Arg<Buf>().template Arg<Buf>().template Arg<Buf>().template Arg<Buf>().template Ret<Buf>());
+}
+
+template <typename B>
+auto BindBdrBwd(B b) {  // dy, rng -> dx, dbias, partials
+  return BindRate(
+      std::move(b).template Arg<Buf>().template Arg<Buf>().template Ret<Buf>().template Ret<Buf>().template Ret<Buf>());
+}
+
+template <typename B>
+auto BindBadFwd(B b) {  // x, bias, rng -> y
+  return BindRate(std::move(b).template Arg<Buf>().template Arg<Buf>().template Arg<Buf>().template Ret<Buf>())
+      .template Attr<int32_t>("activation");
+}
+
+template <typename B>
+auto BindBadBwd(B b) {  // dy, saved, bias, rng -> dx, dbias, partials
+  return BindRate(std::move(b)
+                      .template Arg<Buf>()
+                      .template Arg<Buf>()
+                      .template Arg<Buf>()
+                      .template Arg<Buf>()
+                      .template Ret<Buf>()
+                      .template Ret<Buf>()
+                      .template Ret<Buf>())
+      .template Attr<int32_t>("activation");
+}
+
+template <typename B>
+auto BindDrop(B b) {  // x (or dy), rng -> y (or dx)
+  return BindRate(std::move(b).template Arg<Buf>().template Arg<Buf>().template Ret<Buf>());
+}
+
 // ------------------------------------------------------------------- CPU --
 
 auto RunFwdCpu = [](const auto& a) {
@@ -172,68 +215,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate, int64_t stride) {
       return Cpu().BdrFwd(x, bias, residual, rng, y, rate, stride);
     },
-    xffi::Ffi::Bind()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride"));
+    BindBdrFwd(xffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BdrBwdCpuHandler,
     [](Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate, int64_t stride) {
       return Cpu().BdrBwd(dy, rng, dx, dbias, partials, rate, stride);
     },
-    xffi::Ffi::Bind()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride"));
+    BindBdrBwd(xffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadFwdCpuHandler,
     [](Buf x, Buf bias, Buf rng, Res y, float rate, int64_t stride, int32_t act) {
       return Cpu().BadFwd(x, bias, rng, y, rate, stride, act);
     },
-    xffi::Ffi::Bind()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride")
-        .Attr<int32_t>("activation"));
+    BindBadFwd(xffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BadBwdCpuHandler,
     [](Buf dy, Buf saved, Buf bias, Buf rng, Res dx, Res dbias, Res partials, float rate, int64_t stride,
        int32_t act) { return Cpu().BadBwd(dy, saved, bias, rng, dx, dbias, partials, rate, stride, act); },
-    xffi::Ffi::Bind()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride")
-        .Attr<int32_t>("activation"));
+    BindBadBwd(xffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DropFwdCpuHandler,
     [](Buf x, Buf rng, Res y, float rate, int64_t stride) { return Cpu().DropFwd(x, rng, y, rate, stride); },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>("row_stride"));
+    BindDrop(xffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DropBwdCpuHandler,
     [](Buf dy, Buf rng, Res dx, float rate, int64_t stride) { return Cpu().DropBwd(dy, rng, dx, rate, stride); },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>("row_stride"));
+    BindDrop(xffi::Ffi::Bind()));
 
 LSJAX_FFI_TARGET_CPU("bias_dropout_residual_fwd", BdrFwdCpuHandler);
 LSJAX_FFI_TARGET_CPU("bias_dropout_residual_bwd", BdrBwdCpuHandler);
@@ -266,15 +278,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](cudaStream_t stream, Buf x, Buf bias, Buf residual, Buf rng, Res y, float rate, int64_t stride) {
       return Cuda(stream).BdrFwd(x, bias, residual, rng, y, rate, stride);
     },
-    xffi::Ffi::Bind()
-        .Ctx<Stream>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride"),
+    BindBdrFwd(xffi::Ffi::Bind().Ctx<Stream>()),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -282,15 +286,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](cudaStream_t stream, Buf dy, Buf rng, Res dx, Res dbias, Res partials, float rate, int64_t stride) {
       return Cuda(stream).BdrBwd(dy, rng, dx, dbias, partials, rate, stride);
     },
-    xffi::Ffi::Bind()
-        .Ctx<Stream>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride"),
+    BindBdrBwd(xffi::Ffi::Bind().Ctx<Stream>()),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -298,15 +294,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](cudaStream_t stream, Buf x, Buf bias, Buf rng, Res y, float rate, int64_t stride, int32_t act) {
       return Cuda(stream).BadFwd(x, bias, rng, y, rate, stride, act);
     },
-    xffi::Ffi::Bind()
-        .Ctx<Stream>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride")
-        .Attr<int32_t>("activation"),
+    BindBadFwd(xffi::Ffi::Bind().Ctx<Stream>()),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -315,18 +303,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
        int64_t stride, int32_t act) {
       return Cuda(stream).BadBwd(dy, saved, bias, rng, dx, dbias, partials, rate, stride, act);
     },
-    xffi::Ffi::Bind()
-        .Ctx<Stream>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("rate")
-        .Attr<int64_t>("row_stride")
-        .Attr<int32_t>("activation"),
+    BindBadBwd(xffi::Ffi::Bind().Ctx<Stream>()),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -334,8 +311,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](cudaStream_t stream, Buf x, Buf rng, Res y, float rate, int64_t stride) {
       return Cuda(stream).DropFwd(x, rng, y, rate, stride);
     },
-    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>(
-        "row_stride"),
+    BindDrop(xffi::Ffi::Bind().Ctx<Stream>()),
     {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -343,8 +319,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](cudaStream_t stream, Buf dy, Buf rng, Res dx, float rate, int64_t stride) {
       return Cuda(stream).DropBwd(dy, rng, dx, rate, stride);
     },
-    xffi::Ffi::Bind().Ctx<Stream>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("rate").Attr<int64_t>(
-        "row_stride"),
+    BindDrop(xffi::Ffi::Bind().Ctx<Stream>()),
     {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("bias_dropout_residual_fwd", BdrFwdCudaHandler);
