@@ -3,6 +3,7 @@
 //     -> out [B, H, D] in q's dtype
 // Attribute: scale (f32).
 #include <string>
+#include <utility>
 
 #include "csrc/decode_attention.h"
 #include "ffi/common.h"
@@ -45,6 +46,18 @@ xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Bu
   });
 }
 
+// q, k, v, mask -> out; scale. On ``Bind()`` (CPU) or ``Bind().Ctx<stream>()`` (CUDA).
+template <typename B>
+auto BindDecodeAttention(B b) {
+  return std::move(b)
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Ret<Buf>()
+      .template Attr<float>("scale");
+}
+
 // ------------------------------------------------------------------- CPU --
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -56,7 +69,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
       };
       return Launch<CpuTypes>(run, q, k, v, mask, out, scale, INT32_MAX);
     },
-    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>().Attr<float>("scale"));
+    BindDecodeAttention(xffi::Ffi::Bind()));
 
 LSJAX_FFI_TARGET_CPU("decode_attention", DecodeAttentionCpuHandler);
 
@@ -69,14 +82,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
       auto run = [&](const auto& a) { return CudaStatus(DecodeAttentionCuda(a, stream), kOp); };
       return Launch<CudaTypes>(run, q, k, v, mask, out, scale, kDecodeAttentionMaxKeys);
     },
-    xffi::Ffi::Bind()
-        .Ctx<xffi::PlatformStream<cudaStream_t>>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("scale"),
+    BindDecodeAttention(xffi::Ffi::Bind().Ctx<xffi::PlatformStream<cudaStream_t>>()),
     {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("decode_attention", DecodeAttentionCudaHandler);
