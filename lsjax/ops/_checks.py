@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,3 +37,15 @@ def check_same_dtype(op: str, name: str, x, like) -> None:
     """TypeError unless ``x`` has the dtype of ``like``."""
     if x.dtype != like.dtype:
         raise TypeError(f"{op}: {name} must have dtype {like.dtype} like the input, got {x.dtype}")
+
+
+def static_scale(op: str, scale) -> float:
+    """``scale`` as a Python float (compiled into the kernel call): TypeError if it is
+    traced, ValueError unless finite."""
+    try:
+        value = float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError) as err:
+        raise TypeError(f"{op}: scale must be a Python float (a trace-time constant), got {scale!r}") from err
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return value

@@ -22,7 +22,6 @@ mask are exactly those of the unsharded op, however the scores are sharded.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lsjax.ops import _philox
 from lsjax.ops import backend as _backend
-from lsjax.ops._checks import check_float, check_rank
+from lsjax.ops._checks import check_float, check_rank, static_scale
 
 _F32 = jnp.float32
 _OP = "attention_softmax"
@@ -128,12 +127,7 @@ def attention_softmax(scores: jax.Array, *, key_padding_mask: jax.Array | None =
             raise TypeError(f"{_OP}: key_padding_mask must be bool (True = keep), got {key_padding_mask.dtype}")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"{_OP}: causal must be a Python bool, got {type(causal).__name__}")
-    try:
-        scale = float(scale)
-    except (TypeError, jax.errors.ConcretizationTypeError) as err:
-        raise TypeError(f"{_OP}: scale must be a Python float (a trace-time constant), got {scale!r}") from err
-    if not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be finite, got {scale}")
+    scale = static_scale(_OP, scale)
     _philox.check_rate(_OP, dropout_rate)
     dropout_rate = float(dropout_rate)
     backend = _backend.get_backend()

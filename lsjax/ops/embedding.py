@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax.ops import backend as _backend
-from lsjax.ops._checks import check_float, check_rank
+from lsjax.ops._checks import check_float, check_rank, static_scale
 from lsjax.ops._philox import check_rate, dropout_mask, rng_operand
 from lsjax.ops._rowwise import PARAM, ROWS, STATS, TABLE, TABLE_SUM, DimShard, rowwise
 
@@ -140,8 +140,8 @@ def _check(op, ids, table, scale, positions, padding_id, rate, offset):
                 f"{op}: a learned position table must have shape [max_positions, {hidden}], got {tuple(np.shape(positions))}")
         check_rank(op, "positions", positions, 2)
         check_float(op, "positions", positions)
-    if scale is not None and not math.isfinite(float(scale)):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    if scale is not None:
+        static_scale(op, scale)
     try:
         padding_id = operator.index(padding_id)
     except TypeError:
