@@ -147,9 +147,11 @@ def test_bad_input(backend):
             decode_attention(q.astype(jnp.int32), k.astype(jnp.int32), k.astype(jnp.int32))
         with pytest.raises(ValueError, match=r"key_mask must have shape \(2, 5\)"):
             decode_attention(q, k, k, jnp.ones((2, 4), bool))
+        with pytest.raises(ValueError, match="scale must be finite"):
+            decode_attention(q, k, k, scale=float("inf"))
         with pytest.raises(TypeError, match="key_mask must be bool"):
             decode_attention(q, k, k, jnp.ones((2, 5), jnp.int32))
-        with pytest.raises(TypeError, match="scale must be a finite Python float"):
+        with pytest.raises(TypeError, match="scale must be a Python float"):
             jax.jit(lambda q, s: decode_attention(q, k, k, scale=s))(q, 0.5)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsjax.ops import backend as _backend
-from lsjax.ops._checks import check_float, check_same_dtype, check_shape
+from lsjax.ops._checks import check_float, check_same_dtype, check_shape, static_scale
 from lsjax.ops._rowwise import ROWS, rowwise
 
 _F32 = jnp.float32
@@ -80,8 +80,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     check_shape(_OP, "v", v, k.shape)
     check_same_dtype(_OP, "k", k, q)
     check_same_dtype(_OP, "v", v, q)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{_OP}: scale must be a finite Python float (it is compiled in), got {scale!r}")
+    scale = static_scale(_OP, scale)
     k_len = k.shape[1]
     if key_mask is not None:
         check_shape(_OP, "key_mask", key_mask, (batch, k_len))
@@ -94,7 +93,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
         raise ValueError(f"{_OP}: the CUDA kernel takes k_len <= {MAX_KEYS} and head_dim <= {MAX_HEAD_DIM}, got "
                          f"k_len={k_len}, head_dim={head_dim}; use lsjax.nn.attention.dot_product_attention")
     mask = jnp.ones((batch, k_len), jnp.bool_) if key_mask is None else key_mask
-    return _decode_attention(backend, float(scale), q, k, v, mask)
+    return _decode_attention(backend, scale, q, k, v, mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
