@@ -5,7 +5,8 @@
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh [--ops layer_norm,...|none] [--tests tests/test_x.py ...|none]
 #                                             [--bench layers,layers_cudnn,decode,train_step,...]
 #
-# --bench names (each writes $OUT/<name>.json and $OUT/<name>.log):
+# Everything is packed into $OUT/results.tgz at the end.
+# --bench names (each writes <name>.json and <name>.log):
 #   layers        benchmarks/layers.py (fused attention softmax)
 #   layers_cudnn  benchmarks/layers.py --attention-impl cudnn (no attention-prob dropout in either)
 #   decode        benchmarks/decode.py (decode_bar: only the bar rows, bf16 batch 8 and 64, + top-k,
@@ -94,7 +95,7 @@ for name in ${BENCH//,/ }; do
       done ;;
     profile_decode) for v in "lsjax default" "plain default" "lsjax while"; do set -- $v
         bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --command-buffers $2 \
-          --out "$OUT/profile_decode_$1_$2.json"
+          --out "$OUT/profile_decode_$1_$2.json" --hlo "$OUT/profile_decode_$1_$2.hlo.txt"
       done ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;
     train_step_base|train_step_big)
@@ -105,4 +106,6 @@ for name in ${BENCH//,/ }; do
     *) echo "unknown --bench $name" >&2; status=1 ;;
   esac
 done
+# The device tool returns few files: everything goes back in one archive.
+tar czf /tmp/gpu_check_results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_check_results.tgz "$OUT/results.tgz"
 exit $status

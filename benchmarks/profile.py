@@ -15,6 +15,7 @@ benchmarks time them) with ``jax.profiler.trace`` and reads the XSpace back with
   ``xla`` = XLA's fusions, ``copy``) their count and time;
 * the ``--top`` kernels by total time, with launches and mean microseconds.
 
+``--hlo PATH`` also writes the compiled program's optimized HLO (to map fusion names to ops).
 ``--command-buffers while`` compiles with XLA's command buffers (CUDA graphs) extended to
 ``WHILE``/``CONDITIONAL`` (the decode loop then runs as one graph, no host round trip per
 step). ``--smoke`` profiles transformer-tiny / a toy decoder on the CPU, whose XLA thunks
@@ -131,7 +132,7 @@ def profile(fn: Callable, args_per_call: list[tuple], warmup: int = 2) -> tuple[
         return device_events(paths[0]), wall
 
 
-def _train_program(args, options) -> tuple[Callable, list[tuple]]:
+def _train_program(args, options) -> tuple[Callable, list[tuple], Callable]:
     from benchmarks import train_step
 
     v = train_step.Variant(args.model, args.dtype, args.impl, args.batch_sentences, args.length, args.length,
@@ -146,10 +147,10 @@ def _train_program(args, options) -> tuple[Callable, list[tuple]]:
         state[0], metrics = step(state[0], batch)
         return metrics
 
-    return call, [(b,) for b in batches]
+    return call, [(b,) for b in batches], lambda: step.lower(state[0], batches[0])
 
 
-def _decode_program(args, options) -> tuple[Callable, list[tuple]]:
+def _decode_program(args, options) -> tuple[Callable, list[tuple], Callable]:
     from benchmarks import decode
 
     rng = np.random.default_rng(0)
@@ -157,7 +158,8 @@ def _decode_program(args, options) -> tuple[Callable, list[tuple]]:
     searches, inputs = make(args.batch, args.dtype, rng)
     which = 0 if args.impl == "lsjax" else 1
     fn = jax.jit(searches[which], compiler_options=options)
-    return fn, [inputs[which][i % len(inputs[which])] for i in range(args.steps)]
+    calls = [inputs[which][i % len(inputs[which])] for i in range(args.steps)]
+    return fn, calls, lambda: fn.lower(*calls[0])
 
 
 def table(result: dict) -> str:
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=40, help="kernels listed")
     parser.add_argument("--command-buffers", choices=tuple(COMMAND_BUFFERS), default="default")
     parser.add_argument("--out", default="", help="write the summary as JSON here")
+    parser.add_argument("--hlo", default="", help="write the compiled program's optimized HLO text here")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -193,8 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     options = COMMAND_BUFFERS[args.command_buffers]
     build = _train_program if args.program == "train" else _decode_program
     with ops.use_backend("cpu_ffi") if args.smoke else contextlib.nullcontext():
-        fn, calls = build(args, options)
+        fn, calls, lower = build(args, options)
         events, wall = profile(fn, calls)
+        if args.hlo:
+            with open(args.hlo, "w") as f:
+                f.write(lower().compile().as_text())
     result = {"program": args.program, "impl": args.impl, "dtype": args.dtype, "command_buffers": args.command_buffers,
               "device": jax.devices()[0].device_kind, **summarize(events, len(calls), wall, args.top)}
     if args.program == "train":

@@ -1,6 +1,7 @@
 // CUDA decode attention (csrc/decode_attention.h): one block per (batch, head).
-//   1. q * scale into shared memory; each thread scores keys j = tid, tid + 128, ...
-//      (a 16-byte-vector dot product over head_dim; masked keys are skipped, not read);
+//   1. scores: for head sizes of 4..32 16-byte vectors, a few lanes share each key (its
+//      vectors loaded in parallel, q held in registers, shuffle sums); otherwise each
+//      thread scores whole keys against q staged in shared memory. Masked keys are not read;
 //   2. block max, exp, block sum over the scores kept in shared memory;
 //   3. groups of threads take keys j = g, g + groups, ...; each thread of a group
 //      accumulates VEC output columns; the groups' partial rows are summed in a fixed order.
@@ -36,55 +37,16 @@ __device__ __forceinline__ float BlockReduce(float v, float* red) {
   return v;
 }
 
-// HEAD_DIM: the head size as a compile-time constant (its loops unroll fully), or 0: a.head_dim.
-template <typename T, int VEC, int HEAD_DIM>
-__global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentionArgs<T> a, int groups) {
-  extern __shared__ float smem[];
-  __shared__ float red[32];
-  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-  const int D = HEAD_DIM ? HEAD_DIM : static_cast<int>(a.head_dim), L = static_cast<int>(a.k_len), tid = threadIdx.x;
-  const int64_t row = a.heads * a.head_dim;
-  constexpr int kDotUnroll = HEAD_DIM ? HEAD_DIM / VEC : 4;  // whole rows of a known head size
-  float* qs = smem;              // [D]
-  float* p = smem + D;           // [L]
-  float* acc = p + L;            // [groups, D]
-
-  const T* q = a.q + (b * a.heads + h) * a.head_dim;
-  for (int d = tid; d < D; d += kThreads) qs[d] = cuda::ToFloat(q[d]) * a.scale;
-  __syncthreads();
-
-  const uint8_t* mask = a.mask + b * L;
-  const T* k = a.k + b * L * row + h * a.head_dim;
-  float mx = -FLT_MAX;
-  for (int j = tid; j < L; j += kThreads) {
-    float s = -INFINITY;
-    if (mask[j]) {
-      const T* kj = k + j * row;
-      s = 0.f;
-#pragma unroll(kDotUnroll)  // several 16-byte loads in flight per thread
-      for (int d = 0; d < D; d += VEC) {
-        float f[VEC];
-        LoadFloats<T, VEC>(kj + d, f);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) s = fmaf(qs[d + i], f[i], s);
-      }
-      mx = fmaxf(mx, s);
-    }
-    p[j] = s;
-  }
-  mx = BlockReduce<true>(mx, red);
-  float sum = 0.f;
-  for (int j = tid; j < L; j += kThreads) {
-    const float e = p[j] == -INFINITY ? 0.f : __expf(p[j] - mx);
-    p[j] = e;
-    sum += e;
-  }
-  sum = BlockReduce<false>(sum, red);  // its barriers also publish p
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
-
-  const int vecs = D / VEC;
+// Shared memory: p[L] (scores, then probabilities) and acc[groups, D] (the groups' partial rows).
+// Thread (g, c) of `groups` groups accumulates output columns c*VEC.. over the keys j = g, g + groups,
+// ...; the partial rows are then summed in a fixed order and scaled by 1 / sum.
+template <typename T, int VEC>
+__device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, const float* p, float* acc, int D,
+                                            int groups, float inv) {
+  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * a.head_dim;
+  const int vecs = D / VEC, L = static_cast<int>(a.k_len);
   const T* v = a.v + b * L * row + h * a.head_dim;
-  for (int task = tid; task < vecs * groups; task += kThreads) {
+  for (int task = threadIdx.x; task < vecs * groups; task += kThreads) {
     const int c = (task % vecs) * VEC, g = task / vecs;
     float o[VEC] = {};
 #pragma unroll 4
@@ -101,37 +63,132 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
   }
   __syncthreads();
   T* out = a.out + (b * a.heads + h) * a.head_dim;
-  for (int d = tid; d < D; d += kThreads) {
+  for (int d = threadIdx.x; d < D; d += kThreads) {
     float o = 0.f;
     for (int g = 0; g < groups; ++g) o += acc[g * D + d];
     out[d] = FromFloat<T>(o * inv);
   }
 }
 
+// Block max of the scores in p (-inf = masked), then p = exp(p - max); returns 1 / sum (0 if none).
+// The barriers of the reductions publish p.
+__device__ __forceinline__ float Softmax(float* p, int L, float mx, float* red) {
+  mx = BlockReduce<true>(mx, red);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < L; j += kThreads) {
+    const float e = p[j] == -INFINITY ? 0.f : __expf(p[j] - mx);
+    p[j] = e;
+    sum += e;
+  }
+  sum = BlockReduce<false>(sum, red);
+  return sum > 0.f ? 1.f / sum : 0.f;
+}
+
+// Head sizes D = VEC * LANES with LANES in {4, 8, 16, 32}: LANES threads share a key, each loading
+// one 16-byte vector of it (and holding the matching slice of q from the start), and sum the
+// partial dot product with shuffles, so kThreads / LANES keys are scored per pass.
+template <typename T, int VEC, int LANES>
+__global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAttentionArgs<T> a) {
+  constexpr int D = VEC * LANES, kKeysPerPass = kThreads / LANES;
+  extern __shared__ float smem[];
+  __shared__ float red[32];
+  float* p = smem;                                  // [L]
+  float* acc = p + a.k_len;                         // [kKeysPerPass, D]
+  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * D;
+  const int L = static_cast<int>(a.k_len), c = (threadIdx.x % LANES) * VEC, g = threadIdx.x / LANES;
+  float q[VEC];
+  LoadFloats<T, VEC>(a.q + (b * a.heads + h) * D + c, q);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) q[i] *= a.scale;
+  const uint8_t* mask = a.mask + b * L;
+  const T* k = a.k + b * L * row + h * D + c;
+  float mx = -FLT_MAX;
+#pragma unroll 4
+  for (int j0 = 0; j0 < L; j0 += kKeysPerPass) {  // uniform trip count: every lane reaches the shuffles
+    const int j = j0 + g;
+    const bool live = j < L && mask[j];
+    float s = 0.f;
+    if (live) {
+      float f[VEC];
+      LoadFloats<T, VEC>(k + j * row, f);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s = fmaf(q[i], f[i], s);
+    }
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (live) mx = fmaxf(mx, s);
+    if (c == 0 && j < L) p[j] = live ? s : -INFINITY;
+  }
+  const float inv = Softmax(p, L, mx, red);
+  WeightedSum<T, VEC>(a, p, acc, D, kKeysPerPass, inv);
+}
+
+// Any head size: thread j scores keys j, j + kThreads, ... with a dot product over the whole head.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentionArgs<T> a, int groups) {
+  extern __shared__ float smem[];
+  __shared__ float red[32];
+  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * a.head_dim;
+  const int D = static_cast<int>(a.head_dim), L = static_cast<int>(a.k_len);
+  float* qs = smem;     // [D]
+  float* p = smem + D;  // [L]
+  float* acc = p + L;   // [groups, D]
+  const T* q = a.q + (b * a.heads + h) * a.head_dim;
+  for (int d = threadIdx.x; d < D; d += kThreads) qs[d] = cuda::ToFloat(q[d]) * a.scale;
+  __syncthreads();
+  const uint8_t* mask = a.mask + b * L;
+  const T* k = a.k + b * L * row + h * a.head_dim;
+  float mx = -FLT_MAX;
+  for (int j = threadIdx.x; j < L; j += kThreads) {
+    float s = -INFINITY;
+    if (mask[j]) {
+      const T* kj = k + j * row;
+      s = 0.f;
+#pragma unroll 4
+      for (int d = 0; d < D; d += VEC) {
+        float f[VEC];
+        LoadFloats<T, VEC>(kj + d, f);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s = fmaf(qs[d + i], f[i], s);
+      }
+      mx = fmaxf(mx, s);
+    }
+    p[j] = s;
+  }
+  const float inv = Softmax(p, L, mx, red);
+  WeightedSum<T, VEC>(a, p, acc, D, groups, inv);
+}
+
 }  // namespace
 
 template <typename T>
 cudaError_t DecodeAttentionCuda(const DecodeAttentionArgs<T>& a, cudaStream_t stream) {
-  const int vec16 = cuda::kVec16<T>;
+  constexpr int vec16 = cuda::kVec16<T>;
   const bool vectorised = a.head_dim % vec16 == 0 && cuda::Aligned(a.q, 16) && cuda::Aligned(a.k, 16) &&
                           cuda::Aligned(a.v, 16) && cuda::Aligned(a.out, 16);
-  const int vec = vectorised ? vec16 : 1;
-  const int vecs = static_cast<int>(a.head_dim / vec);
-  const int groups = vecs >= kThreads ? 1 : kThreads / vecs;
-  const size_t smem = sizeof(float) * (a.head_dim + a.k_len + static_cast<int64_t>(groups) * a.head_dim);
   const auto blocks = static_cast<unsigned>(a.batch * a.heads);
-  auto launch = [&](auto v, auto head_dim) {
-    DecodeAttentionKernel<T, decltype(v)::value, decltype(head_dim)::value>
-        <<<blocks, kThreads, smem, stream>>>(a, groups);
+  const int64_t lanes = vectorised ? a.head_dim / vec16 : 0;
+  auto lanes_kernel = [&](auto n) {
+    constexpr int kLanes = decltype(n)::value;
+    const size_t smem = sizeof(float) * (a.k_len + kThreads / kLanes * a.head_dim);
+    DecodeAttentionLanesKernel<T, vec16, kLanes><<<blocks, kThreads, smem, stream>>>(a);
   };
-  if (vec == 1) {
-    launch(Int<1>{}, Int<0>{});
-  } else if (a.head_dim == 64) {
-    launch(Int<cuda::kVec16<T>>{}, Int<64>{});
-  } else if (a.head_dim == 128) {
-    launch(Int<cuda::kVec16<T>>{}, Int<128>{});
-  } else {
-    launch(Int<cuda::kVec16<T>>{}, Int<0>{});
+  switch (lanes) {
+    case 4: lanes_kernel(Int<4>{}); break;
+    case 8: lanes_kernel(Int<8>{}); break;
+    case 16: lanes_kernel(Int<16>{}); break;
+    case 32: lanes_kernel(Int<32>{}); break;
+    default: {
+      const int vec = vectorised ? vec16 : 1;
+      const int vecs = static_cast<int>(a.head_dim / vec);
+      const int groups = vecs >= kThreads ? 1 : kThreads / vecs;
+      const size_t smem = sizeof(float) * (a.head_dim + a.k_len + static_cast<int64_t>(groups) * a.head_dim);
+      if (vectorised) {
+        DecodeAttentionKernel<T, vec16><<<blocks, kThreads, smem, stream>>>(a, groups);
+      } else {
+        DecodeAttentionKernel<T, 1><<<blocks, kThreads, smem, stream>>>(a, groups);
+      }
+    }
   }
   return cudaGetLastError();
 }

@@ -157,7 +157,10 @@ def test_bad_input(backend):
 
 # ------------------------------------------------------------------- GPU --
 
-GPU_SHAPES = SHAPES + [(32, 65, 8, 64), (32, 256, 16, 64), (4, 1000, 2, 128), (2, MAX_KEYS, 2, 64), (3, 17, 2, 512)]
+# Head sizes of 4, 8, 16 and 32 16-byte vectors take the kernel whose lanes share a key (16, 32:
+# four lanes in float32 / half types), the others the one-key-per-thread kernel.
+GPU_SHAPES = SHAPES + [(32, 65, 8, 64), (32, 256, 16, 64), (4, 1000, 2, 128), (2, MAX_KEYS, 2, 64), (3, 17, 2, 512),
+                       (2, 9, 3, 16), (3, 50, 4, 32), (2, 300, 2, 256)]
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.flax_reference import RefTransformer, reference_params
 from lsjax import ops
-from lsjax.models import Transformer, TransformerLM, decoder_fns, load_model_config
+from lsjax.models import Transformer, TransformerLM, decode_params, decoder_fns, load_model_config
 from tests.helpers import assert_close
 
 NO_DROPOUT = dict(attn_prob_dropout_ratio=0.0, activation_dropout_ratio=0.0, hidden_dropout_ratio=0.0)
@@ -108,6 +108,31 @@ def test_cached_decoding_equals_full_forward(rng, variant, backend):
             real = np.asarray(tgt_in[:, t] != 0)  # a pad step's logits are unused
             assert_close(logits[real], full[real, t], 2e-5, f"step {t}")
     assert int(cache["decoder"]["cache_index"]) == tgt_in.shape[1]
+
+
+def test_decoder_fns_cast_weights_once_with_the_same_results(rng):
+    """float32 params, bfloat16 compute: decoder_fns casts the weights before the loop, and its
+    encoder states and step logits equal those of the layers casting at every use, bit for bit."""
+    cfg = tiny_config(dtype="bfloat16", param_dtype="float32")
+    src, tgt_in, _ = batch(rng)
+    model = Transformer(cfg)
+    params = random_params(model, rng, src, tgt_in)
+    cast = decode_params(params, cfg.dtype)
+    kinds = {(p.ndim >= 2, p.dtype) for p in jax.tree.leaves(cast)}
+    assert kinds == {(True, jnp.dtype(jnp.bfloat16)), (False, jnp.dtype(jnp.float32))}
+    max_len = tgt_in.shape[1]
+    tokens_to_logits, cache, encoded = decoder_fns(model, params, src, max_len)
+    src_mask, state = model.apply({"params": params}, src, max_len, method=Transformer.init_decoding,
+                                  mutable=["cache", "memory"])
+    jax.tree.map(np.testing.assert_array_equal, encoded["memory"], state["memory"])
+    ref_cache = state["cache"]
+    for t in range(3):
+        logits, cache = tokens_to_logits(tgt_in[:, t:t + 1], cache, encoded)
+        ref, new = model.apply({"params": params, "cache": ref_cache, "memory": state["memory"]},
+                               tgt_in[:, t:t + 1], src_mask, method=Transformer.decode_step, mutable=["cache"])
+        ref_cache = new["cache"]
+        assert logits.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(logits, np.float32), np.asarray(ref, np.float32))
 
 
 @pytest.mark.parametrize("pre_layer_norm", [True, False])
