@@ -6,7 +6,8 @@
 Transformer-base (vocab 32000), source length 32, 64 forced steps (eos disabled),
 batch {1, 8, 64}, beam 4, bf16 and fp16: ms per decode call (encoder included) and per
 step. Ours: the lsjax ``Transformer`` (fused ops, encoder K/V projected once) under
-:func:`lsjax.decode.beam_search`. Peer: the plain-Flax ``RefTransformer`` with the same
+:func:`lsjax.decode.beam_search` with ``reorder_decode_cache`` (cache indirection: the K/V
+caches are never gathered). Peer: the plain-Flax ``RefTransformer`` with the same
 weights in the same dtype, decoded as flax's examples/wmt does (``nn.MultiHeadDotProductAttention``
 with ``decode=True``, cross-attention K/V projected again every step) under
 ``benchmarks.flax_beam_search`` (``lax.top_k`` over beam*vocab, every cache leaf gathered
@@ -34,16 +35,18 @@ from benchmarks.profile import COMMAND_BUFFERS
 from benchmarks.cases import beam_topk as topk_cases
 from benchmarks.harness import measure_copy_bandwidth, run_case, time_fn
 from lsjax import ops
-from lsjax.decode import beam_search
+from lsjax.decode import beam_search, gather_rows
 
 BEAM, SRC_LEN, STEPS, VOCAB = 4, 32, 64, 32000
 
 
-def _searches(ours_fns, peer_fns):
-    """(lsjax, peer) searches: each takes its inputs, which its ``*_fns`` turn into decoder fns."""
+def _searches(ours_fns, peer_fns, reorder_cache=gather_rows):
+    """(lsjax, peer) searches: each takes its inputs, which its ``*_fns`` turn into decoder fns;
+    ours reorders its cache with ``reorder_cache``."""
     def ours(*inputs):
         f, cache, enc = ours_fns(*inputs)
-        return beam_search(f, cache, enc, beam_size=BEAM, max_len=STEPS, eos_id=-1).sequences
+        return beam_search(f, cache, enc, beam_size=BEAM, max_len=STEPS, eos_id=-1,
+                           reorder_cache=reorder_cache).sequences
 
     def peer(*inputs):
         f, cache, enc = peer_fns(*inputs)
@@ -56,7 +59,7 @@ def _transformer_inputs(batch, dtype, rng):
     """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer, and the plain-Flax
     ``RefTransformer`` with the same weights (cast to ``dtype``) decoded the flax-wmt way."""
     from benchmarks.flax_reference import ref_decoder_fns, reference_params
-    from lsjax.models import Transformer, decoder_fns, load_model_config
+    from lsjax.models import Transformer, decoder_fns, load_model_config, reorder_decode_cache
 
     name = jnp.dtype(dtype).name
     config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name)
@@ -66,7 +69,7 @@ def _transformer_inputs(batch, dtype, rng):
     ref_config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name, param_dtype=name)
     ref_params = jax.tree.map(lambda p: p.astype(dtype), reference_params(params))
     searches = _searches(lambda p, s: decoder_fns(model, p, s, STEPS),
-                         lambda p, s: ref_decoder_fns(ref_config, p, s, STEPS))
+                         lambda p, s: ref_decoder_fns(ref_config, p, s, STEPS), reorder_decode_cache)
     return searches, ([(params, s) for s in src], [(ref_params, s) for s in src])
 
 

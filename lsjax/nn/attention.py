@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import ops
-from lsjax.ops.decode_attention import MAX_KEYS
+from lsjax.ops.decode_attention import MAX_KEYS, source_rows
 from lsjax.nn.config import LayerConfig
 
 _DEFAULT_INIT = nn.initializers.xavier_uniform()
@@ -87,7 +87,8 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, residual: jax.Array, *, memory: jax.Array | None = None,
                  key_mask: jax.Array | None = None, deterministic: bool = True, decode: bool = False,
-                 cache_index: jax.Array | None = None, max_decode_len: int | None = None) -> jax.Array:
+                 cache_index: jax.Array | None = None, row_offsets: jax.Array | None = None,
+                 max_decode_len: int | None = None) -> jax.Array:
         """Attends and adds the result to ``residual``.
 
         Args:
@@ -106,6 +107,9 @@ class MultiHeadAttention(nn.Module):
             ``cached_key`` / ``cached_value`` in the ``"memory"`` collection (projected
             once per source). The first decode call (no cache yet) only creates them.
           cache_index: int32 scalar, the step being decoded (None on the creating call).
+          row_offsets: optional int32 ``[batch, max_decode_len]``: self-attention reads
+            cached key ``j`` of row ``b`` from row ``b + row_offsets[b, j]`` (a beam
+            search's cache indirection, see :func:`lsjax.ops.decode_attention`).
           max_decode_len: cache length, needed on the creating call.
 
         Returns:
@@ -130,10 +134,15 @@ class MultiHeadAttention(nn.Module):
                 k, v, key_mask, causal = self._update_cache(k, v, cache_index, max_decode_len, causal, key_mask)
         rate = cfg.attn_prob_dropout_ratio
         key = dropout_key(self, rate, deterministic)
+        if self.cross or not decode:
+            row_offsets = None
         if decode and key is None and cfg.attention_impl == "fused" and q.shape[1] == 1 and k.shape[1] <= MAX_KEYS:
             # One decode step: one fused kernel instead of GEMM, transposes, softmax, GEMM.
-            out = ops.decode_attention(q[:, 0], k, v, key_mask, scale=1.0 / math.sqrt(dh))[:, None]
+            out = ops.decode_attention(q[:, 0], k, v, key_mask, scale=1.0 / math.sqrt(dh),
+                                       row_offsets=row_offsets)[:, None]
         else:
+            if row_offsets is not None:
+                k, v = source_rows(k, row_offsets), source_rows(v, row_offsets)
             out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=cfg.attention_impl,
                                         dropout_rate=rate, key=key)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,

@@ -141,15 +141,16 @@ class TransformerDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None,
-                 cache_index: jax.Array | None = None, *, deterministic: bool = True, decode: bool = False,
-                 max_decode_len: int | None = None) -> jax.Array:
+                 cache_index: jax.Array | None = None, row_offsets: jax.Array | None = None, *,
+                 deterministic: bool = True, decode: bool = False, max_decode_len: int | None = None) -> jax.Array:
         """``x [batch, tgt_len, hidden]``; ``memory [batch, src_len, hidden]`` with bool
         ``memory_mask [batch, src_len]``; decode arguments as in :class:`MultiHeadAttention`."""
         cfg = self.config
         pre = cfg.pre_layer_norm
         self_attn = MultiHeadAttention(cfg, causal=True, name="self_attn")
         x = _sublayer(x, lambda h, r: self_attn(h, r, deterministic=deterministic, decode=decode,
-                                                cache_index=cache_index, max_decode_len=max_decode_len),
+                                                cache_index=cache_index, row_offsets=row_offsets,
+                                                max_decode_len=max_decode_len),
                       LayerNorm(cfg, name="self_attn_ln"), pre)
         if self.cross_attention:
             cross = MultiHeadAttention(cfg, cross=True, name="cross_attn")
