@@ -25,6 +25,30 @@ def dropout_key(module: nn.Module, rate: float, deterministic: bool) -> jax.Arra
     return None if deterministic or rate == 0 else module.make_rng("dropout")
 
 
+def bias_dropout_residual(x: jax.Array, bias: jax.Array, residual: jax.Array, *, rate: float,
+                          key: jax.Array | None) -> jax.Array:
+    """``residual + dropout(x + bias)`` after a GEMM: the fused op while dropout applies.
+
+    Without dropout (``key`` None: deterministic, or rate 0) there is nothing for a kernel
+    of ours to fuse that XLA does not fold into the producing GEMM's epilogue (or, for
+    the small row counts of a decode step, its split-K reduction), where the add costs
+    no launch at all; so it is left to XLA as
+    :func:`lsjax.ops.bias_dropout_residual_reference` (the same float32 arithmetic).
+    """
+    if key is None:
+        return ops.bias_dropout_residual_reference(x, bias, residual, rate=0.0, key=None)
+    return ops.bias_dropout_residual(x, bias, residual, rate=rate, key=key)
+
+
+def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str, rate: float,
+                     key: jax.Array | None) -> jax.Array:
+    """``dropout(act(x + bias))`` after a GEMM; without dropout left to XLA, as
+    :func:`bias_dropout_residual` explains."""
+    if key is None:
+        return ops.bias_act_dropout_reference(x, bias, activation=activation, rate=0.0, key=None)
+    return ops.bias_act_dropout(x, bias, activation=activation, rate=rate, key=key)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None, causal: bool,
                           impl: str = "fused", dropout_rate: float = 0.0,
                           key: jax.Array | None = None) -> jax.Array:
@@ -61,8 +85,9 @@ class MultiHeadAttention(nn.Module):
 
     The Q/K/V and output projections are XLA GEMMs (``nn.DenseGeneral``); self-attention
     projects Q, K and V with one GEMM. The output bias, hidden dropout and residual add
-    are one fused :func:`lsjax.ops.bias_dropout_residual` op, so the output projection
-    has no bias of its own. Parameters and their logical axes (Megatron layout: Q/K/V
+    are one fused :func:`lsjax.ops.bias_dropout_residual` op (left to XLA without
+    dropout, see :func:`bias_dropout_residual`), so the output projection has no bias
+    of its own. Parameters and their logical axes (Megatron layout: Q/K/V
     split by heads = column parallel, output projection by heads = row parallel):
     ``qkv/kernel [embed, 3, heads, kv]`` (self) or ``q/kernel [embed, heads, kv]`` +
     ``kv/kernel [embed, 2, heads, kv]`` (cross), ``out/kernel [heads, kv, embed]``,
@@ -151,8 +176,8 @@ class MultiHeadAttention(nn.Module):
         bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (cfg.hidden_size,),
                           cfg.param_dtype)
         rate = cfg.hidden_dropout_ratio
-        return ops.bias_dropout_residual(out, bias, residual.astype(cfg.dtype), rate=rate,
-                                         key=dropout_key(self, rate, deterministic))
+        return bias_dropout_residual(out, bias, residual.astype(cfg.dtype), rate=rate,
+                                     key=dropout_key(self, rate, deterministic))
 
     def _memory_kv(self, kv_proj: nn.Module, memory: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         if memory is None and not self.has_variable("memory", "cached_key"):

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import ops
-from lsjax.nn.attention import MultiHeadAttention, _DEFAULT_INIT, dropout_key, partitioned
+from lsjax.nn.attention import (MultiHeadAttention, _DEFAULT_INIT, bias_act_dropout, bias_dropout_residual,
+                                dropout_key, partitioned)
 from lsjax.nn.config import REMAT_POLICIES, LayerConfig
 
 
@@ -80,7 +81,7 @@ class FeedForward(nn.Module):
     ``fc1/kernel [embed, mlp]`` (column parallel), ``fc1_bias [mlp]``,
     ``fc2/kernel [mlp, embed]`` (row parallel), ``fc2_bias [embed]``; the GEMMs have
     no bias, :func:`lsjax.ops.bias_act_dropout` / :func:`lsjax.ops.bias_dropout_residual`
-    add it.
+    add it (left to XLA without dropout, see :func:`lsjax.nn.attention.bias_dropout_residual`).
     """
 
     config: LayerConfig
@@ -98,12 +99,12 @@ class FeedForward(nn.Module):
 
         h = dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(x.astype(cfg.dtype))
         rate = cfg.activation_dropout_ratio
-        h = ops.bias_act_dropout(h, bias(cfg.intermediate_size, "mlp", "fc1_bias"), activation=cfg.activation_fn,
-                                 rate=rate, key=dropout_key(self, rate, deterministic))
+        h = bias_act_dropout(h, bias(cfg.intermediate_size, "mlp", "fc1_bias"), activation=cfg.activation_fn,
+                             rate=rate, key=dropout_key(self, rate, deterministic))
         h = dense(cfg.hidden_size, ("mlp", "embed"), "fc2")(h)
         rate = cfg.hidden_dropout_ratio
-        return ops.bias_dropout_residual(h, bias(cfg.hidden_size, "embed", "fc2_bias"), residual.astype(cfg.dtype),
-                                         rate=rate, key=dropout_key(self, rate, deterministic))
+        return bias_dropout_residual(h, bias(cfg.hidden_size, "embed", "fc2_bias"), residual.astype(cfg.dtype),
+                                     rate=rate, key=dropout_key(self, rate, deterministic))
 
 
 def _sublayer(x: jax.Array, block: Callable[[jax.Array, jax.Array], jax.Array], norm: LayerNorm,
