@@ -70,7 +70,7 @@ def bench_row(kind: str, cfg: LayerConfig, batch: int, seq: int, dropout: bool, 
     boxed = jax.jit(ours.init)(jax.random.key(0), *init_args)["params"]
     params = jax.tree.map(lambda p: p.astype(cfg.dtype), nn.meta.unbox(boxed))
     nbytes = 3 * batch * seq * d * jnp.dtype(cfg.dtype).itemsize
-    sets = [one] + [inputs(i) for i in range(1, copies_for(nbytes, max_k=8))]
+    sets = [one] + [inputs(i) for i in range(1, copies_for(nbytes))]
     deterministic = not dropout
     t_ours = time_fn(fwd_bwd(ours, params, kind, deterministic), sets, **timing)
     t_ref = time_fn(fwd_bwd(ref_cls(cfg), layer_params(params), kind, deterministic), sets, **timing)
