@@ -120,7 +120,9 @@ def test_gradients_match_reference(rng, indirect):
     q, k, v, mask = _inputs(rng, (3, 6, 2, 4), jnp.float32)
     offsets = _offsets(rng, 3, 6) if indirect else None
     w = normal(rng, q.shape)
-    loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, scale=0.5, row_offsets=offsets) * w)))  # noqa: E731
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, scale=0.5, row_offsets=offsets) * w))
+
     expected = jax.grad(loss(decode_attention_reference), argnums=(0, 1, 2))(q, k, v)
     with ops.use_backend("cpu_ffi"):
         grads = jax.jit(jax.grad(loss(decode_attention), argnums=(0, 1, 2)))(q, k, v)

@@ -18,4 +18,5 @@ from lsjax.decode.sampling import greedy, sample
 WHILE_LOOP_GRAPHS = {"xla_gpu_enable_command_buffer":
                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
 
-__all__ = ["WHILE_LOOP_GRAPHS", "BeamSearchOutput", "beam_search", "gather_rows", "gnmt_length_penalty", "greedy", "sample"]
+__all__ = ["WHILE_LOOP_GRAPHS", "BeamSearchOutput", "beam_search", "gather_rows", "gnmt_length_penalty", "greedy",
+           "sample"]
