@@ -120,6 +120,7 @@ def test_gradients_match_reference(rng, indirect):
     q, k, v, mask = _inputs(rng, (3, 6, 2, 4), jnp.float32)
     offsets = _offsets(rng, 3, 6) if indirect else None
     w = normal(rng, q.shape)
+
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, scale=0.5, row_offsets=offsets) * w))
 
