@@ -190,6 +190,21 @@ def test_beam_search_cache_indirection_equals_cache_gathers(rng, variant, backen
         reorder_decode_cache({"decoder": {"cache_index": cache["decoder"]["cache_index"]}}, jnp.arange(3))
 
 
+def test_layer_norm_impl_xla_matches_fused(rng):
+    """layer_norm_impl="xla" (the op's reference, left to XLA's fusion) computes the fused op's logits."""
+    src, tgt_in, _ = batch(rng)
+    fused, xla = Transformer(tiny_config()), Transformer(tiny_config(layer_norm_impl="xla"))
+    params = random_params(fused, rng, src, tgt_in)
+    with ops.use_backend("cpu_ffi"):
+        want = jax.jit(lambda p: fused.apply({"params": p}, src, tgt_in))(params)
+        hlo = jax.jit(lambda p: xla.apply({"params": p}, src, tgt_in)).lower(params).as_text()
+        got = jax.jit(lambda p: xla.apply({"params": p}, src, tgt_in))(params)
+    assert "lsjax_layer_norm" not in hlo
+    assert_close(got, want, 2e-5, "logits")
+    with pytest.raises(ValueError, match="layer_norm_impl must be one of"):
+        tiny_config(layer_norm_impl="apex")
+
+
 def test_language_model_cached_decoding(rng):
     cfg = tiny_config(num_encoder_layers=0, max_positions=16, activation_fn="gelu_tanh")
     ids = jnp.asarray(rng.integers(4, cfg.vocab_size, size=(2, 5)), jnp.int32)

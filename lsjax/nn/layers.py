@@ -20,7 +20,7 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 class LayerNorm(nn.Module):
-    """Layer norm over the last axis with the fused op; ``scale``/``bias`` ``[embed]``."""
+    """Layer norm over the last axis with the fused op (``config.layer_norm_impl``); ``scale``/``bias`` ``[embed]``."""
 
     config: LayerConfig
 
@@ -30,7 +30,8 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (d,), cfg.param_dtype)
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,), cfg.param_dtype)
-        return ops.layer_norm(x.astype(cfg.dtype), scale, bias, eps=cfg.layer_norm_eps)
+        norm = ops.layer_norm if cfg.layer_norm_impl == "fused" else ops.layer_norm_reference
+        return norm(x.astype(cfg.dtype), scale, bias, eps=cfg.layer_norm_eps)
 
 
 class Embedding(nn.Module):
