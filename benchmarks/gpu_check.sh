@@ -19,7 +19,7 @@
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
 #   multi30k_fp32 benchmarks/convergence.sh fp32master
-# Through the device tool:  run(command="OUT=$OUT bash benchmarks/gpu_check.sh ...", carry=[".data", ".whl"])
+# Through the device tool:  run(command="OUT=$OUT timeout 570 bash benchmarks/gpu_check.sh ...", carry=[".data", ".whl"])
 # where .whl holds the runtime wheels the GPU image lacks, fetched here with
 #   pip download -d .whl sentencepiece sacrebleu tqdm pyyaml --python-version 3.12 --only-binary=:all: \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 && rm .whl/numpy-*
@@ -42,6 +42,14 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 LSJAX_CUDA=ON
 export LSJAX_COMPILATION_CACHE=${LSJAX_COMPILATION_CACHE:-/tmp/lsjax_jax_cache}
 status=0
+# The device tool returns few files: everything goes back in one archive, also when the run is
+# stopped early (run it as `timeout 570 bash benchmarks/gpu_check.sh ...` so that a TERM arrives
+# before the device call's own limit).
+pack() {
+  tar czf /tmp/gpu_check_results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_check_results.tgz "$OUT/results.tgz"
+}
+trap pack EXIT
+trap 'echo "stopped early (signal): packing what ran"; exit 124' TERM INT
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; git rev-parse --short HEAD; } > "$OUT/machine.txt" 2>&1
 if [ -d .whl ]; then  # runtime deps the GPU image lacks (no network there): carried wheels, installed if missing
@@ -109,6 +117,4 @@ for name in ${BENCH//,/ }; do
     *) echo "unknown --bench $name" >&2; status=1 ;;
   esac
 done
-# The device tool returns few files: everything goes back in one archive.
-tar czf /tmp/gpu_check_results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_check_results.tgz "$OUT/results.tgz"
 exit $status
