@@ -7,7 +7,7 @@
 // softmax and the weighted sum in float32; a row with no attended key gives zeros. Keys
 // left out are not read. Framework-free: pointers, sizes, stream.
 //
-// CUDA: one block of kDecodeAttentionThreads per (b, h); the keys' scores live
+// CUDA: one block of 128 threads per (b, h); the keys' scores live
 // in shared memory (k_len <= kDecodeAttentionMaxKeys), then one pass over V.
 #pragma once
 
