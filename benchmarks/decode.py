@@ -6,7 +6,8 @@
 Transformer-base (vocab 32000), source length 32, 64 forced steps (eos disabled),
 batch {1, 8, 64}, beam 4, bf16 and fp16: ms per decode call (encoder included) and per
 step. Ours: the lsjax ``Transformer`` (fused ops, encoder K/V projected once) under
-:func:`lsjax.decode.beam_search`. Peer: the plain-Flax ``RefTransformer`` with the same
+:func:`lsjax.decode.beam_search` with ``reorder_decode_cache`` (cache indirection: the K/V
+caches are never gathered). Peer: the plain-Flax ``RefTransformer`` with the same
 weights in the same dtype, decoded as flax's examples/wmt does (``nn.MultiHeadDotProductAttention``
 with ``decode=True``, cross-attention K/V projected again every step) under
 ``benchmarks.flax_beam_search`` (``lax.top_k`` over beam*vocab, every cache leaf gathered
@@ -17,6 +18,7 @@ beam searches; compilation dominates the run time, so split the rows over calls 
 ``--batches`` / ``--dtypes`` when time is short. ``--command-buffers while`` also times
 both searches compiled with XLA's command buffers (CUDA graphs) extended to the while loop
 (see ``benchmarks.profile.COMMAND_BUFFERS``): every row then names its setting.
+``--layer-norm fused,xla`` likewise times our model with each ``layer_norm_impl``.
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ from benchmarks.profile import COMMAND_BUFFERS
 from benchmarks.cases import beam_topk as topk_cases
 from benchmarks.harness import measure_copy_bandwidth, run_case, time_fn
 from lsjax import ops
-from lsjax.decode import beam_search
+from lsjax.decode import beam_search, gather_rows
 
 BEAM, SRC_LEN, STEPS, VOCAB = 4, 32, 64, 32000
 
 
-def _searches(ours_fns, peer_fns):
-    """(lsjax, peer) searches: each takes its inputs, which its ``*_fns`` turn into decoder fns."""
+def _searches(ours_fns, peer_fns, reorder_cache=gather_rows):
+    """(lsjax, peer) searches: each takes its inputs, which its ``*_fns`` turn into decoder fns;
+    ours reorders its cache with ``reorder_cache``."""
     def ours(*inputs):
         f, cache, enc = ours_fns(*inputs)
-        return beam_search(f, cache, enc, beam_size=BEAM, max_len=STEPS, eos_id=-1).sequences
+        return beam_search(f, cache, enc, beam_size=BEAM, max_len=STEPS, eos_id=-1,
+                           reorder_cache=reorder_cache).sequences
 
     def peer(*inputs):
         f, cache, enc = peer_fns(*inputs)
@@ -52,25 +56,26 @@ def _searches(ours_fns, peer_fns):
     return ours, peer
 
 
-def _transformer_inputs(batch, dtype, rng):
-    """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer, and the plain-Flax
-    ``RefTransformer`` with the same weights (cast to ``dtype``) decoded the flax-wmt way."""
+def _transformer_inputs(batch, dtype, rng, layer_norm="fused"):
+    """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer (its
+    ``layer_norm_impl`` = ``layer_norm``), and the plain-Flax ``RefTransformer`` with the same
+    weights (cast to ``dtype``) decoded the flax-wmt way."""
     from benchmarks.flax_reference import ref_decoder_fns, reference_params
-    from lsjax.models import Transformer, decoder_fns, load_model_config
+    from lsjax.models import Transformer, decoder_fns, load_model_config, reorder_decode_cache
 
     name = jnp.dtype(dtype).name
-    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name)
+    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name, layer_norm_impl=layer_norm)
     model = Transformer(config)
     src = [jnp.asarray(rng.integers(4, VOCAB, (batch, SRC_LEN)), jnp.int32) for _ in range(2)]
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), src[0], src[0])["params"])
     ref_config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name, param_dtype=name)
     ref_params = jax.tree.map(lambda p: p.astype(dtype), reference_params(params))
     searches = _searches(lambda p, s: decoder_fns(model, p, s, STEPS),
-                         lambda p, s: ref_decoder_fns(ref_config, p, s, STEPS))
+                         lambda p, s: ref_decoder_fns(ref_config, p, s, STEPS), reorder_decode_cache)
     return searches, ([(params, s) for s in src], [(ref_params, s) for s in src])
 
 
-def _toy_inputs(batch, dtype, rng):
+def _toy_inputs(batch, dtype, rng, layer_norm="fused"):
     from benchmarks.toy_decoder import toy_decoder
 
     f, cache, enc = toy_decoder(rng, batch=batch, vocab=64, max_len=STEPS)
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default="bfloat16,float16", help="comma-separated compute dtypes")
     parser.add_argument("--command-buffers", default="default",
                         help=f"comma-separated XLA command-buffer settings, of {sorted(COMMAND_BUFFERS)}")
+    parser.add_argument("--layer-norm", default="fused",
+                        help="comma-separated layer_norm_impl settings of our model (fused, xla)")
     parser.add_argument("--no-topk", action="store_true", help="skip the top-k op table")
     parser.add_argument("--smoke", action="store_true", help="toy decoder, tiny sizes (CPU check)")
     args = parser.parse_args(argv)
@@ -102,22 +109,23 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"device: {device}; backend: {ops.get_backend()}; beam {BEAM}, {STEPS} forced steps", flush=True)
     make_inputs = _toy_inputs if args.smoke else _transformer_inputs
-    for dtype in map(jnp.dtype, args.dtypes.split(",")):
-        for batch in map(int, args.batches.split(",")):
-            (ours, peer), (ours_inputs, peer_inputs) = make_inputs(batch, dtype, rng)
-            for setting in args.command_buffers.split(","):
-                timing = dict(calls=2 if args.smoke else 5, trials=3 if args.smoke else 5,
-                              compiler_options=COMMAND_BUFFERS[setting])
-                t_ours, t_peer = time_fn(ours, ours_inputs, **timing), time_fn(peer, peer_inputs, **timing)
-                row = {"dtype": jnp.dtype(dtype).name, "batch": batch, "beam": BEAM, "steps": STEPS,
-                       "command_buffers": setting, "ours_ms": t_ours * 1e3, "peer_ms": t_peer * 1e3,
-                       "ours_ms_per_step": t_ours * 1e3 / STEPS, "peer_ms_per_step": t_peer * 1e3 / STEPS,
-                       "speedup": t_peer / t_ours}
-                results["decode"].append(row)
-                print(f"beam search {row['dtype']:<9} batch {batch:<3} cmdbuf {setting:<7} ours {row['ours_ms']:9.3f} "
-                      f"ms ({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} ms "
-                      f"({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x", flush=True)
-                save()
+    rows = [(jnp.dtype(d), int(b), ln) for d in args.dtypes.split(",") for b in args.batches.split(",")
+            for ln in args.layer_norm.split(",")]
+    for dtype, batch, layer_norm in rows:
+        (ours, peer), (ours_inputs, peer_inputs) = make_inputs(batch, dtype, rng, layer_norm)
+        for setting in args.command_buffers.split(","):
+            timing = dict(calls=2 if args.smoke else 5, trials=3 if args.smoke else 5,
+                          compiler_options=COMMAND_BUFFERS[setting])
+            t_ours, t_peer = time_fn(ours, ours_inputs, **timing), time_fn(peer, peer_inputs, **timing)
+            row = {"dtype": jnp.dtype(dtype).name, "batch": batch, "beam": BEAM, "steps": STEPS,
+                   "command_buffers": setting, "layer_norm": layer_norm, "ours_ms": t_ours * 1e3,
+                   "peer_ms": t_peer * 1e3, "ours_ms_per_step": t_ours * 1e3 / STEPS,
+                   "peer_ms_per_step": t_peer * 1e3 / STEPS, "speedup": t_peer / t_ours}
+            results["decode"].append(row)
+            print(f"beam search {row['dtype']:<9} batch {batch:<3} cmdbuf {setting:<7} LN {layer_norm:<5} ours "
+                  f"{row['ours_ms']:9.3f} ms ({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} "
+                  f"ms ({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x", flush=True)
+            save()
     if args.no_topk:
         return
 

@@ -10,7 +10,8 @@
 #   layers        benchmarks/layers.py (fused attention softmax)
 #   layers_cudnn  benchmarks/layers.py --attention-impl cudnn (no attention-prob dropout in either)
 #   decode        benchmarks/decode.py (decode_bar: only the bar rows, bf16 batch 8 and 64, + top-k,
-#                 each with and without XLA command buffers around the while loop)
+#                 each with and without XLA command buffers around the while loop; decode_ln: the same rows
+#                 with our layer norms as the fused op and as XLA's, no top-k)
 #   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
 #                 train step (lsjax and plain, bf16) / the batch-8 beam search (lsjax, plain, lsjax with
 #                 while-loop command buffers); tables in $OUT/<name>.log, JSON in $OUT/profile_*.json
@@ -98,6 +99,8 @@ for name in ${BENCH//,/ }; do
     decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
     decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --command-buffers default,while \
                   --out "$OUT/decode_bar.json" ;;
+    decode_ln) bench decode_ln $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --layer-norm fused,xla --no-topk \
+                  --out "$OUT/decode_ln.json" ;;
     profile_train) for impl in lsjax plain; do
         bench "profile_train_$impl" $PY -m benchmarks.profile train --impl $impl --out "$OUT/profile_train_$impl.json"
       done ;;

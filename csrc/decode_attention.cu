@@ -45,7 +45,8 @@ __device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, con
                                             int groups, float inv) {
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * a.head_dim;
   const int vecs = D / VEC, L = static_cast<int>(a.k_len);
-  const T* v = a.v + b * L * row + h * a.head_dim;
+  const int32_t* src = a.key_src + b * L;
+  const T* v = a.v + h * a.head_dim;
   for (int task = threadIdx.x; task < vecs * groups; task += kThreads) {
     const int c = (task % vecs) * VEC, g = task / vecs;
     float o[VEC] = {};
@@ -54,7 +55,7 @@ __device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, con
       const float pj = p[j];
       if (pj == 0.f) continue;  // masked (or underflowed) keys add nothing: not read
       float f[VEC];
-      LoadFloats<T, VEC>(v + j * row + c, f);
+      LoadFloats<T, VEC>(v + (DecodeAttentionKeyRow(b, src[j], a.batch) * L + j) * row + c, f);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) o[i] = fmaf(pj, f[i], o[i]);
     }
@@ -100,17 +101,18 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
   LoadFloats<T, VEC>(a.q + (b * a.heads + h) * D + c, q);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) q[i] *= a.scale;
-  const uint8_t* mask = a.mask + b * L;
-  const T* k = a.k + b * L * row + h * D + c;
+  const int32_t* src = a.key_src + b * L;
+  const T* k = a.k + h * D + c;
   float mx = -FLT_MAX;
 #pragma unroll 4
   for (int j0 = 0; j0 < L; j0 += kKeysPerPass) {  // uniform trip count: every lane reaches the shuffles
     const int j = j0 + g;
-    const bool live = j < L && mask[j];
+    const int32_t o = j < L ? src[j] : kDecodeAttentionMasked;
+    const bool live = o != kDecodeAttentionMasked;
     float s = 0.f;
     if (live) {
       float f[VEC];
-      LoadFloats<T, VEC>(k + j * row, f);
+      LoadFloats<T, VEC>(k + (DecodeAttentionKeyRow(b, o, a.batch) * L + j) * row, f);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) s = fmaf(q[i], f[i], s);
     }
@@ -136,13 +138,13 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
   const T* q = a.q + (b * a.heads + h) * a.head_dim;
   for (int d = threadIdx.x; d < D; d += kThreads) qs[d] = cuda::ToFloat(q[d]) * a.scale;
   __syncthreads();
-  const uint8_t* mask = a.mask + b * L;
-  const T* k = a.k + b * L * row + h * a.head_dim;
+  const int32_t* src = a.key_src + b * L;
+  const T* k = a.k + h * a.head_dim;
   float mx = -FLT_MAX;
   for (int j = threadIdx.x; j < L; j += kThreads) {
     float s = -INFINITY;
-    if (mask[j]) {
-      const T* kj = k + j * row;
+    if (src[j] != kDecodeAttentionMasked) {
+      const T* kj = k + (DecodeAttentionKeyRow(b, src[j], a.batch) * L + j) * row;
       s = 0.f;
 #pragma unroll 4
       for (int d = 0; d < D; d += VEC) {

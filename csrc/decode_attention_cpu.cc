@@ -20,11 +20,15 @@ void DecodeAttentionCpu(const DecodeAttentionArgs<T>& a) {
     for (int64_t h = 0; h < a.heads; ++h) {
       const T* qp = a.q + (b * a.heads + h) * a.head_dim;
       for (int64_t d = 0; d < a.head_dim; ++d) q[d] = ToFloat(qp[d]) * a.scale;
+      const int32_t* src = a.key_src + b * a.k_len;
+      auto key = [&](const T* base, int64_t j) {  // key j's head-h vector in k or v
+        return base + (DecodeAttentionKeyRow(b, src[j], a.batch) * a.k_len + j) * row + h * a.head_dim;
+      };
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < a.k_len; ++j) {
         p[j] = -std::numeric_limits<float>::infinity();
-        if (!a.mask[b * a.k_len + j]) continue;
-        const T* kp = a.k + (b * a.k_len + j) * row + h * a.head_dim;
+        if (src[j] == kDecodeAttentionMasked) continue;
+        const T* kp = key(a.k, j);
         float s = 0.f;
         for (int64_t d = 0; d < a.head_dim; ++d) s += q[d] * ToFloat(kp[d]);
         p[j] = s;
@@ -37,7 +41,7 @@ void DecodeAttentionCpu(const DecodeAttentionArgs<T>& a) {
           if (p[j] == -std::numeric_limits<float>::infinity()) continue;
           const float e = std::exp(p[j] - mx);
           sum += e;
-          const T* vp = a.v + (b * a.k_len + j) * row + h * a.head_dim;
+          const T* vp = key(a.v, j);
           for (int64_t d = 0; d < a.head_dim; ++d) acc[d] += e * ToFloat(vp[d]);
         }
       }

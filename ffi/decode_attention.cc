@@ -1,5 +1,5 @@
 // XLA FFI handlers for decode attention (csrc/decode_attention.h). Target:
-//   decode_attention (q [B, H, D], k [B, L, H, D], v [B, L, H, D] f32/f16/bf16, mask bool [B, L])
+//   decode_attention (q [B, H, D], k [B, L, H, D], v [B, L, H, D] f32/f16/bf16, key_src s32 [B, L])
 //     -> out [B, H, D] in q's dtype
 // Attribute: scale (f32).
 #include <string>
@@ -17,7 +17,7 @@ using Res = xffi::Result<xffi::AnyBuffer>;
 constexpr const char* kOp = "decode_attention";
 
 template <typename Types, typename Run>
-xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Buf& mask, Res& out, float scale,
+xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Buf& key_src, Res& out, float scale,
                    int64_t max_keys) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (auto e = Expect(qd.size() == 3 && kd.size() == 4 && kd[0] == qd[0] && kd[2] == qd[1] && kd[3] == qd[2] &&
@@ -30,9 +30,9 @@ xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Bu
                     out->element_count() == q.element_count();
   if (auto e = Expect(same, kOp, "k, v and out must match q's dtype, v k's shape and out q's shape"); e.failure())
     return e;
-  const bool mask_ok = mask.element_type() == xffi::DataType::PRED &&
-                       static_cast<int64_t>(mask.element_count()) == kd[0] * kd[1];
-  if (auto e = Expect(mask_ok, kOp, "key_mask must be bool [batch, k_len]"); e.failure()) return e;
+  const bool src_ok = key_src.element_type() == xffi::DataType::S32 &&
+                      static_cast<int64_t>(key_src.element_count()) == kd[0] * kd[1];
+  if (auto e = Expect(src_ok, kOp, "key_src must be int32 [batch, k_len]"); e.failure()) return e;
   if (auto e = Expect(kd[1] <= max_keys && qd[2] <= kDecodeAttentionMaxHeadDim && qd[0] * qd[1] < (1ll << 31), kOp,
                       "needs k_len <= " + std::to_string(max_keys) + ", head_dim <= " +
                           std::to_string(kDecodeAttentionMaxHeadDim) + " and batch * heads < 2^31");
@@ -40,13 +40,13 @@ xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Bu
     return e;
   return DispatchFloat<Types>(q.element_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    DecodeAttentionArgs<T> a{In<T>(q),  In<T>(k), In<T>(v), In<uint8_t>(mask), Out<T>(out),
+    DecodeAttentionArgs<T> a{In<T>(q),  In<T>(k), In<T>(v), In<int32_t>(key_src), Out<T>(out),
                              kd[0],     kd[1],    kd[2],    kd[3],             scale};
     return run(a);
   });
 }
 
-// q, k, v, mask -> out; scale. On ``Bind()`` (CPU) or ``Bind().Ctx<stream>()`` (CUDA).
+// q, k, v, key_src -> out; scale. On ``Bind()`` (CPU) or ``Bind().Ctx<stream>()`` (CUDA).
 template <typename B>
 auto BindDecodeAttention(B b) {
   return std::move(b)
@@ -62,12 +62,12 @@ auto BindDecodeAttention(B b) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeAttentionCpuHandler,
-    [](Buf q, Buf k, Buf v, Buf mask, Res out, float scale) {
+    [](Buf q, Buf k, Buf v, Buf key_src, Res out, float scale) {
       auto run = [](const auto& a) {
         DecodeAttentionCpu(a);
         return xffi::Error::Success();
       };
-      return Launch<CpuTypes>(run, q, k, v, mask, out, scale, INT32_MAX);
+      return Launch<CpuTypes>(run, q, k, v, key_src, out, scale, INT32_MAX);
     },
     BindDecodeAttention(xffi::Ffi::Bind()));
 
@@ -78,9 +78,9 @@ LSJAX_FFI_TARGET_CPU("decode_attention", DecodeAttentionCpuHandler);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeAttentionCudaHandler,
-    [](cudaStream_t stream, Buf q, Buf k, Buf v, Buf mask, Res out, float scale) {
+    [](cudaStream_t stream, Buf q, Buf k, Buf v, Buf key_src, Res out, float scale) {
       auto run = [&](const auto& a) { return CudaStatus(DecodeAttentionCuda(a, stream), kOp); };
-      return Launch<CudaTypes>(run, q, k, v, mask, out, scale, kDecodeAttentionMaxKeys);
+      return Launch<CudaTypes>(run, q, k, v, key_src, out, scale, kDecodeAttentionMaxKeys);
     },
     BindDecodeAttention(xffi::Ffi::Bind().Ctx<xffi::PlatformStream<cudaStream_t>>()),
     {xffi::Traits::kCmdBufferCompatible});

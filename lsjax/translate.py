@@ -22,7 +22,7 @@ import sacrebleu
 
 from lsjax import data as lsdata
 from lsjax import decode
-from lsjax.models import decoder_fns
+from lsjax.models import decoder_fns, reorder_decode_cache
 
 
 class Translator:
@@ -65,7 +65,7 @@ class Translator:
                                  temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0),
                                  top_p=s.get("top_p", 1.0))
         out = decode.beam_search(*fns, beam_size=self.beam_size, max_len=max_len, eos_id=lsdata.EOS_ID,
-                                 length_penalty=self.length_penalty)
+                                 length_penalty=self.length_penalty, reorder_cache=reorder_decode_cache)
         return out.sequences[:, 0]
 
     def translate(self, params: Any, sentences: Sequence[str]) -> list[str]:

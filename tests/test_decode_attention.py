@@ -8,21 +8,28 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsjax import ops
-from lsjax.ops.decode_attention import MAX_KEYS, decode_attention, decode_attention_reference
+from lsjax.ops.decode_attention import (MAX_KEYS, decode_attention, decode_attention_reference, reorder_row_offsets,
+                                        source_rows)
 from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, normal
 
 # (batch, k_len, heads, head_dim): one key, odd sizes, head_dim not a multiple of 8, transformer-base-like.
 SHAPES = [(1, 1, 1, 1), (3, 7, 2, 8), (2, 33, 3, 12), (5, 64, 8, 64), (2, 130, 4, 40)]
 
 
+def _offsets(rng, batch, k_len):
+    """Random valid row offsets (every key read from some row of the batch), as a beam search leaves them."""
+    return jnp.asarray(rng.integers(0, batch, (batch, k_len)) - np.arange(batch)[:, None], jnp.int32)
+
+
 def _inputs(rng, shape, dtype, mask_kind="random"):
+    """q, k, v, mask; mask_kind "beam" = a "prefix" mask read through random row offsets (see _compare)."""
     batch, k_len, heads, head_dim = shape
     q = normal(rng, (batch, heads, head_dim), dtype)
     k = normal(rng, shape, dtype)
     v = normal(rng, shape, dtype)
     if mask_kind is None:
         return q, k, v, None
-    if mask_kind == "prefix":  # a self-attention cache filled up to a step per row
+    if mask_kind in ("prefix", "beam"):  # a self-attention cache filled up to a step per row
         mask = np.arange(k_len)[None] <= rng.integers(0, k_len, (batch, 1))
     else:
         mask = rng.random((batch, k_len)) < 0.7
@@ -34,11 +41,12 @@ def _inputs(rng, shape, dtype, mask_kind="random"):
 
 def _compare(backend, rng, shape, dtype, mask_kind, rtol):
     q, k, v, mask = _inputs(rng, shape, dtype, mask_kind)
+    offsets = _offsets(rng, *shape[:2]) if mask_kind == "beam" else None
     scale = shape[-1] ** -0.5
     with ops.use_backend(backend):
-        out = jax.jit(lambda *a: decode_attention(*a, scale=scale))(q, k, v, mask)
+        out = jax.jit(lambda *a: decode_attention(*a, scale=scale, row_offsets=offsets))(q, k, v, mask)
     assert out.dtype == q.dtype and out.shape == q.shape
-    assert_close(out, decode_attention_reference(q, k, v, mask, scale=scale), rtol,
+    assert_close(out, decode_attention_reference(q, k, v, mask, scale=scale, row_offsets=offsets), rtol,
                  f"{backend} {shape} {jnp.dtype(dtype).name} mask={mask_kind}")
     if mask is not None:
         empty = ~np.asarray(mask).any(-1)
@@ -58,12 +66,27 @@ def test_reference_matches_float64(rng):
     assert_close(decode_attention_reference(q, k, v, mask, scale=0.7), expected, 1e-6, "reference")
 
 
-@pytest.mark.parametrize("mask_kind", ["random", "prefix", None])
+@pytest.mark.parametrize("mask_kind", ["random", "prefix", "beam", None])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpu_ffi_matches_reference(rng, shape, dtype, mask_kind):
     # float32 on both sides; 16-bit outputs differ by at most one rounding.
     _compare("cpu_ffi", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
+
+
+def test_row_offsets_replace_a_beam_searchs_cache_gathers(rng):
+    """Reordering the offsets table (reorder_row_offsets) and writing each step's key in place reads
+    exactly the keys of a cache that is gathered by parent rows every step, as a beam search does."""
+    rows, k_len = 6, 5
+    gathered = jnp.zeros((rows, k_len, 1, 2))
+    in_place, offsets = gathered, jnp.zeros((rows, k_len), jnp.int32)
+    for t in range(k_len):
+        key = normal(rng, (rows, 1, 1, 2), jnp.float32)
+        gathered = gathered.at[:, t:t + 1].set(key)
+        in_place, offsets = in_place.at[:, t:t + 1].set(key), offsets.at[:, t].set(0)
+        np.testing.assert_array_equal(source_rows(in_place, offsets)[:, :t + 1], gathered[:, :t + 1])
+        parents = jnp.asarray(rng.integers(0, rows, rows), jnp.int32)
+        gathered, offsets = gathered[parents], reorder_row_offsets(offsets, parents)
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
@@ -92,10 +115,15 @@ def test_equals_training_attention_path(rng):
             assert_close(decode_attention(q, k, v, mask, scale=8 ** -0.5), expected, 1e-5, backend)
 
 
-def test_gradients_match_reference(rng):
-    q, k, v, mask = _inputs(rng, (2, 6, 2, 4), jnp.float32)
+@pytest.mark.parametrize("indirect", [False, True])
+def test_gradients_match_reference(rng, indirect):
+    q, k, v, mask = _inputs(rng, (3, 6, 2, 4), jnp.float32)
+    offsets = _offsets(rng, 3, 6) if indirect else None
     w = normal(rng, q.shape)
-    loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, scale=0.5) * w)))  # noqa: E731
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, scale=0.5, row_offsets=offsets) * w))
+
     expected = jax.grad(loss(decode_attention_reference), argnums=(0, 1, 2))(q, k, v)
     with ops.use_backend("cpu_ffi"):
         grads = jax.jit(jax.grad(loss(decode_attention), argnums=(0, 1, 2)))(q, k, v)
@@ -151,6 +179,10 @@ def test_bad_input(backend):
             decode_attention(q, k, k, scale=float("inf"))
         with pytest.raises(TypeError, match="key_mask must be bool"):
             decode_attention(q, k, k, jnp.ones((2, 5), jnp.int32))
+        with pytest.raises(TypeError, match="row_offsets must be int32"):
+            decode_attention(q, k, k, row_offsets=jnp.zeros((2, 5), jnp.int16))
+        with pytest.raises(ValueError, match=r"row_offsets must have shape \(2, 5\)"):
+            decode_attention(q, k, k, row_offsets=jnp.zeros((2, 4), jnp.int32))
         with pytest.raises(TypeError, match="scale must be a Python float"):
             jax.jit(lambda q, s: decode_attention(q, k, k, scale=s))(q, 0.5)
 
@@ -164,7 +196,7 @@ GPU_SHAPES = SHAPES + [(32, 65, 8, 64), (32, 256, 16, 64), (4, 1000, 2, 128), (2
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask_kind", ["random", "prefix", None])
+@pytest.mark.parametrize("mask_kind", ["random", "prefix", "beam", None])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_cuda_matches_reference(rng, shape, dtype, mask_kind):

@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks.flax_reference import RefTransformer, reference_params
 from lsjax import ops
-from lsjax.models import Transformer, TransformerLM, decode_params, decoder_fns, load_model_config
+from lsjax.models import (Transformer, TransformerLM, decode_params, decoder_fns, load_model_config,
+                          reorder_decode_cache)
 from tests.helpers import assert_close
 
 NO_DROPOUT = dict(attn_prob_dropout_ratio=0.0, activation_dropout_ratio=0.0, hidden_dropout_ratio=0.0)
@@ -162,6 +163,46 @@ def test_reference_flax_wmt_decoding_equals_lsjax_decoding(rng, pre_layer_norm):
     ref_seqs, ref_scores, _ = run(lambda s: ref_decoder_fns(cfg, ref, s, max_len))
     np.testing.assert_array_equal(np.asarray(ref_seqs), np.asarray(seqs))
     assert_close(ref_scores, scores, 1e-5, "beam scores")
+
+
+@pytest.mark.parametrize("variant,backend", [(dict(), "cpu_ffi"), (dict(scan_layers=True), "xla")])
+def test_beam_search_cache_indirection_equals_cache_gathers(rng, variant, backend):
+    """reorder_decode_cache (only the row-offset table reordered, K/V caches read through it)
+    gives the beam search result of gathering every cache leaf each step."""
+    from lsjax.decode import beam_search, gather_rows
+
+    cfg = tiny_config(**variant)
+    src, tgt_in, _ = batch(rng)
+    model = Transformer(cfg)
+    params = random_params(model, rng, src, tgt_in, scale=1.0)
+    max_len = 8
+
+    def run(reorder):
+        return jax.jit(lambda s: beam_search(*decoder_fns(model, params, s, max_len), beam_size=4, max_len=max_len,
+                                             eos_id=3, reorder_cache=reorder))(src)
+
+    with ops.use_backend(backend):
+        got, want = run(reorder_decode_cache), run(gather_rows)
+    np.testing.assert_array_equal(np.asarray(got.sequences), np.asarray(want.sequences))
+    assert_close(got.scores, want.scores, 1e-5, "beam scores")
+    _, cache, _ = decoder_fns(model, params, src, max_len)
+    with pytest.raises(ValueError, match="no 'row_offsets' table"):
+        reorder_decode_cache({"decoder": {"cache_index": cache["decoder"]["cache_index"]}}, jnp.arange(3))
+
+
+def test_layer_norm_impl_xla_matches_fused(rng):
+    """layer_norm_impl="xla" (the op's reference, left to XLA's fusion) computes the fused op's logits."""
+    src, tgt_in, _ = batch(rng)
+    fused, xla = Transformer(tiny_config()), Transformer(tiny_config(layer_norm_impl="xla"))
+    params = random_params(fused, rng, src, tgt_in)
+    with ops.use_backend("cpu_ffi"):
+        want = jax.jit(lambda p: fused.apply({"params": p}, src, tgt_in))(params)
+        hlo = jax.jit(lambda p: xla.apply({"params": p}, src, tgt_in)).lower(params).as_text()
+        got = jax.jit(lambda p: xla.apply({"params": p}, src, tgt_in))(params)
+    assert "lsjax_layer_norm" not in hlo
+    assert_close(got, want, 2e-5, "logits")
+    with pytest.raises(ValueError, match="layer_norm_impl must be one of"):
+        tiny_config(layer_norm_impl="apex")
 
 
 def test_language_model_cached_decoding(rng):

@@ -6,7 +6,7 @@ and every ``encoded`` leaf leading with ``N`` rows (``lsjax.models.decoder_fns``
 builds them for a Transformer).
 """
 
-from lsjax.decode.beam_search import BeamSearchOutput, beam_search, gnmt_length_penalty
+from lsjax.decode.beam_search import BeamSearchOutput, beam_search, gather_rows, gnmt_length_penalty
 from lsjax.decode.sampling import greedy, sample
 
 # XLA options (``jax.jit(..., compiler_options=WHILE_LOOP_GRAPHS)``) that let XLA:GPU record a whole
@@ -18,4 +18,5 @@ from lsjax.decode.sampling import greedy, sample
 WHILE_LOOP_GRAPHS = {"xla_gpu_enable_command_buffer":
                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"}
 
-__all__ = ["WHILE_LOOP_GRAPHS", "BeamSearchOutput", "beam_search", "gnmt_length_penalty", "greedy", "sample"]
+__all__ = ["WHILE_LOOP_GRAPHS", "BeamSearchOutput", "beam_search", "gather_rows", "gnmt_length_penalty", "greedy",
+           "sample"]

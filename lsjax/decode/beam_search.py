@@ -103,6 +103,7 @@ def beam_search(
     length_penalty: float = 0.6,
     diversity_groups: int = 1,
     diversity_penalty: float = 0.0,
+    reorder_cache: Callable[[Any, jax.Array], Any] = gather_rows,
 ) -> BeamSearchOutput:
     """Beam search for ``batch`` rows (jit-able; one ``lax.while_loop``).
 
@@ -117,6 +118,10 @@ def beam_search(
       length_penalty: GNMT ``alpha``; 0 ranks by plain log-probability.
       diversity_groups, diversity_penalty: diverse beam search; ``1``/``0.0``
         is ordinary beam search.
+      reorder_cache: ``(cache, rows int32 [N]) -> cache`` where new row ``r``
+        continues row ``rows[r]``; the default gathers every leaf,
+        ``lsjax.models.reorder_decode_cache`` only reorders the lsjax decoder's
+        row-offset table (cache indirection, no cache copies).
 
     Returns:
       :class:`BeamSearchOutput`. A row (group) with fewer than ``beam_size``
@@ -198,7 +203,7 @@ def beam_search(
             finished_seqs=finished_seqs,
             finished_scores=finished_scores,
             finished_flags=finished_flags,
-            cache=gather_rows(cache, (row_base + alive_parent).reshape(-1)),
+            cache=reorder_cache(cache, (row_base + alive_parent).reshape(-1).astype(jnp.int32)),
         )
 
     s = jax.lax.while_loop(not_done, step, state)

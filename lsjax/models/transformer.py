@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax.models.config import TransformerConfig
+from lsjax.ops.decode_attention import reorder_row_offsets
 from lsjax.nn import CrossEntropyLoss, Embedding, LayerNorm, TransformerDecoderLayer, TransformerEncoderLayer
 from lsjax.nn import layer_stack
 
@@ -36,8 +37,11 @@ class Decoder(nn.Module):
     """Embedding, ``num_decoder_layers`` decoder layers, final LN, tied output projection.
 
     Incremental decoding (``decode=True``): the first call creates the caches
-    (``cache`` collection: ``cache_index`` int32 scalar here, ``cached_key`` /
-    ``cached_value`` ``[batch, max_decode_len, heads, head_dim]`` per self-attention;
+    (``cache`` collection: ``cache_index`` int32 scalar and ``row_offsets`` int32
+    ``[batch, max_decode_len]`` here, ``cached_key`` / ``cached_value``
+    ``[batch, max_decode_len, heads, head_dim]`` per self-attention, where key ``j``
+    of row ``b`` is read from row ``b + row_offsets[b, j]`` (all zeros unless a beam
+    search reorders with :func:`reorder_decode_cache`);
     ``memory`` collection: the projected encoder K/V per cross-attention); later calls
     take one token per row, write it at ``cache_index`` and advance it.
     """
@@ -51,7 +55,7 @@ class Decoder(nn.Module):
                  deterministic: bool = True, decode: bool = False, max_decode_len: int | None = None) -> jax.Array:
         """int ``[batch, tgt_len]`` -> logits ``[batch, tgt_len, vocab]`` (compute dtype)."""
         cfg = self.config
-        offset, cache_index = 0, None
+        offset, cache_index, row_offsets = 0, None, None
         if decode:
             creating = not self.has_variable("cache", "cache_index")
             index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
@@ -59,14 +63,16 @@ class Decoder(nn.Module):
                 if max_decode_len is None or not 0 < max_decode_len <= cfg.max_seq_len:
                     raise ValueError(f"max_decode_len must be in [1, max_seq_len={cfg.max_seq_len}], "
                                      f"got {max_decode_len}")
-            else:
+            rows = self.variable("cache", "row_offsets", jnp.zeros, (tgt.shape[0], max_decode_len), jnp.int32)
+            if not creating:
                 if tgt.shape[1] != 1:
                     raise ValueError(f"decode steps take one token per row ([N, 1]), got shape {tuple(tgt.shape)}")
                 offset = cache_index = index.value
                 index.value = index.value + 1
+                rows.value = row_offsets = rows.value.at[:, cache_index].set(0)  # this step's key: own row
         x = self.embed(tgt, deterministic=deterministic, offset=offset)
         x = layer_stack(TransformerDecoderLayer, cfg, cfg.num_decoder_layers, x,
-                        dict(memory=memory, memory_mask=memory_mask, cache_index=cache_index),
+                        dict(memory=memory, memory_mask=memory_mask, cache_index=cache_index, row_offsets=row_offsets),
                         layer_kwargs=dict(cross_attention=self.cross_attention),
                         deterministic=deterministic, decode=decode, max_decode_len=max_decode_len)
         if cfg.pre_layer_norm:
@@ -163,6 +169,24 @@ class TransformerLM(nn.Module):
 
 
 TokensToLogits = Callable[[jax.Array, dict, dict], tuple[jax.Array, dict]]
+
+
+def reorder_decode_cache(cache: dict, rows: jax.Array) -> dict:
+    """Beam reorder of a decode cache by cache indirection: new row ``r`` continues row ``rows[r]``.
+
+    Only the ``row_offsets`` table is reordered (:func:`lsjax.ops.decode_attention.reorder_row_offsets`);
+    the K/V caches stay where they were written, and each step writes its own key in place.
+    Pass it as ``lsjax.decode.beam_search(..., reorder_cache=reorder_decode_cache)``; the
+    default, gathering every cache leaf, is also correct (the offsets then stay zero), only slower.
+    """
+    def reorder(path, x):
+        if getattr(path[-1], "key", None) == "row_offsets":
+            return reorder_row_offsets(x, rows)
+        return x
+
+    if not any(getattr(p[-1], "key", None) == "row_offsets" for p, _ in jax.tree_util.tree_leaves_with_path(cache)):
+        raise ValueError("reorder_decode_cache: the cache has no 'row_offsets' table; use lsjax.decode.gather_rows")
+    return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
 def decode_params(params, dtype) -> dict:

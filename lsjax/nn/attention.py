@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import ops
-from lsjax.ops.decode_attention import MAX_KEYS
+from lsjax.ops.decode_attention import MAX_KEYS, source_rows
 from lsjax.nn.config import LayerConfig
 
 _DEFAULT_INIT = nn.initializers.xavier_uniform()
@@ -23,6 +23,30 @@ def partitioned(init, axes: tuple[str | None, ...]):
 def dropout_key(module: nn.Module, rate: float, deterministic: bool) -> jax.Array | None:
     """A fresh key of the ``"dropout"`` stream, or None when no dropout applies."""
     return None if deterministic or rate == 0 else module.make_rng("dropout")
+
+
+def bias_dropout_residual(x: jax.Array, bias: jax.Array, residual: jax.Array, *, rate: float,
+                          key: jax.Array | None) -> jax.Array:
+    """``residual + dropout(x + bias)`` after a GEMM: the fused op while dropout applies.
+
+    Without dropout (``key`` None: deterministic, or rate 0) there is nothing for a kernel
+    of ours to fuse that XLA does not fold into the producing GEMM's epilogue (or, for
+    the small row counts of a decode step, its split-K reduction), where the add costs
+    no launch at all; so it is left to XLA as
+    :func:`lsjax.ops.bias_dropout_residual_reference` (the same float32 arithmetic).
+    """
+    if key is None:
+        return ops.bias_dropout_residual_reference(x, bias, residual, rate=0.0, key=None)
+    return ops.bias_dropout_residual(x, bias, residual, rate=rate, key=key)
+
+
+def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str, rate: float,
+                     key: jax.Array | None) -> jax.Array:
+    """``dropout(act(x + bias))`` after a GEMM; without dropout left to XLA, as
+    :func:`bias_dropout_residual` explains."""
+    if key is None:
+        return ops.bias_act_dropout_reference(x, bias, activation=activation, rate=0.0, key=None)
+    return ops.bias_act_dropout(x, bias, activation=activation, rate=rate, key=key)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None, causal: bool,
@@ -61,8 +85,9 @@ class MultiHeadAttention(nn.Module):
 
     The Q/K/V and output projections are XLA GEMMs (``nn.DenseGeneral``); self-attention
     projects Q, K and V with one GEMM. The output bias, hidden dropout and residual add
-    are one fused :func:`lsjax.ops.bias_dropout_residual` op, so the output projection
-    has no bias of its own. Parameters and their logical axes (Megatron layout: Q/K/V
+    are one fused :func:`lsjax.ops.bias_dropout_residual` op (left to XLA without
+    dropout, see :func:`bias_dropout_residual`), so the output projection has no bias
+    of its own. Parameters and their logical axes (Megatron layout: Q/K/V
     split by heads = column parallel, output projection by heads = row parallel):
     ``qkv/kernel [embed, 3, heads, kv]`` (self) or ``q/kernel [embed, heads, kv]`` +
     ``kv/kernel [embed, 2, heads, kv]`` (cross), ``out/kernel [heads, kv, embed]``,
@@ -87,7 +112,8 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, residual: jax.Array, *, memory: jax.Array | None = None,
                  key_mask: jax.Array | None = None, deterministic: bool = True, decode: bool = False,
-                 cache_index: jax.Array | None = None, max_decode_len: int | None = None) -> jax.Array:
+                 cache_index: jax.Array | None = None, row_offsets: jax.Array | None = None,
+                 max_decode_len: int | None = None) -> jax.Array:
         """Attends and adds the result to ``residual``.
 
         Args:
@@ -106,6 +132,9 @@ class MultiHeadAttention(nn.Module):
             ``cached_key`` / ``cached_value`` in the ``"memory"`` collection (projected
             once per source). The first decode call (no cache yet) only creates them.
           cache_index: int32 scalar, the step being decoded (None on the creating call).
+          row_offsets: optional int32 ``[batch, max_decode_len]``: self-attention reads
+            cached key ``j`` of row ``b`` from row ``b + row_offsets[b, j]`` (a beam
+            search's cache indirection, see :func:`lsjax.ops.decode_attention`).
           max_decode_len: cache length, needed on the creating call.
 
         Returns:
@@ -130,10 +159,15 @@ class MultiHeadAttention(nn.Module):
                 k, v, key_mask, causal = self._update_cache(k, v, cache_index, max_decode_len, causal, key_mask)
         rate = cfg.attn_prob_dropout_ratio
         key = dropout_key(self, rate, deterministic)
+        if self.cross or not decode:
+            row_offsets = None
         if decode and key is None and cfg.attention_impl == "fused" and q.shape[1] == 1 and k.shape[1] <= MAX_KEYS:
             # One decode step: one fused kernel instead of GEMM, transposes, softmax, GEMM.
-            out = ops.decode_attention(q[:, 0], k, v, key_mask, scale=1.0 / math.sqrt(dh))[:, None]
+            out = ops.decode_attention(q[:, 0], k, v, key_mask, scale=1.0 / math.sqrt(dh),
+                                       row_offsets=row_offsets)[:, None]
         else:
+            if row_offsets is not None:
+                k, v = source_rows(k, row_offsets), source_rows(v, row_offsets)
             out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=cfg.attention_impl,
                                         dropout_rate=rate, key=key)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
@@ -142,8 +176,8 @@ class MultiHeadAttention(nn.Module):
         bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (cfg.hidden_size,),
                           cfg.param_dtype)
         rate = cfg.hidden_dropout_ratio
-        return ops.bias_dropout_residual(out, bias, residual.astype(cfg.dtype), rate=rate,
-                                         key=dropout_key(self, rate, deterministic))
+        return bias_dropout_residual(out, bias, residual.astype(cfg.dtype), rate=rate,
+                                     key=dropout_key(self, rate, deterministic))
 
     def _memory_kv(self, kv_proj: nn.Module, memory: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         if memory is None and not self.has_variable("memory", "cached_key"):

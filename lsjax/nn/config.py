@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 ATTENTION_IMPLS = ("fused", "cudnn", "xla")
+LAYER_NORM_IMPLS = ("fused", "xla")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -42,6 +43,9 @@ class LayerConfig:
       scan_layers: stack the layers with ``nn.scan`` (params get a leading ``layers`` axis;
         decode caches get it at axis 1, after the batch).
       layer_norm_eps: epsilon of every layer norm.
+      layer_norm_impl: ``"fused"`` (:func:`lsjax.ops.layer_norm`) or ``"xla"`` (its
+        pure-JAX reference, which XLA may fuse with the neighbouring element-wise work:
+        a candidate for decode steps of a few rows, where each launch counts).
     """
 
     hidden_size: int
@@ -61,6 +65,7 @@ class LayerConfig:
     remat_policy: str = "none"
     scan_layers: bool = False
     layer_norm_eps: float = 1e-5
+    layer_norm_impl: str = "fused"
 
     def __post_init__(self):
         if self.hidden_size % self.nhead:
@@ -73,6 +78,8 @@ class LayerConfig:
             raise ValueError(
                 f"attention_impl={self.attention_impl!r} has no attention-probability dropout; set "
                 f"attn_prob_dropout_ratio=0 (got {self.attn_prob_dropout_ratio}) or use attention_impl='fused'")
+        if self.layer_norm_impl not in LAYER_NORM_IMPLS:
+            raise ValueError(f"layer_norm_impl must be one of {LAYER_NORM_IMPLS}, got {self.layer_norm_impl!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
         for name in ("attn_prob_dropout_ratio", "activation_dropout_ratio", "hidden_dropout_ratio"):

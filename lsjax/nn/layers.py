@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import ops
-from lsjax.nn.attention import MultiHeadAttention, _DEFAULT_INIT, dropout_key, partitioned
+from lsjax.nn.attention import (MultiHeadAttention, _DEFAULT_INIT, bias_act_dropout, bias_dropout_residual,
+                                dropout_key, partitioned)
 from lsjax.nn.config import REMAT_POLICIES, LayerConfig
 
 
@@ -19,7 +20,7 @@ ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 class LayerNorm(nn.Module):
-    """Layer norm over the last axis with the fused op; ``scale``/``bias`` ``[embed]``."""
+    """Layer norm over the last axis with the fused op (``config.layer_norm_impl``); ``scale``/``bias`` ``[embed]``."""
 
     config: LayerConfig
 
@@ -29,7 +30,8 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (d,), cfg.param_dtype)
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,), cfg.param_dtype)
-        return ops.layer_norm(x.astype(cfg.dtype), scale, bias, eps=cfg.layer_norm_eps)
+        norm = ops.layer_norm if cfg.layer_norm_impl == "fused" else ops.layer_norm_reference
+        return norm(x.astype(cfg.dtype), scale, bias, eps=cfg.layer_norm_eps)
 
 
 class Embedding(nn.Module):
@@ -80,7 +82,7 @@ class FeedForward(nn.Module):
     ``fc1/kernel [embed, mlp]`` (column parallel), ``fc1_bias [mlp]``,
     ``fc2/kernel [mlp, embed]`` (row parallel), ``fc2_bias [embed]``; the GEMMs have
     no bias, :func:`lsjax.ops.bias_act_dropout` / :func:`lsjax.ops.bias_dropout_residual`
-    add it.
+    add it (left to XLA without dropout, see :func:`lsjax.nn.attention.bias_dropout_residual`).
     """
 
     config: LayerConfig
@@ -98,12 +100,12 @@ class FeedForward(nn.Module):
 
         h = dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(x.astype(cfg.dtype))
         rate = cfg.activation_dropout_ratio
-        h = ops.bias_act_dropout(h, bias(cfg.intermediate_size, "mlp", "fc1_bias"), activation=cfg.activation_fn,
-                                 rate=rate, key=dropout_key(self, rate, deterministic))
+        h = bias_act_dropout(h, bias(cfg.intermediate_size, "mlp", "fc1_bias"), activation=cfg.activation_fn,
+                             rate=rate, key=dropout_key(self, rate, deterministic))
         h = dense(cfg.hidden_size, ("mlp", "embed"), "fc2")(h)
         rate = cfg.hidden_dropout_ratio
-        return ops.bias_dropout_residual(h, bias(cfg.hidden_size, "embed", "fc2_bias"), residual.astype(cfg.dtype),
-                                         rate=rate, key=dropout_key(self, rate, deterministic))
+        return bias_dropout_residual(h, bias(cfg.hidden_size, "embed", "fc2_bias"), residual.astype(cfg.dtype),
+                                     rate=rate, key=dropout_key(self, rate, deterministic))
 
 
 def _sublayer(x: jax.Array, block: Callable[[jax.Array, jax.Array], jax.Array], norm: LayerNorm,
@@ -141,15 +143,16 @@ class TransformerDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, memory: jax.Array | None = None, memory_mask: jax.Array | None = None,
-                 cache_index: jax.Array | None = None, *, deterministic: bool = True, decode: bool = False,
-                 max_decode_len: int | None = None) -> jax.Array:
+                 cache_index: jax.Array | None = None, row_offsets: jax.Array | None = None, *,
+                 deterministic: bool = True, decode: bool = False, max_decode_len: int | None = None) -> jax.Array:
         """``x [batch, tgt_len, hidden]``; ``memory [batch, src_len, hidden]`` with bool
         ``memory_mask [batch, src_len]``; decode arguments as in :class:`MultiHeadAttention`."""
         cfg = self.config
         pre = cfg.pre_layer_norm
         self_attn = MultiHeadAttention(cfg, causal=True, name="self_attn")
         x = _sublayer(x, lambda h, r: self_attn(h, r, deterministic=deterministic, decode=decode,
-                                                cache_index=cache_index, max_decode_len=max_decode_len),
+                                                cache_index=cache_index, row_offsets=row_offsets,
+                                                max_decode_len=max_decode_len),
                       LayerNorm(cfg, name="self_attn_ln"), pre)
         if self.cross_attention:
             cross = MultiHeadAttention(cfg, cross=True, name="cross_attn")

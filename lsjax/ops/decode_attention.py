@@ -8,6 +8,11 @@ microseconds of work each; here it is one (FasterTransformer's
 ``masked_multihead_attention`` idea). Keys the mask excludes (the unfilled
 cache, source padding) are not read.
 
+Cache indirection (FasterTransformer's ``cache_indirection``): with
+``row_offsets``, key ``j`` of row ``b`` is read from row ``b + row_offsets[b, j]``
+of the cache, so a beam search reorders a small int32 table instead of
+gathering every cache leaf each step (see :func:`reorder_row_offsets`).
+
 Backends: ``"xla"`` runs :func:`decode_attention_reference`; ``"cpu_ffi"`` /
 ``"cuda"`` call ``lsjax_decode_attention_{cpu,cuda}``. The op is meant for
 inference: its gradient (a ``custom_vjp``) recomputes through the reference.
@@ -34,11 +39,32 @@ _OP = "decode_attention"
 
 # CUDA kernel limits (csrc/decode_attention.h: kDecodeAttention*).
 MAX_KEYS, MAX_HEAD_DIM = 8192, 512
+_MASKED = np.iinfo(np.int32).min  # key_src of a key left out (kDecodeAttentionMasked)
+
+
+def source_rows(x: jax.Array, row_offsets: jax.Array) -> jax.Array:
+    """``x[b + row_offsets[b, j], j]`` for ``x [batch, k_len, ...]`` (rows clamped to ``[0, batch)``)."""
+    batch, k_len = row_offsets.shape
+    rows = jnp.clip(jnp.arange(batch, dtype=jnp.int32)[:, None] + row_offsets, 0, batch - 1)
+    return x[rows, jnp.arange(k_len)[None, :]]
+
+
+def reorder_row_offsets(row_offsets: jax.Array, parents: jax.Array) -> jax.Array:
+    """The offsets table after a beam reorder: new row ``r`` continues row ``parents[r]``.
+
+    ``row_offsets`` int32 ``[rows, k_len]``, ``parents`` int ``[rows]``. Row ``r`` then reads
+    every key where row ``parents[r]`` read it; a decode step writing its own key ``t``
+    sets ``row_offsets[:, t] = 0``.
+    """
+    rows = jnp.arange(row_offsets.shape[0], dtype=jnp.int32)
+    return row_offsets[parents] + (parents.astype(jnp.int32) - rows)[:, None]
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
-                               scale: float = 1.0) -> jax.Array:
+                               scale: float = 1.0, row_offsets: jax.Array | None = None) -> jax.Array:
     """Pure-JAX decode attention; same contract as :func:`decode_attention`."""
+    if row_offsets is not None:
+        k, v = source_rows(k, row_offsets), source_rows(v, row_offsets)
     s = jnp.einsum("bhd,bkhd->bhk", q.astype(_F32), k.astype(_F32)) * scale
     if key_mask is not None:
         s = jnp.where(key_mask[:, None, :], s, -jnp.inf)
@@ -50,7 +76,7 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, key_mas
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
-                     scale: float = 1.0) -> jax.Array:
+                     scale: float = 1.0, row_offsets: jax.Array | None = None) -> jax.Array:
     """``softmax(scale * q . k) @ v`` for one query per row, over the attended keys.
 
     Args:
@@ -60,6 +86,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
       key_mask: optional bool ``[batch, k_len]``, True = attend (e.g. ``arange(k_len)
         <= step`` for a self-attention cache, source padding for cross-attention).
       scale: score scale, usually ``head_dim ** -0.5``.
+      row_offsets: optional int32 ``[batch, k_len]``: key ``j`` of row ``b`` is read
+        from row ``b + row_offsets[b, j]`` of ``k`` and ``v`` (clamped to
+        ``[0, batch)``; under a batch-sharded mesh, offsets must stay within the
+        local rows, as a beam search's do). None = every row reads its own.
 
     Returns:
       ``[batch, heads, head_dim]`` in ``q``'s dtype; scores, softmax and the
@@ -86,29 +116,38 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
         check_shape(_OP, "key_mask", key_mask, (batch, k_len))
         if key_mask.dtype != jnp.bool_:
             raise TypeError(f"{_OP}: key_mask must be bool (True = attend), got {key_mask.dtype}")
+    if row_offsets is not None:
+        check_shape(_OP, "row_offsets", row_offsets, (batch, k_len))
+        if row_offsets.dtype != jnp.int32:
+            raise TypeError(f"{_OP}: row_offsets must be int32, got {row_offsets.dtype}")
     backend = _backend.get_backend()
     if backend == "xla":
-        return decode_attention_reference(q, k, v, key_mask, scale=scale)
+        return decode_attention_reference(q, k, v, key_mask, scale=scale, row_offsets=row_offsets)
     if backend == "cuda" and (k_len > MAX_KEYS or head_dim > MAX_HEAD_DIM):
         raise ValueError(f"{_OP}: the CUDA kernel takes k_len <= {MAX_KEYS} and head_dim <= {MAX_HEAD_DIM}, got "
                          f"k_len={k_len}, head_dim={head_dim}; use lsjax.nn.attention.dot_product_attention")
-    mask = jnp.ones((batch, k_len), jnp.bool_) if key_mask is None else key_mask
-    return _decode_attention(backend, scale, q, k, v, mask)
+    # One int32 operand for the kernel: each key's row offset, or _MASKED when left out.
+    key_src = jnp.zeros((batch, k_len), jnp.int32) if row_offsets is None else row_offsets
+    if key_mask is not None:
+        key_src = jnp.where(key_mask, key_src, _MASKED)
+    return _decode_attention(backend, scale, q, k, v, key_src)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _decode_attention(backend: str, scale: float, q, k, v, mask):
+def _decode_attention(backend: str, scale: float, q, k, v, key_src):
     flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731  rows = batch (see _decode_attention_ffi)
-    return _decode_attention_ffi(backend, scale, q.shape[1], flat(q), flat(k), flat(v), mask).reshape(q.shape)
+    return _decode_attention_ffi(backend, scale, q.shape[1], flat(q), flat(k), flat(v), key_src).reshape(q.shape)
 
 
-def _fwd(backend, scale, q, k, v, mask):
-    return _decode_attention(backend, scale, q, k, v, mask), (q, k, v, mask)
+def _fwd(backend, scale, q, k, v, key_src):
+    return _decode_attention(backend, scale, q, k, v, key_src), (q, k, v, key_src)
 
 
 def _bwd(backend, scale, residuals, g):
-    q, k, v, mask = residuals
-    _, vjp = jax.vjp(lambda q, k, v: decode_attention_reference(q, k, v, mask, scale=scale), q, k, v)
+    q, k, v, key_src = residuals
+    mask, offsets = key_src != _MASKED, jnp.where(key_src == _MASKED, 0, key_src)
+    _, vjp = jax.vjp(lambda q, k, v: decode_attention_reference(q, k, v, mask, scale=scale, row_offsets=offsets),
+                     q, k, v)
     return (*vjp(g), None)
 
 
@@ -116,14 +155,14 @@ _decode_attention.defvjp(_fwd, _bwd)
 
 
 @rowwise([ROWS, ROWS, ROWS, ROWS], [ROWS], n_static=3)
-def _decode_attention_ffi(backend, scale, heads, q, k, v, mask):
+def _decode_attention_ffi(backend, scale, heads, q, k, v, key_src):
     """Local call on flattened rows: q ``[..., heads * head_dim]``, k/v ``[..., k_len * heads * head_dim]``,
-    mask ``[..., k_len]`` -> ``[..., heads * head_dim]``."""
+    key_src ``[..., k_len]`` -> ``[..., heads * head_dim]``."""
     lead = q.shape[:-1]
     rows = math.prod(lead)
-    k_len = mask.shape[-1]
+    k_len = key_src.shape[-1]
     head_dim = q.shape[-1] // heads
     out = jax.ffi.ffi_call(_backend.ffi_target(_OP, backend), jax.ShapeDtypeStruct((rows, heads, head_dim), q.dtype))(
         q.reshape(rows, heads, head_dim), k.reshape(rows, k_len, heads, head_dim),
-        v.reshape(rows, k_len, heads, head_dim), mask.reshape(rows, k_len), scale=np.float32(scale))
+        v.reshape(rows, k_len, heads, head_dim), key_src.reshape(rows, k_len), scale=np.float32(scale))
     return out.reshape(lead + (heads * head_dim,))
