@@ -1,7 +1,7 @@
 """Decode benchmark: lsjax beam search vs plain Flax decoding the flax-wmt way, and the top-k op alone.
 
     python -m benchmarks.decode [--out decode.json] [--batches 1,8,64] [--dtypes bfloat16,float16]
-                                [--command-buffers default,while] [--no-topk] [--smoke]
+                                [--xla-options default,while] [--no-topk] [--smoke]
 
 Transformer-base (vocab 32000), source length 32, 64 forced steps (eos disabled),
 batch {1, 8, 64}, beam 4, bf16 and fp16: ms per decode call (encoder included) and per
@@ -15,10 +15,10 @@ each step); both produce the same tokens. Then ``beam_topk`` vs ``lax.top_k`` ov
 beam*vocab at vocab {32k, 128k, 256k}. ``--smoke`` runs a tiny toy decoder on
 any machine to check the script. Each (dtype, batch) row compiles two transformer-base
 beam searches; compilation dominates the run time, so split the rows over calls with
-``--batches`` / ``--dtypes`` when time is short. ``--command-buffers while`` also times
-both searches compiled with XLA's command buffers (CUDA graphs) extended to the while loop
-(see ``benchmarks.profile.COMMAND_BUFFERS``): every row then names its setting.
-``--layer-norm fused,xla`` likewise times our model with each ``layer_norm_impl``.
+``--batches`` / ``--dtypes`` when time is short. ``--xla-options while,cublas`` also times
+both searches compiled with those XLA option sets (``benchmarks.profile.XLA_OPTIONS``: command
+buffers around the while loop, cuBLAS GEMMs): every row then names its setting.
+``--layer-norm xla,fused`` likewise times our decode step with each ``layer_norm_impl``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flax_beam_search
-from benchmarks.profile import COMMAND_BUFFERS
+from benchmarks.profile import XLA_OPTIONS
 from benchmarks.cases import beam_topk as topk_cases
 from benchmarks.harness import measure_copy_bandwidth, run_case, time_fn
 from lsjax import ops
@@ -56,26 +56,26 @@ def _searches(ours_fns, peer_fns, reorder_cache=gather_rows):
     return ours, peer
 
 
-def _transformer_inputs(batch, dtype, rng, layer_norm="fused"):
-    """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer (its
-    ``layer_norm_impl`` = ``layer_norm``), and the plain-Flax ``RefTransformer`` with the same
+def _transformer_inputs(batch, dtype, rng, layer_norm="xla"):
+    """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer (decoded
+    with ``layer_norm_impl`` = ``layer_norm``), and the plain-Flax ``RefTransformer`` with the same
     weights (cast to ``dtype``) decoded the flax-wmt way."""
     from benchmarks.flax_reference import ref_decoder_fns, reference_params
     from lsjax.models import Transformer, decoder_fns, load_model_config, reorder_decode_cache
 
     name = jnp.dtype(dtype).name
-    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name, layer_norm_impl=layer_norm)
+    config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name)
     model = Transformer(config)
     src = [jnp.asarray(rng.integers(4, VOCAB, (batch, SRC_LEN)), jnp.int32) for _ in range(2)]
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), src[0], src[0])["params"])
     ref_config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name, param_dtype=name)
     ref_params = jax.tree.map(lambda p: p.astype(dtype), reference_params(params))
-    searches = _searches(lambda p, s: decoder_fns(model, p, s, STEPS),
+    searches = _searches(lambda p, s: decoder_fns(model, p, s, STEPS, layer_norm_impl=layer_norm),
                          lambda p, s: ref_decoder_fns(ref_config, p, s, STEPS), reorder_decode_cache)
     return searches, ([(params, s) for s in src], [(ref_params, s) for s in src])
 
 
-def _toy_inputs(batch, dtype, rng, layer_norm="fused"):
+def _toy_inputs(batch, dtype, rng, layer_norm="xla"):
     from benchmarks.toy_decoder import toy_decoder
 
     f, cache, enc = toy_decoder(rng, batch=batch, vocab=64, max_len=STEPS)
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="write the results as JSON here")
     parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
     parser.add_argument("--dtypes", default="bfloat16,float16", help="comma-separated compute dtypes")
-    parser.add_argument("--command-buffers", default="default",
-                        help=f"comma-separated XLA command-buffer settings, of {sorted(COMMAND_BUFFERS)}")
-    parser.add_argument("--layer-norm", default="fused",
-                        help="comma-separated layer_norm_impl settings of our model (fused, xla)")
+    parser.add_argument("--xla-options", default="default",
+                        help=f"comma-separated XLA compile-option sets, of {sorted(XLA_OPTIONS)}")
+    parser.add_argument("--layer-norm", default="xla",
+                        help="comma-separated layer norms of our decode step (xla: decoder_fns' default, fused)")
     parser.add_argument("--no-topk", action="store_true", help="skip the top-k op table")
     parser.add_argument("--smoke", action="store_true", help="toy decoder, tiny sizes (CPU check)")
     args = parser.parse_args(argv)
@@ -113,16 +113,16 @@ def main(argv: list[str] | None = None) -> None:
             for ln in args.layer_norm.split(",")]
     for dtype, batch, layer_norm in rows:
         (ours, peer), (ours_inputs, peer_inputs) = make_inputs(batch, dtype, rng, layer_norm)
-        for setting in args.command_buffers.split(","):
+        for setting in args.xla_options.split(","):
             timing = dict(calls=2 if args.smoke else 5, trials=3 if args.smoke else 5,
-                          compiler_options=COMMAND_BUFFERS[setting])
+                          compiler_options=XLA_OPTIONS[setting])
             t_ours, t_peer = time_fn(ours, ours_inputs, **timing), time_fn(peer, peer_inputs, **timing)
             row = {"dtype": jnp.dtype(dtype).name, "batch": batch, "beam": BEAM, "steps": STEPS,
-                   "command_buffers": setting, "layer_norm": layer_norm, "ours_ms": t_ours * 1e3,
+                   "xla_options": setting, "layer_norm": layer_norm, "ours_ms": t_ours * 1e3,
                    "peer_ms": t_peer * 1e3, "ours_ms_per_step": t_ours * 1e3 / STEPS,
                    "peer_ms_per_step": t_peer * 1e3 / STEPS, "speedup": t_peer / t_ours}
             results["decode"].append(row)
-            print(f"beam search {row['dtype']:<9} batch {batch:<3} cmdbuf {setting:<7} LN {layer_norm:<5} ours "
+            print(f"beam search {row['dtype']:<9} batch {batch:<3} XLA {setting:<12} LN {layer_norm:<5} ours "
                   f"{row['ours_ms']:9.3f} ms ({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} "
                   f"ms ({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x", flush=True)
             save()

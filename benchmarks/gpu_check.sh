@@ -11,10 +11,12 @@
 #   layers_cudnn  benchmarks/layers.py --attention-impl cudnn (no attention-prob dropout in either)
 #   decode        benchmarks/decode.py (decode_bar: only the bar rows, bf16 batch 8 and 64, + top-k,
 #                 each with and without XLA command buffers around the while loop; decode_ln: the same rows
-#                 with our layer norms as the fused op and as XLA's, no top-k)
+#                 with our decode layer norm as XLA's and as the fused op, no top-k; decode_xla: the same rows
+#                 under each XLA option set of benchmarks.profile.XLA_OPTIONS, no top-k)
 #   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
-#                 train step (lsjax and plain, bf16) / the batch-8 beam search (lsjax, plain, lsjax with
-#                 while-loop command buffers); tables in $OUT/<name>.log, JSON in $OUT/profile_*.json
+#                 train step (lsjax and plain, bf16) / the batch-8 beam search ($PROFILE_DECODE: impl:options
+#                 pairs, default "lsjax:default plain:default lsjax:while"); tables in $OUT/<name>.log, JSON in
+#                 $OUT/profile_*.json
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each)
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
@@ -97,15 +99,17 @@ for name in ${BENCH//,/ }; do
     layers) bench layers $PY -m benchmarks.layers --out "$OUT/layers.json" ;;
     layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl cudnn --out "$OUT/layers_cudnn.json" ;;
     decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
-    decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --command-buffers default,while \
+    decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --xla-options default,while \
                   --out "$OUT/decode_bar.json" ;;
-    decode_ln) bench decode_ln $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --layer-norm fused,xla --no-topk \
+    decode_ln) bench decode_ln $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --layer-norm xla,fused --no-topk \
                   --out "$OUT/decode_ln.json" ;;
+    decode_xla) bench decode_xla $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --no-topk \
+                  --xla-options default,while,cublas,while+cublas --out "$OUT/decode_xla.json" ;;
     profile_train) for impl in lsjax plain; do
         bench "profile_train_$impl" $PY -m benchmarks.profile train --impl $impl --out "$OUT/profile_train_$impl.json"
       done ;;
-    profile_decode) for v in "lsjax default" "plain default" "lsjax while"; do set -- $v
-        bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --command-buffers $2 \
+    profile_decode) for v in ${PROFILE_DECODE:-lsjax:default plain:default lsjax:while}; do set -- ${v/:/ }
+        bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --xla-options $2 \
           --out "$OUT/profile_decode_$1_$2.json" --hlo "$OUT/profile_decode_$1_$2.hlo.txt"
       done ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;

@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile train  [--model transformer-base] [--dtype bfloat16] [--impl lsjax|plain]
     python -m benchmarks.profile decode [--batch 8] [--dtype bfloat16] [--impl lsjax|plain]
-    ... [--steps 5] [--top 40] [--command-buffers default|while] [--out profile.json] [--smoke]
+    ... [--steps 5] [--top 40] [--xla-options default|while|cublas|while+cublas] [--out profile.json] [--smoke]
 
 Compiles one program (the ``benchmarks.train_step`` step, or the ``benchmarks.decode`` beam
 search), runs it twice to warm up, then traces ``--steps`` calls (each blocked on, as the
@@ -16,9 +16,9 @@ benchmarks time them) with ``jax.profiler.trace`` and reads the XSpace back with
 * the ``--top`` kernels by total time, with launches and mean microseconds.
 
 ``--hlo PATH`` also writes the compiled program's optimized HLO (to map fusion names to ops).
-``--command-buffers while`` compiles with XLA's command buffers (CUDA graphs) extended to
+``--xla-options while`` compiles with XLA's command buffers (CUDA graphs) extended to
 ``WHILE``/``CONDITIONAL`` (the decode loop then runs as one graph, no host round trip per
-step). ``--smoke`` profiles transformer-tiny / a toy decoder on the CPU, whose XLA thunks
+step); ``cublas`` sends every GEMM to cuBLAS instead of Triton (see ``XLA_OPTIONS``). ``--smoke`` profiles transformer-tiny / a toy decoder on the CPU, whose XLA thunks
 stand in for kernels (checks the script).
 """
 
@@ -40,7 +40,11 @@ import numpy as np
 from lsjax import ops
 from lsjax.decode import WHILE_LOOP_GRAPHS
 
-COMMAND_BUFFERS = {"default": None, "while": WHILE_LOOP_GRAPHS}  # XLA's defaults / + WHILE, CONDITIONAL
+# Named XLA compile-option sets (``jax.jit(..., compiler_options=...)``): XLA's defaults; command
+# buffers extended to the while loop; cuBLAS for every GEMM instead of Triton (split-K) fusions.
+CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
+XLA_OPTIONS = {"default": None, "while": WHILE_LOOP_GRAPHS, "cublas": CUBLAS_GEMMS,
+               "while+cublas": {**WHILE_LOOP_GRAPHS, **CUBLAS_GEMMS}}
 _CATEGORIES = (  # first match wins; matched against the kernel name
     ("lsjax", re.compile(r"lsjax")),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm\d+_.*(tensorop|wgmma)|dot", re.I)),
@@ -186,14 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="decode: batch (beam 4, 64 forced steps)")
     parser.add_argument("--steps", type=int, default=5, help="traced calls")
     parser.add_argument("--top", type=int, default=40, help="kernels listed")
-    parser.add_argument("--command-buffers", choices=tuple(COMMAND_BUFFERS), default="default")
+    parser.add_argument("--xla-options", choices=tuple(XLA_OPTIONS), default="default")
     parser.add_argument("--out", default="", help="write the summary as JSON here")
     parser.add_argument("--hlo", default="", help="write the compiled program's optimized HLO text here")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.batch_sentences, args.length, args.batch, args.steps = "transformer-tiny", 4, 8, 1, 3
-    options = COMMAND_BUFFERS[args.command_buffers]
+    options = XLA_OPTIONS[args.xla_options]
     build = _train_program if args.program == "train" else _decode_program
     with ops.use_backend("cpu_ffi") if args.smoke else contextlib.nullcontext():
         fn, calls, lower = build(args, options)
@@ -201,13 +205,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.hlo:
             with open(args.hlo, "w") as f:
                 f.write(lower().compile().as_text())
-    result = {"program": args.program, "impl": args.impl, "dtype": args.dtype, "command_buffers": args.command_buffers,
+    result = {"program": args.program, "impl": args.impl, "dtype": args.dtype, "xla_options": args.xla_options,
               "device": jax.devices()[0].device_kind, **summarize(events, len(calls), wall, args.top)}
     if args.program == "train":
         result.update(model=args.model, batch=args.batch_sentences, length=args.length)
     else:
         result.update(batch=args.batch, beam=4, decode_steps=64)
-    print(f"{args.program} {args.impl} {args.dtype} on {result['device']}, command buffers {args.command_buffers}")
+    print(f"{args.program} {args.impl} {args.dtype} on {result['device']}, XLA options {args.xla_options}")
     print(table(result), flush=True)
     if args.out:
         with open(args.out, "w") as f:

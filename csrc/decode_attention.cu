@@ -1,7 +1,8 @@
-// CUDA decode attention (csrc/decode_attention.h): one block per (batch, head).
-//   1. scores: for head sizes of 4..32 16-byte vectors, a few lanes share each key (its
-//      vectors loaded in parallel, q held in registers, shuffle sums); otherwise each
-//      thread scores whole keys against q staged in shared memory. Masked keys are not read;
+// CUDA decode attention (csrc/decode_attention.h): one block per (batch, head). Masked keys are not read.
+// For head sizes of 4..32 16-byte vectors, one pass: a few lanes share each key, whose K and V vectors
+// they load together, and each group of lanes keeps an online softmax (DecodeAttentionLanesKernel).
+// Otherwise three steps (DecodeAttentionKernel):
+//   1. each thread scores whole keys against q staged in shared memory;
 //   2. block max, exp, block sum over the scores kept in shared memory;
 //   3. groups of threads take keys j = g, g + groups, ...; each thread of a group
 //      accumulates VEC output columns; the groups' partial rows are summed in a fixed order.
@@ -16,7 +17,8 @@ namespace {
 using cuda::FromFloat;
 using cuda::Int;
 using cuda::LoadFloats;
-using cuda::StoreFloats;
+using cuda::ToFloat;
+using cuda::Vec;
 
 constexpr int kThreads = 128;
 
@@ -37,12 +39,27 @@ __device__ __forceinline__ float BlockReduce(float v, float* red) {
   return v;
 }
 
+// Appending: block (b, h) writes its k_new / v_new rows into the caches at the append position,
+// which it returns once the whole block sees them (-1 when not appending).
+template <typename T>
+__device__ __forceinline__ int64_t AppendKey(const DecodeAttentionArgs<T>& a, int64_t b, int64_t h) {
+  const int64_t t = DecodeAttentionAppendPosition(a.append_at, a.k_len);
+  if (t < 0) return t;
+  const int64_t dst = (b * a.k_len + t) * a.heads * a.head_dim + h * a.head_dim, src = b * a.q_stride + h * a.head_dim;
+  for (int d = threadIdx.x; d < a.head_dim; d += kThreads) {
+    a.k_cache[dst + d] = a.k_new[src + d];
+    a.v_cache[dst + d] = a.v_new[src + d];
+  }
+  __syncthreads();
+  return t;
+}
+
 // Shared memory: p[L] (scores, then probabilities) and acc[groups, D] (the groups' partial rows).
 // Thread (g, c) of `groups` groups accumulates output columns c*VEC.. over the keys j = g, g + groups,
 // ...; the partial rows are then summed in a fixed order and scaled by 1 / sum.
 template <typename T, int VEC>
 __device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, const float* p, float* acc, int D,
-                                            int groups, float inv) {
+                                            int groups, float inv, int64_t appended) {
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * a.head_dim;
   const int vecs = D / VEC, L = static_cast<int>(a.k_len);
   const int32_t* src = a.key_src + b * L;
@@ -55,7 +72,7 @@ __device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, con
       const float pj = p[j];
       if (pj == 0.f) continue;  // masked (or underflowed) keys add nothing: not read
       float f[VEC];
-      LoadFloats<T, VEC>(v + (DecodeAttentionKeyRow(b, src[j], a.batch) * L + j) * row + c, f);
+      LoadFloats<T, VEC>(v + (DecodeAttentionKeyRow(b, j, src[j], a.batch, appended) * L + j) * row + c, f);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) o[i] = fmaf(pj, f[i], o[i]);
     }
@@ -85,44 +102,96 @@ __device__ __forceinline__ float Softmax(float* p, int L, float mx, float* red) 
   return sum > 0.f ? 1.f / sum : 0.f;
 }
 
-// Head sizes D = VEC * LANES with LANES in {4, 8, 16, 32}: LANES threads share a key, each loading
-// one 16-byte vector of it (and holding the matching slice of q from the start), and sum the
-// partial dot product with shuffles, so kThreads / LANES keys are scored per pass.
+// Head sizes D = VEC * LANES with LANES in {4, 8, 16, 32}, in one pass over the cache: LANES threads
+// share a key (each holds one 16-byte vector of q, K and V) and sum the partial dot product with
+// shuffles, so every lane of a group gets the same score. The kGroups = kThreads / LANES groups take
+// keys j = g, g + kGroups, ... in chunks of kUnroll keys, whose offsets, then K and V vectors, are
+// all loaded before any is used; each group keeps a running max, sum and partial output row (online
+// softmax), and the groups' partials are combined in shared memory in a fixed order.
 template <typename T, int VEC, int LANES>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAttentionArgs<T> a) {
-  constexpr int D = VEC * LANES, kKeysPerPass = kThreads / LANES;
-  extern __shared__ float smem[];
-  __shared__ float red[32];
-  float* p = smem;                                  // [L]
-  float* acc = p + a.k_len;                         // [kKeysPerPass, D]
+  constexpr int D = VEC * LANES, kGroups = kThreads / LANES, kUnroll = 4;
+  __shared__ float part_o[kGroups][D];
+  __shared__ float part_m[kGroups], part_l[kGroups];
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * D;
   const int L = static_cast<int>(a.k_len), c = (threadIdx.x % LANES) * VEC, g = threadIdx.x / LANES;
+  const int64_t appended = AppendKey(a, b, h);
   float q[VEC];
-  LoadFloats<T, VEC>(a.q + (b * a.heads + h) * D + c, q);
+  LoadFloats<T, VEC>(a.q + b * a.q_stride + h * D + c, q);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) q[i] *= a.scale;
   const int32_t* src = a.key_src + b * L;
   const T* k = a.k + h * D + c;
-  float mx = -FLT_MAX;
-#pragma unroll 4
-  for (int j0 = 0; j0 < L; j0 += kKeysPerPass) {  // uniform trip count: every lane reaches the shuffles
-    const int j = j0 + g;
-    const int32_t o = j < L ? src[j] : kDecodeAttentionMasked;
-    const bool live = o != kDecodeAttentionMasked;
-    float s = 0.f;
-    if (live) {
-      float f[VEC];
-      LoadFloats<T, VEC>(k + (DecodeAttentionKeyRow(b, o, a.batch) * L + j) * row, f);
+  const T* v = a.v + h * D + c;
+  float m = -INFINITY, l = 0.f, o[VEC] = {};
+  for (int j0 = 0; j0 < L; j0 += kGroups * kUnroll) {  // uniform trip count: every lane reaches the shuffles
+    int32_t off[kUnroll];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) s = fmaf(q[i], f[i], s);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * kGroups + g;
+      off[u] = j < L ? src[j] : kDecodeAttentionMasked;
     }
+    Vec<T, VEC> kv[kUnroll], vv[kUnroll];
 #pragma unroll
-    for (int o = LANES / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (live) mx = fmaxf(mx, s);
-    if (c == 0 && j < L) p[j] = live ? s : -INFINITY;
+    for (int u = 0; u < kUnroll; ++u) {
+      if (off[u] == kDecodeAttentionMasked) continue;
+      const int j = j0 + u * kGroups + g;
+      const int64_t at = (DecodeAttentionKeyRow(b, j, off[u], a.batch, appended) * L + j) * row;
+      kv[u] = *reinterpret_cast<const Vec<T, VEC>*>(k + at);
+      vv[u] = *reinterpret_cast<const Vec<T, VEC>*>(v + at);
+    }
+    float s[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      s[u] = 0.f;
+      if (off[u] != kDecodeAttentionMasked) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s[u] = fmaf(q[i], ToFloat(kv[u].v[i]), s[u]);
+      }
+#pragma unroll
+      for (int x = LANES / 2; x > 0; x >>= 1) s[u] += __shfl_xor_sync(0xffffffffu, s[u], x);
+    }
+    float chunk_max = m;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (off[u] != kDecodeAttentionMasked) chunk_max = fmaxf(chunk_max, s[u]);
+    }
+    if (chunk_max == -INFINITY) continue;  // no attended key yet
+    const float rescale = __expf(m - chunk_max);  // 0 while m is -inf
+    m = chunk_max;
+    l *= rescale;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] *= rescale;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (off[u] == kDecodeAttentionMasked) continue;
+      const float p = __expf(s[u] - m);
+      l += p;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) o[i] = fmaf(p, ToFloat(vv[u].v[i]), o[i]);
+    }
   }
-  const float inv = Softmax(p, L, mx, red);
-  WeightedSum<T, VEC>(a, p, acc, D, kKeysPerPass, inv);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) part_o[g][c + i] = o[i];
+  if (c == 0) {
+    part_m[g] = m;
+    part_l[g] = l;
+  }
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int x = 0; x < kGroups; ++x) mx = fmaxf(mx, part_m[x]);
+  T* out = a.out + (b * a.heads + h) * D;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float sum = 0.f, acc = 0.f;
+    if (mx != -INFINITY) {  // else no attended key: zeros
+      for (int x = 0; x < kGroups; ++x) {
+        const float w = __expf(part_m[x] - mx);
+        sum = fmaf(part_l[x], w, sum);
+        acc = fmaf(part_o[x][d], w, acc);
+      }
+    }
+    out[d] = FromFloat<T>(sum > 0.f ? acc / sum : 0.f);
+  }
 }
 
 // Any head size: thread j scores keys j, j + kThreads, ... with a dot product over the whole head.
@@ -135,8 +204,9 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
   float* qs = smem;     // [D]
   float* p = smem + D;  // [L]
   float* acc = p + L;   // [groups, D]
-  const T* q = a.q + (b * a.heads + h) * a.head_dim;
-  for (int d = threadIdx.x; d < D; d += kThreads) qs[d] = cuda::ToFloat(q[d]) * a.scale;
+  const int64_t appended = AppendKey(a, b, h);
+  const T* q = a.q + b * a.q_stride + h * a.head_dim;
+  for (int d = threadIdx.x; d < D; d += kThreads) qs[d] = ToFloat(q[d]) * a.scale;
   __syncthreads();
   const int32_t* src = a.key_src + b * L;
   const T* k = a.k + h * a.head_dim;
@@ -144,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
   for (int j = threadIdx.x; j < L; j += kThreads) {
     float s = -INFINITY;
     if (src[j] != kDecodeAttentionMasked) {
-      const T* kj = k + (DecodeAttentionKeyRow(b, src[j], a.batch) * L + j) * row;
+      const T* kj = k + (DecodeAttentionKeyRow(b, j, src[j], a.batch, appended) * L + j) * row;
       s = 0.f;
 #pragma unroll 4
       for (int d = 0; d < D; d += VEC) {
@@ -158,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
     p[j] = s;
   }
   const float inv = Softmax(p, L, mx, red);
-  WeightedSum<T, VEC>(a, p, acc, D, groups, inv);
+  WeightedSum<T, VEC>(a, p, acc, D, groups, inv, appended);
 }
 
 }  // namespace
@@ -166,14 +236,13 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
 template <typename T>
 cudaError_t DecodeAttentionCuda(const DecodeAttentionArgs<T>& a, cudaStream_t stream) {
   constexpr int vec16 = cuda::kVec16<T>;
-  const bool vectorised = a.head_dim % vec16 == 0 && cuda::Aligned(a.q, 16) && cuda::Aligned(a.k, 16) &&
-                          cuda::Aligned(a.v, 16) && cuda::Aligned(a.out, 16);
+  const bool vectorised = a.head_dim % vec16 == 0 && a.q_stride % vec16 == 0 && cuda::Aligned(a.q, 16) &&
+                          cuda::Aligned(a.k, 16) && cuda::Aligned(a.v, 16) && cuda::Aligned(a.out, 16);
   const auto blocks = static_cast<unsigned>(a.batch * a.heads);
   const int64_t lanes = vectorised ? a.head_dim / vec16 : 0;
   auto lanes_kernel = [&](auto n) {
     constexpr int kLanes = decltype(n)::value;
-    const size_t smem = sizeof(float) * (a.k_len + kThreads / kLanes * a.head_dim);
-    DecodeAttentionLanesKernel<T, vec16, kLanes><<<blocks, kThreads, smem, stream>>>(a);
+    DecodeAttentionLanesKernel<T, vec16, kLanes><<<blocks, kThreads, 0, stream>>>(a);
   };
   switch (lanes) {
     case 4: lanes_kernel(Int<4>{}); break;

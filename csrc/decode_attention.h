@@ -7,6 +7,11 @@
 // softmax and the weighted sum in float32; a row with no attended key gives zeros. Keys
 // left out are not read. Framework-free: pointers, sizes, stream.
 //
+// Appending (a self-attention decode step, k_new != nullptr): each (b, h) first writes its row of
+// k_new / v_new into the caches at key position t = *append_at (clamped to [0, k_len)), then
+// attends with key t read from row b itself (whatever key_src[b, t] offsets, unless masked). The
+// caches are k / v themselves (k_cache == k, v_cache == v): XLA aliases them to the results.
+//
 // CUDA: one block of 128 threads per (b, h); the keys' scores live
 // in shared memory (k_len <= kDecodeAttentionMaxKeys), then one pass over V.
 #pragma once
@@ -23,7 +28,7 @@ namespace lsjax {
 
 template <typename T>
 struct DecodeAttentionArgs {
-  const T* q;             // [batch, heads, head_dim]
+  const T* q;             // [batch, heads, head_dim], rows q_stride elements apart
   const T* k;             // [batch, k_len, heads, head_dim]
   const T* v;             // [batch, k_len, heads, head_dim]
   const int32_t* key_src;  // [batch, k_len]: row offset of each key, or kDecodeAttentionMasked
@@ -33,13 +38,30 @@ struct DecodeAttentionArgs {
   int64_t heads;
   int64_t head_dim;
   float scale;
+  int64_t q_stride;  // heads * head_dim, or 3x that when q is the first third of a packed [batch, 3, heads, head_dim]
+  // Appending (all null otherwise): k_new / v_new [batch, heads, head_dim] with q's row stride;
+  // k_cache / v_cache = k / v, written; append_at: int32 key position (device memory on CUDA).
+  const T* k_new = nullptr;
+  const T* v_new = nullptr;
+  T* k_cache = nullptr;
+  T* v_cache = nullptr;
+  const int32_t* append_at = nullptr;
 };
 
 constexpr int32_t kDecodeAttentionMasked = INT32_MIN;
 
-// The row holding key j of row b (key_src[b * k_len + j] must not be kDecodeAttentionMasked).
-LSJAX_HD int64_t DecodeAttentionKeyRow(int64_t b, int32_t offset, int64_t batch) {
-  const int64_t r = b + offset;
+// The key position an append writes: *append_at clamped to [0, k_len) (as dynamic_update_slice
+// clamps), or -1 when not appending.
+LSJAX_HD int64_t DecodeAttentionAppendPosition(const int32_t* append_at, int64_t k_len) {
+  if (append_at == nullptr) return -1;
+  const int64_t t = *append_at;
+  return t < 0 ? 0 : (t >= k_len ? k_len - 1 : t);
+}
+
+// The row holding key j of row b, whose key_src entry is `offset` (not kDecodeAttentionMasked):
+// b itself for the appended key j == appended, else b + offset clamped to [0, batch).
+LSJAX_HD int64_t DecodeAttentionKeyRow(int64_t b, int64_t j, int32_t offset, int64_t batch, int64_t appended) {
+  const int64_t r = j == appended ? b : b + offset;
   return r < 0 ? 0 : (r >= batch ? batch - 1 : r);
 }
 

@@ -15,14 +15,22 @@ using cpu::ToFloat;
 template <typename T>
 void DecodeAttentionCpu(const DecodeAttentionArgs<T>& a) {
   const int64_t row = a.heads * a.head_dim;  // elements per (b, j) of k / v
+  const int64_t appended = DecodeAttentionAppendPosition(a.append_at, a.k_len);
+  if (appended >= 0) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int64_t dst = (b * a.k_len + appended) * row;
+      std::copy_n(a.k_new + b * a.q_stride, row, a.k_cache + dst);
+      std::copy_n(a.v_new + b * a.q_stride, row, a.v_cache + dst);
+    }
+  }
   std::vector<float> q(a.head_dim), p(a.k_len), acc(a.head_dim);
   for (int64_t b = 0; b < a.batch; ++b) {
     for (int64_t h = 0; h < a.heads; ++h) {
-      const T* qp = a.q + (b * a.heads + h) * a.head_dim;
+      const T* qp = a.q + b * a.q_stride + h * a.head_dim;
       for (int64_t d = 0; d < a.head_dim; ++d) q[d] = ToFloat(qp[d]) * a.scale;
       const int32_t* src = a.key_src + b * a.k_len;
       auto key = [&](const T* base, int64_t j) {  // key j's head-h vector in k or v
-        return base + (DecodeAttentionKeyRow(b, src[j], a.batch) * a.k_len + j) * row + h * a.head_dim;
+        return base + (DecodeAttentionKeyRow(b, j, src[j], a.batch, appended) * a.k_len + j) * row + h * a.head_dim;
       };
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < a.k_len; ++j) {

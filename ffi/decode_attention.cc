@@ -1,6 +1,8 @@
-// XLA FFI handlers for decode attention (csrc/decode_attention.h). Target:
+// XLA FFI handlers for decode attention (csrc/decode_attention.h). Targets:
 //   decode_attention (q [B, H, D], k [B, L, H, D], v [B, L, H, D] f32/f16/bf16, key_src s32 [B, L])
 //     -> out [B, H, D] in q's dtype
+//   decode_self_attention (qkv [B, 3, H, D], k_cache [B, L, H, D], v_cache, key_src s32 [B, L], index s32 [])
+//     -> out [B, H, D], k_cache, v_cache (aliased to the operands; the new K/V written at index)
 // Attribute: scale (f32).
 #include <string>
 #include <utility>
@@ -16,32 +18,73 @@ using Buf = xffi::AnyBuffer;
 using Res = xffi::Result<xffi::AnyBuffer>;
 constexpr const char* kOp = "decode_attention";
 
-template <typename Types, typename Run>
-xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Buf& key_src, Res& out, float scale,
-                   int64_t max_keys) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (auto e = Expect(qd.size() == 3 && kd.size() == 4 && kd[0] == qd[0] && kd[2] == qd[1] && kd[3] == qd[2] &&
-                          qd[0] >= 1 && qd[1] >= 1 && qd[2] >= 1 && kd[1] >= 1,
+// The checks both targets share: k [batch, k_len, heads, head_dim] (the dims of a q of [batch, heads,
+// head_dim]), v like k, out like q, all of `dtype`; key_src int32 [batch, k_len]; the kernel's limits.
+xffi::Error CheckArgs(int64_t batch, int64_t heads, int64_t head_dim, xffi::DataType dtype, const Buf& k,
+                      const Buf& v, const Buf& key_src, const Buf& out, int64_t max_keys) {
+  const auto kd = k.dimensions();
+  if (auto e = Expect(kd.size() == 4 && kd[0] == batch && kd[2] == heads && kd[3] == head_dim && batch >= 1 &&
+                          heads >= 1 && head_dim >= 1 && kd[1] >= 1,
                       kOp, "q must be [batch, heads, head_dim] and k [batch, k_len, heads, head_dim]");
       e.failure())
     return e;
-  const bool same = v.element_type() == q.element_type() && k.element_type() == q.element_type() &&
-                    out->element_type() == q.element_type() && v.element_count() == k.element_count() &&
-                    out->element_count() == q.element_count();
+  const bool same = v.element_type() == dtype && k.element_type() == dtype && out.element_type() == dtype &&
+                    v.element_count() == k.element_count() &&
+                    static_cast<int64_t>(out.element_count()) == batch * heads * head_dim;
   if (auto e = Expect(same, kOp, "k, v and out must match q's dtype, v k's shape and out q's shape"); e.failure())
     return e;
   const bool src_ok = key_src.element_type() == xffi::DataType::S32 &&
-                      static_cast<int64_t>(key_src.element_count()) == kd[0] * kd[1];
+                      static_cast<int64_t>(key_src.element_count()) == batch * kd[1];
   if (auto e = Expect(src_ok, kOp, "key_src must be int32 [batch, k_len]"); e.failure()) return e;
-  if (auto e = Expect(kd[1] <= max_keys && qd[2] <= kDecodeAttentionMaxHeadDim && qd[0] * qd[1] < (1ll << 31), kOp,
-                      "needs k_len <= " + std::to_string(max_keys) + ", head_dim <= " +
-                          std::to_string(kDecodeAttentionMaxHeadDim) + " and batch * heads < 2^31");
-      e.failure())
-    return e;
+  return Expect(kd[1] <= max_keys && head_dim <= kDecodeAttentionMaxHeadDim && batch * heads < (1ll << 31), kOp,
+                "needs k_len <= " + std::to_string(max_keys) + ", head_dim <= " +
+                    std::to_string(kDecodeAttentionMaxHeadDim) + " and batch * heads < 2^31");
+}
+
+// decode_attention: q, k, v, key_src -> out.
+template <typename Types, typename Run>
+xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Buf& key_src, Res& out, float scale,
+                   int64_t max_keys) {
+  const auto qd = q.dimensions();
+  if (auto e = Expect(qd.size() == 3, kOp, "q must be [batch, heads, head_dim]"); e.failure()) return e;
+  if (auto e = CheckArgs(qd[0], qd[1], qd[2], q.element_type(), k, v, key_src, *out, max_keys); e.failure()) return e;
+  const auto kd = k.dimensions();
   return DispatchFloat<Types>(q.element_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    DecodeAttentionArgs<T> a{In<T>(q),  In<T>(k), In<T>(v), In<int32_t>(key_src), Out<T>(out),
-                             kd[0],     kd[1],    kd[2],    kd[3],             scale};
+    DecodeAttentionArgs<T> a{In<T>(q), In<T>(k), In<T>(v), In<int32_t>(key_src), Out<T>(out),
+                             kd[0],    kd[1],    kd[2],    kd[3],               scale,       kd[2] * kd[3]};
+    return run(a);
+  });
+}
+
+// decode_self_attention: qkv [batch, 3, heads, head_dim], the caches, key_src, index (int32 scalar)
+// -> out, the caches (aliased to the operands: the kernel reads and writes them through the results).
+template <typename Types, typename Run>
+xffi::Error LaunchAppend(Run&& run, const Buf& qkv, const Buf& key_src, const Buf& index, Res& out, Res& k_cache,
+                         Res& v_cache, float scale, int64_t max_keys) {
+  const auto qd = qkv.dimensions();
+  if (auto e = Expect(qd.size() == 4 && qd[1] == 3, kOp, "qkv must be [batch, 3, heads, head_dim]"); e.failure())
+    return e;
+  if (auto e = CheckArgs(qd[0], qd[2], qd[3], qkv.element_type(), *k_cache, *v_cache, key_src, *out, max_keys);
+      e.failure())
+    return e;
+  if (auto e = Expect(index.element_type() == xffi::DataType::S32 && index.element_count() == 1, kOp,
+                      "index must be an int32 scalar");
+      e.failure())
+    return e;
+  const auto kd = k_cache->dimensions();
+  return DispatchFloat<Types>(qkv.element_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int64_t row = kd[2] * kd[3];
+    const T* q = In<T>(qkv);
+    T* k = Out<T>(k_cache);
+    T* v = Out<T>(v_cache);
+    DecodeAttentionArgs<T> a{q, k, v, In<int32_t>(key_src), Out<T>(out), kd[0], kd[1], kd[2], kd[3], scale, 3 * row};
+    a.k_new = q + row;
+    a.v_new = q + 2 * row;
+    a.k_cache = k;
+    a.v_cache = v;
+    a.append_at = In<int32_t>(index);
     return run(a);
   });
 }
@@ -54,6 +97,21 @@ auto BindDecodeAttention(B b) {
       .template Arg<Buf>()
       .template Arg<Buf>()
       .template Arg<Buf>()
+      .template Ret<Buf>()
+      .template Attr<float>("scale");
+}
+
+// qkv, k_cache, v_cache, key_src, index -> out, k_cache, v_cache; scale.
+template <typename B>
+auto BindDecodeSelfAttention(B b) {
+  return std::move(b)
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Ret<Buf>()
+      .template Ret<Buf>()
       .template Ret<Buf>()
       .template Attr<float>("scale");
 }
@@ -73,6 +131,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 LSJAX_FFI_TARGET_CPU("decode_attention", DecodeAttentionCpuHandler);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeSelfAttentionCpuHandler,
+    [](Buf qkv, Buf, Buf, Buf key_src, Buf index, Res out, Res k_cache, Res v_cache, float scale) {
+      auto run = [](const auto& a) {
+        DecodeAttentionCpu(a);
+        return xffi::Error::Success();
+      };
+      return LaunchAppend<CpuTypes>(run, qkv, key_src, index, out, k_cache, v_cache, scale, INT32_MAX);
+    },
+    BindDecodeSelfAttention(xffi::Ffi::Bind()));
+
+LSJAX_FFI_TARGET_CPU("decode_self_attention", DecodeSelfAttentionCpuHandler);
+
 // ------------------------------------------------------------------ CUDA --
 #ifdef LSJAX_WITH_CUDA
 
@@ -86,6 +157,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("decode_attention", DecodeAttentionCudaHandler);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecodeSelfAttentionCudaHandler,
+    [](cudaStream_t stream, Buf qkv, Buf, Buf, Buf key_src, Buf index, Res out, Res k_cache, Res v_cache,
+       float scale) {
+      auto run = [&](const auto& a) { return CudaStatus(DecodeAttentionCuda(a, stream), kOp); };
+      return LaunchAppend<CudaTypes>(run, qkv, key_src, index, out, k_cache, v_cache, scale, kDecodeAttentionMaxKeys);
+    },
+    BindDecodeSelfAttention(xffi::Ffi::Bind().Ctx<xffi::PlatformStream<cudaStream_t>>()),
+    {xffi::Traits::kCmdBufferCompatible});
+
+LSJAX_FFI_TARGET_CUDA("decode_self_attention", DecodeSelfAttentionCudaHandler);
 
 #endif  // LSJAX_WITH_CUDA
 

@@ -40,9 +40,9 @@ def test_profile_smoke(tmp_path):
     from benchmarks import profile
 
     out = tmp_path / "profile.json"
-    profile.main(["decode", "--smoke", "--top", "3", "--command-buffers", "while", "--out", str(out)])
+    profile.main(["decode", "--smoke", "--top", "3", "--xla-options", "while", "--out", str(out)])
     r = json.loads(out.read_text())
-    assert (r["program"], r["impl"], r["command_buffers"], r["calls"]) == ("decode", "lsjax", "while", 3)
+    assert (r["program"], r["impl"], r["xla_options"], r["calls"]) == ("decode", "lsjax", "while", 3)
     assert r["wall_ms"] > 0 and 0 < r["busy_ms"] and r["kernels"] > 0
     assert len(r["top"]) == 3 and all(t["launches"] > 0 and t["ms"] >= 0 for t in r["top"])
     assert sum(c["kernels"] for c in r["categories"].values()) == pytest.approx(r["kernels"])
@@ -63,8 +63,8 @@ def test_decode_smoke(tmp_path):
     from benchmarks import decode
 
     out = tmp_path / "decode.json"
-    decode.main(["--smoke", "--no-topk", "--command-buffers", "default,while", "--out", str(out)])
+    decode.main(["--smoke", "--no-topk", "--xla-options", "default,while", "--out", str(out)])
     rows = json.loads(out.read_text())["decode"]
-    assert [(r["batch"], r["command_buffers"]) for r in rows] == [(1, "default"), (1, "while"), (2, "default"),
+    assert [(r["batch"], r["xla_options"]) for r in rows] == [(1, "default"), (1, "while"), (2, "default"),
                                                                   (2, "while")]
     assert all(r["ours_ms"] > 0 and r["speedup"] == pytest.approx(r["peer_ms"] / r["ours_ms"]) for r in rows)

@@ -1,4 +1,5 @@
-"""Decode attention: reference vs float64, CPU FFI and CUDA; masks, unread keys, grads, vmap, sharding, bad input."""
+"""Decode attention (and the appending self-attention step): reference vs float64, CPU FFI and CUDA; masks,
+unread keys, cache writes, grads, vmap, sharding, bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lsjax import ops
-from lsjax.ops.decode_attention import (MAX_KEYS, decode_attention, decode_attention_reference, reorder_row_offsets,
-                                        source_rows)
+from lsjax.ops.decode_attention import (MAX_KEYS, decode_attention, decode_attention_reference, decode_self_attention,
+                                        decode_self_attention_reference, reorder_row_offsets, source_rows)
 from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, normal
 
 # (batch, k_len, heads, head_dim): one key, odd sizes, head_dim not a multiple of 8, transformer-base-like.
@@ -53,6 +54,28 @@ def _compare(backend, rng, shape, dtype, mask_kind, rtol):
         assert np.all(np.asarray(out.astype(jnp.float32))[empty] == 0), "rows with no attended key must be zeros"
 
 
+def _compare_self(backend, rng, shape, dtype, mask_kind, rtol, index=None):
+    """decode_self_attention on ``backend`` vs its reference: the output within rtol, the caches exactly.
+    "prefix": keys up to the written index attended; "beam": that, read through random row offsets
+    (nonzero at the written key too: the kernel must read its own row there)."""
+    batch, k_len, heads, head_dim = shape
+    qkv = normal(rng, (batch, 3, heads, head_dim), dtype)
+    k, v = normal(rng, shape, dtype), normal(rng, shape, dtype)
+    index = int(rng.integers(0, k_len)) if index is None else index
+    mask = jnp.asarray(np.broadcast_to(np.arange(k_len) <= index, (batch, k_len)))
+    offsets = _offsets(rng, batch, k_len) if mask_kind == "beam" else None
+    fn = lambda *a: decode_self_attention(*a, scale=head_dim ** -0.5, row_offsets=offsets)  # noqa: E731
+    with ops.use_backend(backend):
+        out, k_out, v_out = jax.jit(fn)(qkv, k, v, jnp.int32(index), mask)
+    ref_out, ref_k, ref_v = decode_self_attention_reference(qkv, k, v, jnp.int32(index), mask,
+                                                            scale=head_dim ** -0.5, row_offsets=offsets)
+    what = f"{backend} {shape} {jnp.dtype(dtype).name} mask={mask_kind} index={index}"
+    assert out.dtype == qkv.dtype and out.shape == (batch, heads, head_dim)
+    assert_close(out, ref_out, rtol, what)
+    np.testing.assert_array_equal(np.asarray(k_out), np.asarray(ref_k), what)
+    np.testing.assert_array_equal(np.asarray(v_out), np.asarray(ref_v), what)
+
+
 def test_reference_matches_float64(rng):
     q, k, v, mask = _inputs(rng, (4, 9, 3, 5), jnp.float32)
     q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -72,6 +95,69 @@ def test_reference_matches_float64(rng):
 def test_cpu_ffi_matches_reference(rng, shape, dtype, mask_kind):
     # float32 on both sides; 16-bit outputs differ by at most one rounding.
     _compare("cpu_ffi", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
+
+
+@pytest.mark.parametrize("mask_kind", ["prefix", "beam"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_self_attention_cpu_ffi_matches_reference(rng, shape, dtype, mask_kind):
+    _compare_self("cpu_ffi", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
+
+
+@pytest.mark.parametrize("index", [-2, 0, 6, 9])
+def test_self_attention_writes_the_step_and_clamps_the_index(rng, index):
+    """The reference is dynamic_update_slice (which clamps) + decode_attention; the CPU FFI agrees."""
+    qkv, k, v = normal(rng, (3, 3, 2, 4)), normal(rng, (3, 7, 2, 4)), normal(rng, (3, 7, 2, 4))
+    at = min(max(index, 0), 6)
+    out, k_out, v_out = decode_self_attention_reference(qkv, k, v, jnp.int32(index), scale=0.5)
+    np.testing.assert_array_equal(k_out, k.at[:, at].set(qkv[:, 1]))
+    np.testing.assert_array_equal(v_out, v.at[:, at].set(qkv[:, 2]))
+    assert_close(out, decode_attention_reference(qkv[:, 0], k_out, v_out, scale=0.5), 1e-6, "reference")
+    _compare_self("cpu_ffi", rng, (3, 7, 2, 4), jnp.float32, "beam", 1e-5, index=index)
+
+
+def test_self_attention_updates_the_caches_in_place(rng):
+    """The caches are aliased to the results: with donated caches the compiled call copies nothing."""
+    qkv, k = normal(rng, (4, 3, 2, 8)), normal(rng, (4, 16, 2, 8))
+    with ops.use_backend("cpu_ffi"):
+        fn = jax.jit(lambda qkv, k, v, i: decode_self_attention(qkv, k, v, i, scale=0.5), donate_argnums=(1, 2))
+        hlo = fn.lower(qkv, k, k, jnp.int32(3)).compile().as_text()
+    assert "lsjax_decode_self_attention" in hlo and "output_to_operand_aliasing" in hlo
+    assert " copy(" not in hlo and "copy-start" not in hlo
+
+
+def test_self_attention_gradients_match_reference(rng):
+    qkv, k, v = normal(rng, (3, 3, 2, 4)), normal(rng, (3, 6, 2, 4)), normal(rng, (3, 6, 2, 4))
+    mask, offsets = jnp.asarray(np.arange(6) <= 3)[None].repeat(3, 0), _offsets(rng, 3, 6)
+    w = [normal(rng, s) for s in ((3, 2, 4), k.shape, v.shape)]
+
+    def loss(fn):
+        def f(qkv, k, v):
+            outs = fn(qkv, k, v, jnp.int32(3), mask, scale=0.5, row_offsets=offsets)
+            return sum(jnp.sum(jnp.sin(o * wi)) for o, wi in zip(outs, w))
+        return f
+
+    expected = jax.grad(loss(decode_self_attention_reference), argnums=(0, 1, 2))(qkv, k, v)
+    with ops.use_backend("cpu_ffi"):
+        grads = jax.jit(jax.grad(loss(decode_self_attention), argnums=(0, 1, 2)))(qkv, k, v)
+    for g, e, name in zip(grads, expected, ("qkv", "k_cache", "v_cache")):
+        assert_close(g, e, 1e-5, f"d{name}")
+
+
+def test_self_attention_batch_sharded_has_no_all_gather(rng):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    qkv, k, v = normal(rng, (16, 3, 2, 8)), normal(rng, (16, 12, 2, 8)), normal(rng, (16, 12, 2, 8))
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # noqa: E731
+    args = [shard(a) for a in (qkv, k, v)]
+    with ops.use_backend("cpu_ffi"):
+        fn = jax.jit(lambda qkv, k, v: decode_self_attention(qkv, k, v, jnp.int32(5), scale=0.5))
+        hlo = fn.lower(*args).compile().as_text()
+        out, k_out, _ = fn(*args)
+    assert "all-gather" not in hlo and "lsjax_decode_self_attention" in hlo
+    assert tuple(out.sharding.spec)[:1] == ("data",) and tuple(k_out.sharding.spec)[:1] == ("data",)
+    ref_out, ref_k, _ = decode_self_attention_reference(qkv, k, v, jnp.int32(5), scale=0.5)
+    assert_close(out, ref_out, 1e-5, "sharded")
+    np.testing.assert_array_equal(np.asarray(k_out), np.asarray(ref_k))
 
 
 def test_row_offsets_replace_a_beam_searchs_cache_gathers(rng):
@@ -185,6 +271,15 @@ def test_bad_input(backend):
             decode_attention(q, k, k, row_offsets=jnp.zeros((2, 4), jnp.int32))
         with pytest.raises(TypeError, match="scale must be a Python float"):
             jax.jit(lambda q, s: decode_attention(q, k, k, scale=s))(q, 0.5)
+        qkv = jnp.ones((2, 3, 3, 4))
+        with pytest.raises(ValueError, match=r"qkv must be \[batch, 3, heads, head_dim\]"):
+            decode_self_attention(jnp.ones((2, 2, 3, 4)), k, k, 0)
+        with pytest.raises(ValueError, match=r"decode_self_attention: k must be \[batch=2"):
+            decode_self_attention(qkv, jnp.ones((2, 5, 4, 3)), k, 0)
+        with pytest.raises(TypeError, match="index must be an integer scalar"):
+            decode_self_attention(qkv, k, k, jnp.zeros(2, jnp.int32))
+        with pytest.raises(TypeError, match="index must be an integer scalar"):
+            decode_self_attention(qkv, k, k, 1.0)
 
 
 # ------------------------------------------------------------------- GPU --
@@ -201,6 +296,14 @@ GPU_SHAPES = SHAPES + [(32, 65, 8, 64), (32, 256, 16, 64), (4, 1000, 2, 128), (2
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_cuda_matches_reference(rng, shape, dtype, mask_kind):
     _compare("cuda", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_kind", ["prefix", "beam"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_self_attention_cuda_matches_reference(rng, shape, dtype, mask_kind):
+    _compare_self("cuda", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -206,8 +207,8 @@ def decode_params(params, dtype) -> dict:
     return jax.tree.map(cast, params)
 
 
-def decoder_fns(model: Transformer | TransformerLM, params, src: jax.Array,
-                max_len: int) -> tuple[TokensToLogits, dict, dict]:
+def decoder_fns(model: Transformer | TransformerLM, params, src: jax.Array, max_len: int, *,
+                layer_norm_impl: str | None = "xla") -> tuple[TokensToLogits, dict, dict]:
     """Incremental-decoding functions for :mod:`lsjax.decode`.
 
     Args:
@@ -216,6 +217,10 @@ def decoder_fns(model: Transformer | TransformerLM, params, src: jax.Array,
       params: its params.
       src: int ``[batch, src_len]`` source ids (padded with ``padding_id``).
       max_len: the number of target positions to decode (KV cache length, <= max_seq_len).
+      layer_norm_impl: the layer norm of the decoding functions (``LayerConfig.layer_norm_impl``);
+        ``None`` keeps the model's. Default ``"xla"``: at a decode step's few rows XLA fuses
+        the layer norm with its neighbours, one launch fewer each (a transformer-base beam
+        search ran 1.08x / 1.04x faster than with the fused op at batch 8 / 64 on the H100).
 
     Returns:
       ``(tokens_to_logits, init_cache, encoded)``: ``tokens_to_logits(ids int32[N, 1],
@@ -229,6 +234,8 @@ def decoder_fns(model: Transformer | TransformerLM, params, src: jax.Array,
       once here, never per step). All leaves have leading dim ``batch``.
     """
     params = decode_params(params, model.config.dtype)
+    if layer_norm_impl is not None:
+        model = model.clone(config=dataclasses.replace(model.config, layer_norm_impl=layer_norm_impl))
     if isinstance(model, TransformerLM):
         _, state = model.apply({"params": params}, src.shape[0], max_len, method=TransformerLM.init_decoding,
                                mutable=["cache"])

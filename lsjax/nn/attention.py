@@ -143,7 +143,12 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         h, dh = cfg.nhead, cfg.head_dim
         x = x.astype(cfg.dtype)
-        causal = self.causal
+        rate = cfg.attn_prob_dropout_ratio
+        key = dropout_key(self, rate, deterministic)
+        # A decode step without attention dropout takes one lsjax kernel (instead of GEMM,
+        # transposes, softmax, GEMM, and for self-attention the cache writes).
+        one_kernel = decode and key is None and cfg.attention_impl == "fused" and x.shape[1] == 1
+        scale = 1.0 / math.sqrt(dh)
         if self.cross:
             q = self._dense((h, dh), ("heads", "kv"), "q")(x)
             kv_proj = self._dense((2, h, dh), (None, "heads", "kv"), "kv")
@@ -152,22 +157,18 @@ class MultiHeadAttention(nn.Module):
             else:
                 kv = kv_proj(memory.astype(cfg.dtype))
                 k, v = kv[:, :, 0], kv[:, :, 1]
+            if one_kernel and k.shape[1] <= MAX_KEYS:
+                out, attend = ops.decode_attention(q[:, 0], k, v, key_mask, scale=scale)[:, None], None
+            else:
+                out, attend = None, (q, k, v, key_mask, self.causal)
         else:
             qkv = self._dense((3, h, dh), (None, "heads", "kv"), "qkv")(x)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             if decode:
-                k, v, key_mask, causal = self._update_cache(k, v, cache_index, max_decode_len, causal, key_mask)
-        rate = cfg.attn_prob_dropout_ratio
-        key = dropout_key(self, rate, deterministic)
-        if self.cross or not decode:
-            row_offsets = None
-        if decode and key is None and cfg.attention_impl == "fused" and q.shape[1] == 1 and k.shape[1] <= MAX_KEYS:
-            # One decode step: one fused kernel instead of GEMM, transposes, softmax, GEMM.
-            out = ops.decode_attention(q[:, 0], k, v, key_mask, scale=1.0 / math.sqrt(dh),
-                                       row_offsets=row_offsets)[:, None]
-        else:
-            if row_offsets is not None:
-                k, v = source_rows(k, row_offsets), source_rows(v, row_offsets)
+                out, attend = self._decode_step(qkv, key_mask, cache_index, row_offsets, max_decode_len, one_kernel)
+            else:
+                out, attend = None, (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.causal)
+        if out is None:
+            q, k, v, key_mask, causal = attend
             out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=cfg.attention_impl,
                                         dropout_rate=rate, key=key)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
@@ -192,22 +193,37 @@ class MultiHeadAttention(nn.Module):
         v = self.variable("memory", "cached_value", lambda: kv[:, :, 1]).value
         return k, v
 
-    def _update_cache(self, k, v, cache_index, max_decode_len, causal, key_mask):
-        """Writes this step's K/V into the cache; returns the keys/values/mask to attend."""
+    def _decode_step(self, qkv, key_mask, cache_index, row_offsets, max_decode_len, one_kernel):
+        """Writes this step's K/V (``qkv [batch, 1, 3, heads, head_dim]``) into the cache.
+
+        Returns ``(out, None)`` when :func:`lsjax.ops.decode_self_attention` wrote the cache
+        and attended in one kernel, else ``(None, (q, k, v, key_mask, causal))`` to attend
+        with :func:`dot_product_attention` (the creating call only sizes the cache: it
+        attends to its own tokens).
+        """
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if not self.has_variable("cache", "cached_key"):  # creating call: size the cache only
             if max_decode_len is None:
                 raise ValueError("the first decode call must give max_decode_len (the KV cache length)")
             shape = (k.shape[0], max_decode_len) + k.shape[2:]
             self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
             self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
-            return k, v, key_mask, causal
+            return None, (q, k, v, key_mask, self.causal)
         cached_k = self.variable("cache", "cached_key")
         cached_v = self.variable("cache", "cached_value")
         batch, max_len = cached_k.value.shape[:2]
         if k.shape[1] != 1:
             raise ValueError(f"decode steps take one token per row, got q_len={k.shape[1]}")
+        filled = jnp.broadcast_to(jnp.arange(max_len) <= cache_index, (batch, max_len))
+        if one_kernel and max_len <= MAX_KEYS:
+            out, cached_k.value, cached_v.value = ops.decode_self_attention(
+                qkv[:, 0].astype(cached_k.value.dtype), cached_k.value, cached_v.value, cache_index, filled,
+                scale=1.0 / math.sqrt(k.shape[-1]), row_offsets=row_offsets)
+            return out[:, None].astype(q.dtype), None
         start = (0, cache_index, 0, 0)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
-        filled = jnp.broadcast_to(jnp.arange(max_len) <= cache_index, (batch, max_len))
-        return cached_k.value, cached_v.value, filled, False
+        k, v = cached_k.value, cached_v.value
+        if row_offsets is not None:
+            k, v = source_rows(k, row_offsets), source_rows(v, row_offsets)
+        return None, (q, k, v, filled, False)

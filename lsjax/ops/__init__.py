@@ -23,7 +23,8 @@ from lsjax.ops.bias_dropout_residual import (
     dropout,
     dropout_reference,
 )
-from lsjax.ops.decode_attention import decode_attention, decode_attention_reference
+from lsjax.ops.decode_attention import (decode_attention, decode_attention_reference, decode_self_attention,
+                                        decode_self_attention_reference)
 from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from lsjax.ops.embedding import embedding, embedding_reference, sinusoidal_positions, token_positions
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
@@ -47,6 +48,8 @@ __all__ = [
     "cross_entropy_reference",
     "decode_attention",
     "decode_attention_reference",
+    "decode_self_attention",
+    "decode_self_attention_reference",
     "default_backend",
     "dropout",
     "embedding",
