@@ -8,11 +8,12 @@
 # Everything is packed into $OUT/results.tgz at the end.
 # --bench names (each writes <name>.json and <name>.log):
 #   layers        benchmarks/layers.py (fused attention softmax)
-#   layers_cudnn  benchmarks/layers.py --attention-impl cudnn (no attention-prob dropout in either)
+#   layers_cudnn  benchmarks/layers.py --attention-impl fused,cudnn --dtypes bf16 (both paths, no attention-prob
+#                 dropout anywhere: picks the default path)
 #   decode        benchmarks/decode.py (decode_bar: only the bar rows, bf16 batch 8 and 64, + top-k,
 #                 each with and without XLA command buffers around the while loop; decode_ln: the same rows
 #                 with our decode layer norm as XLA's and as the fused op, no top-k; decode_xla: the same rows
-#                 under each XLA option set of benchmarks.profile.XLA_OPTIONS, no top-k)
+#                 under each XLA option set of benchmarks.profile.XLA_OPTIONS, or those in $DECODE_XLA_OPTIONS, no top-k)
 #   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
 #                 train step (lsjax and plain, bf16) / the batch-8 beam search ($PROFILE_DECODE: impl:options
 #                 pairs, default "lsjax:default plain:default lsjax:while"); tables in $OUT/<name>.log, JSON in
@@ -97,14 +98,15 @@ bench() {  # name, command...
 for name in ${BENCH//,/ }; do
   case "$name" in
     layers) bench layers $PY -m benchmarks.layers --out "$OUT/layers.json" ;;
-    layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl cudnn --out "$OUT/layers_cudnn.json" ;;
+    layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl fused,cudnn --dtypes bf16 \
+                    --out "$OUT/layers_cudnn.json" ;;
     decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
     decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --xla-options default,while \
                   --out "$OUT/decode_bar.json" ;;
     decode_ln) bench decode_ln $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --layer-norm xla,fused --no-topk \
                   --out "$OUT/decode_ln.json" ;;
     decode_xla) bench decode_xla $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --no-topk \
-                  --xla-options default,while,cublas,while+cublas --out "$OUT/decode_xla.json" ;;
+                  --xla-options "${DECODE_XLA_OPTIONS:-default,while,cublas,while+cublas}" --out "$OUT/decode_xla.json" ;;
     profile_train) for impl in lsjax plain; do
         bench "profile_train_$impl" $PY -m benchmarks.profile train --impl $impl --out "$OUT/profile_train_$impl.json"
       done ;;

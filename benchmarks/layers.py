@@ -10,6 +10,11 @@ Params are stored in the compute dtype (LightSeq's fp16/bf16-params setting). Th
 lsjax layer runs on the current lsjax backend ("cuda" on a GPU); the reference is
 ``benchmarks.flax_reference`` (nn.MultiHeadDotProductAttention, nn.LayerNorm,
 nn.Dense, nn.Dropout) compiled by XLA. speedup = reference time / lsjax time.
+
+``--attention-impl fused,cudnn`` times the lsjax layer with each attention path against
+the same reference timing; with more than one path (or any but ``fused``) attention-prob
+dropout is off for all, the one setting in which the paths are interchangeable (this
+picks the default path by measurement).
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 LAYERS = {"encoder": (TransformerEncoderLayer, RefEncoderLayer), "decoder": (TransformerDecoderLayer, RefDecoderLayer)}
 
 
-def layer_config(size: str, dtype, tokens: int, seq: int, dropout: bool, attention_impl: str) -> LayerConfig:
+def layer_config(size: str, dtype, tokens: int, seq: int, dropout: bool, attention_impl: str,
+                 attention_dropout: bool = True) -> LayerConfig:
     d, ff, heads = SIZES[size]
     rate = 0.1 if dropout else 0.0
     return LayerConfig(hidden_size=d, intermediate_size=ff, nhead=heads,
-                       attn_prob_dropout_ratio=rate if attention_impl == "fused" else 0.0,
+                       attn_prob_dropout_ratio=rate if attention_dropout and attention_impl == "fused" else 0.0,
                        activation_dropout_ratio=rate, hidden_dropout_ratio=rate, max_batch_tokens=tokens,
                        max_seq_len=seq, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
 
@@ -52,8 +58,11 @@ def fwd_bwd(module, params, kind: str, deterministic: bool):
     return run
 
 
-def bench_row(kind: str, cfg: LayerConfig, batch: int, seq: int, dropout: bool, timing: dict) -> dict:
+def bench_row(kind: str, configs: dict[str, LayerConfig], batch: int, seq: int, dropout: bool,
+              timing: dict) -> list[dict]:
+    """One row per attention path of ``configs`` (same shapes and dtype), each against one reference timing."""
     ours_cls, ref_cls = LAYERS[kind]
+    cfg = next(iter(configs.values()))
     rng = np.random.default_rng(0)
     d = cfg.hidden_size
 
@@ -65,18 +74,20 @@ def bench_row(kind: str, cfg: LayerConfig, batch: int, seq: int, dropout: bool, 
         return act(), act(), mask, act(), jax.random.key(i)
 
     one = inputs(0)
-    ours = ours_cls(cfg)
     init_args = (one[0], one[2]) if kind == "encoder" else (one[0], one[1], one[2])
-    boxed = jax.jit(ours.init)(jax.random.key(0), *init_args)["params"]
+    boxed = jax.jit(ours_cls(cfg).init)(jax.random.key(0), *init_args)["params"]
     params = jax.tree.map(lambda p: p.astype(cfg.dtype), nn.meta.unbox(boxed))
     nbytes = 3 * batch * seq * d * jnp.dtype(cfg.dtype).itemsize
     sets = [one] + [inputs(i) for i in range(1, copies_for(nbytes))]
     deterministic = not dropout
-    t_ours = time_fn(fwd_bwd(ours, params, kind, deterministic), sets, **timing)
     t_ref = time_fn(fwd_bwd(ref_cls(cfg), layer_params(params), kind, deterministic), sets, **timing)
-    return {"layer": kind, "tokens": batch * seq, "batch": batch, "seq": seq, "hidden": d,
-            "dtype": jnp.dtype(cfg.dtype).name, "lsjax_ms": t_ours * 1e3, "flax_ms": t_ref * 1e3,
-            "speedup": t_ref / t_ours}
+    rows = []
+    for impl, c in configs.items():
+        t_ours = time_fn(fwd_bwd(ours_cls(c), params, kind, deterministic), sets, **timing)
+        rows.append({"layer": kind, "attention_impl": impl, "tokens": batch * seq, "batch": batch, "seq": seq,
+                     "hidden": d, "dtype": jnp.dtype(cfg.dtype).name, "lsjax_ms": t_ours * 1e3,
+                     "flax_ms": t_ref * 1e3, "speedup": t_ref / t_ours})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", default="8192,32768", help="tokens per batch (batch = tokens // seq)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--dtypes", default="bf16,fp16")
-    parser.add_argument("--attention-impl", default="fused", choices=["fused", "cudnn", "xla"])
+    parser.add_argument("--attention-impl", default="fused",
+                        help="comma-separated lsjax attention paths (fused, cudnn, xla)")
     parser.add_argument("--no-dropout", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats (CPU check)")
     args = parser.parse_args(argv)
@@ -95,21 +107,24 @@ def main(argv: list[str] | None = None) -> None:
         args.sizes, args.tokens, args.seq, args.dtypes = "tiny", "64", 16, "bf16"
         timing = dict(calls=2, trials=2, warmup=1)
     device = jax.devices()[0].device_kind
-    header = f"{'layer':<9}{'size':<6}{'tokens':>7}{'dtype':>10}{'lsjax ms':>10}{'flax ms':>10}{'speedup':>9}"
+    impls = args.attention_impl.split(",")
+    attention_dropout = impls == ["fused"]
+    header = (f"{'layer':<9}{'size':<6}{'tokens':>7}{'dtype':>10}{'attention':>10}{'lsjax ms':>10}{'flax ms':>10}"
+              f"{'speedup':>9}")
     print(f"device: {device}; lsjax backend: {ops.get_backend()}; attention: {args.attention_impl}; "
-          f"dropout: {not args.no_dropout}\n{header}", flush=True)
+          f"dropout: {not args.no_dropout} (attention-prob: {attention_dropout and not args.no_dropout})\n{header}",
+          flush=True)
     rows = []
     for size in args.sizes.split(","):
         for tokens in map(int, args.tokens.split(",")):
             for dtype_name in args.dtypes.split(","):
-                cfg = layer_config(size, DTYPES[dtype_name], tokens, args.seq, not args.no_dropout,
-                                   args.attention_impl)
+                configs = {impl: layer_config(size, DTYPES[dtype_name], tokens, args.seq, not args.no_dropout, impl,
+                                              attention_dropout) for impl in impls}
                 for kind in LAYERS:
-                    row = {"size": size, **bench_row(kind, cfg, tokens // args.seq, args.seq,
-                                                     not args.no_dropout, timing)}
-                    rows.append(row)
-                    print(f"{kind:<9}{size:<6}{tokens:>7}{row['dtype']:>10}{row['lsjax_ms']:>10.3f}"
-                          f"{row['flax_ms']:>10.3f}{row['speedup']:>8.2f}x", flush=True)
+                    for row in bench_row(kind, configs, tokens // args.seq, args.seq, not args.no_dropout, timing):
+                        rows.append({"size": size, **row})
+                        print(f"{kind:<9}{size:<6}{tokens:>7}{row['dtype']:>10}{row['attention_impl']:>10}"
+                              f"{row['lsjax_ms']:>10.3f}{row['flax_ms']:>10.3f}{row['speedup']:>8.2f}x", flush=True)
                     with open(args.out, "w") as f:
                         json.dump({"device": device, "backend": ops.get_backend(),
                                    "attention_impl": args.attention_impl, "dropout": not args.no_dropout,

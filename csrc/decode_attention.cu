@@ -39,8 +39,8 @@ __device__ __forceinline__ float BlockReduce(float v, float* red) {
   return v;
 }
 
-// Appending: block (b, h) writes its k_new / v_new rows into the caches at the append position,
-// which it returns once the whole block sees them (-1 when not appending).
+// Appending: block (b, h) writes its k_new / v_new rows into the caches at the append position and
+// returns it (-1 when not appending). Nothing in the launch reads them back (see KeyAt): no barrier.
 template <typename T>
 __device__ __forceinline__ int64_t AppendKey(const DecodeAttentionArgs<T>& a, int64_t b, int64_t h) {
   const int64_t t = DecodeAttentionAppendPosition(a.append_at, a.k_len);
@@ -50,8 +50,17 @@ __device__ __forceinline__ int64_t AppendKey(const DecodeAttentionArgs<T>& a, in
     a.k_cache[dst + d] = a.k_new[src + d];
     a.v_cache[dst + d] = a.v_new[src + d];
   }
-  __syncthreads();
   return t;
+}
+
+// Head h of key j of row b (key_src entry `offset`, not masked) in `cache` (k or v), or in `fresh`
+// (k_new or v_new) for the appended key.
+template <typename T>
+__device__ __forceinline__ const T* KeyAt(const DecodeAttentionArgs<T>& a, const T* cache, const T* fresh, int64_t b,
+                                          int64_t h, int64_t j, int32_t offset, int64_t appended) {
+  if (j == appended) return fresh + b * a.q_stride + h * a.head_dim;
+  const int64_t r = DecodeAttentionKeyRow(b, j, offset, a.batch, appended);
+  return cache + ((r * a.k_len + j) * a.heads + h) * a.head_dim;
 }
 
 // Shared memory: p[L] (scores, then probabilities) and acc[groups, D] (the groups' partial rows).
@@ -60,10 +69,9 @@ __device__ __forceinline__ int64_t AppendKey(const DecodeAttentionArgs<T>& a, in
 template <typename T, int VEC>
 __device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, const float* p, float* acc, int D,
                                             int groups, float inv, int64_t appended) {
-  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * a.head_dim;
+  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int vecs = D / VEC, L = static_cast<int>(a.k_len);
   const int32_t* src = a.key_src + b * L;
-  const T* v = a.v + h * a.head_dim;
   for (int task = threadIdx.x; task < vecs * groups; task += kThreads) {
     const int c = (task % vecs) * VEC, g = task / vecs;
     float o[VEC] = {};
@@ -72,7 +80,7 @@ __device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, con
       const float pj = p[j];
       if (pj == 0.f) continue;  // masked (or underflowed) keys add nothing: not read
       float f[VEC];
-      LoadFloats<T, VEC>(v + (DecodeAttentionKeyRow(b, j, src[j], a.batch, appended) * L + j) * row + c, f);
+      LoadFloats<T, VEC>(KeyAt(a, a.v, a.v_new, b, h, j, src[j], appended) + c, f);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) o[i] = fmaf(pj, f[i], o[i]);
     }
@@ -113,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
   constexpr int D = VEC * LANES, kGroups = kThreads / LANES, kUnroll = 4;
   __shared__ float part_o[kGroups][D];
   __shared__ float part_m[kGroups], part_l[kGroups];
-  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * D;
+  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int L = static_cast<int>(a.k_len), c = (threadIdx.x % LANES) * VEC, g = threadIdx.x / LANES;
   const int64_t appended = AppendKey(a, b, h);
   float q[VEC];
@@ -121,8 +129,6 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
 #pragma unroll
   for (int i = 0; i < VEC; ++i) q[i] *= a.scale;
   const int32_t* src = a.key_src + b * L;
-  const T* k = a.k + h * D + c;
-  const T* v = a.v + h * D + c;
   float m = -INFINITY, l = 0.f, o[VEC] = {};
   for (int j0 = 0; j0 < L; j0 += kGroups * kUnroll) {  // uniform trip count: every lane reaches the shuffles
     int32_t off[kUnroll];
@@ -136,9 +142,8 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
     for (int u = 0; u < kUnroll; ++u) {
       if (off[u] == kDecodeAttentionMasked) continue;
       const int j = j0 + u * kGroups + g;
-      const int64_t at = (DecodeAttentionKeyRow(b, j, off[u], a.batch, appended) * L + j) * row;
-      kv[u] = *reinterpret_cast<const Vec<T, VEC>*>(k + at);
-      vv[u] = *reinterpret_cast<const Vec<T, VEC>*>(v + at);
+      kv[u] = *reinterpret_cast<const Vec<T, VEC>*>(KeyAt(a, a.k, a.k_new, b, h, j, off[u], appended) + c);
+      vv[u] = *reinterpret_cast<const Vec<T, VEC>*>(KeyAt(a, a.v, a.v_new, b, h, j, off[u], appended) + c);
     }
     float s[kUnroll];
 #pragma unroll
@@ -199,7 +204,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentionArgs<T> a, int groups) {
   extern __shared__ float smem[];
   __shared__ float red[32];
-  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads, row = a.heads * a.head_dim;
+  const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int D = static_cast<int>(a.head_dim), L = static_cast<int>(a.k_len);
   float* qs = smem;     // [D]
   float* p = smem + D;  // [L]
@@ -209,12 +214,11 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
   for (int d = threadIdx.x; d < D; d += kThreads) qs[d] = ToFloat(q[d]) * a.scale;
   __syncthreads();
   const int32_t* src = a.key_src + b * L;
-  const T* k = a.k + h * a.head_dim;
   float mx = -FLT_MAX;
   for (int j = threadIdx.x; j < L; j += kThreads) {
     float s = -INFINITY;
     if (src[j] != kDecodeAttentionMasked) {
-      const T* kj = k + (DecodeAttentionKeyRow(b, j, src[j], a.batch, appended) * L + j) * row;
+      const T* kj = KeyAt(a, a.k, a.k_new, b, h, j, src[j], appended);
       s = 0.f;
 #pragma unroll 4
       for (int d = 0; d < D; d += VEC) {

@@ -9,8 +9,9 @@
 //
 // Appending (a self-attention decode step, k_new != nullptr): each (b, h) first writes its row of
 // k_new / v_new into the caches at key position t = *append_at (clamped to [0, k_len)), then
-// attends with key t read from row b itself (whatever key_src[b, t] offsets, unless masked). The
-// caches are k / v themselves (k_cache == k, v_cache == v): XLA aliases them to the results.
+// attends with key t read from row b itself (whatever key_src[b, t] offsets, unless masked; the
+// CUDA kernels read it from k_new / v_new). The caches are k / v themselves (k_cache == k,
+// v_cache == v): XLA aliases them to the results.
 //
 // CUDA: one block of 128 threads per (b, h); the keys' scores live
 // in shared memory (k_len <= kDecodeAttentionMaxKeys), then one pass over V.
