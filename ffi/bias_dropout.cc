@@ -163,38 +163,27 @@ auto BindRate(B b) {
 
 template <typename B>
 auto BindBdrFwd(B b) {  // x, bias, residual, rng -> y
-  return BindRate(
-      std::move(b).template Arg<Buf>().template Arg<Buf>().template Arg<Buf>().template Arg<Buf>().template Ret<Buf>());
+  return BindRate(BindBuffers<4, 1>(std::move(b)));
 }
 
 template <typename B>
 auto BindBdrBwd(B b) {  // dy, rng -> dx, dbias, partials
-  return BindRate(
-      std::move(b).template Arg<Buf>().template Arg<Buf>().template Ret<Buf>().template Ret<Buf>().template Ret<Buf>());
+  return BindRate(BindBuffers<2, 3>(std::move(b)));
 }
 
 template <typename B>
 auto BindBadFwd(B b) {  // x, bias, rng -> y
-  return BindRate(std::move(b).template Arg<Buf>().template Arg<Buf>().template Arg<Buf>().template Ret<Buf>())
-      .template Attr<int32_t>("activation");
+  return BindRate(BindBuffers<3, 1>(std::move(b))).template Attr<int32_t>("activation");
 }
 
 template <typename B>
 auto BindBadBwd(B b) {  // dy, saved, bias, rng -> dx, dbias, partials
-  return BindRate(std::move(b)
-                      .template Arg<Buf>()
-                      .template Arg<Buf>()
-                      .template Arg<Buf>()
-                      .template Arg<Buf>()
-                      .template Ret<Buf>()
-                      .template Ret<Buf>()
-                      .template Ret<Buf>())
-      .template Attr<int32_t>("activation");
+  return BindRate(BindBuffers<4, 3>(std::move(b))).template Attr<int32_t>("activation");
 }
 
 template <typename B>
 auto BindDrop(B b) {  // x (or dy), rng -> y (or dx)
-  return BindRate(std::move(b).template Arg<Buf>().template Arg<Buf>().template Ret<Buf>());
+  return BindRate(BindBuffers<2, 1>(std::move(b)));
 }
 
 // ------------------------------------------------------------------- CPU --

@@ -72,6 +72,23 @@ T* Out(xffi::Result<xffi::AnyBuffer>& buf) {
   return static_cast<T*>(buf->untyped_data());
 }
 
+// A binding with kArgs buffer operands then kRets buffer results appended: ``BindBuffers<2, 1>(b)`` is
+// ``b.Arg<AnyBuffer>().Arg<AnyBuffer>().Ret<AnyBuffer>()``.
+// (Bindings only move through their own methods, so each level returns the next one's result.)
+template <int kArgs, int kRets, typename B>
+auto BindBuffers(B&& b) {
+  static_assert(kArgs >= 0 && kRets >= 0 && kArgs + kRets > 0, "BindBuffers appends at least one buffer");
+  if constexpr (kArgs > 0 && kArgs + kRets > 1) {
+    return BindBuffers<kArgs - 1, kRets>(std::move(b).template Arg<xffi::AnyBuffer>());
+  } else if constexpr (kArgs > 0) {
+    return std::move(b).template Arg<xffi::AnyBuffer>();
+  } else if constexpr (kRets > 1) {
+    return BindBuffers<0, kRets - 1>(std::move(b).template Ret<xffi::AnyBuffer>());
+  } else {
+    return std::move(b).template Ret<xffi::AnyBuffer>();
+  }
+}
+
 inline xffi::Error Expect(bool ok, const char* op, const std::string& what) {
   return ok ? xffi::Error::Success() : xffi::Error::InvalidArgument(std::string(op) + ": " + what);
 }

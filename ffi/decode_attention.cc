@@ -92,28 +92,13 @@ xffi::Error LaunchAppend(Run&& run, const Buf& qkv, const Buf& key_src, const Bu
 // q, k, v, key_src -> out; scale. On ``Bind()`` (CPU) or ``Bind().Ctx<stream>()`` (CUDA).
 template <typename B>
 auto BindDecodeAttention(B b) {
-  return std::move(b)
-      .template Arg<Buf>()
-      .template Arg<Buf>()
-      .template Arg<Buf>()
-      .template Arg<Buf>()
-      .template Ret<Buf>()
-      .template Attr<float>("scale");
+  return BindBuffers<4, 1>(std::move(b)).template Attr<float>("scale");
 }
 
 // qkv, k_cache, v_cache, key_src, index -> out, k_cache, v_cache; scale.
 template <typename B>
 auto BindDecodeSelfAttention(B b) {
-  return std::move(b)
-      .template Arg<Buf>()
-      .template Arg<Buf>()
-      .template Arg<Buf>()
-      .template Arg<Buf>()
-      .template Arg<Buf>()
-      .template Ret<Buf>()
-      .template Ret<Buf>()
-      .template Ret<Buf>()
-      .template Attr<float>("scale");
+  return BindBuffers<5, 3>(std::move(b)).template Attr<float>("scale");
 }
 
 // ------------------------------------------------------------------- CPU --

@@ -12,7 +12,7 @@ import pytest
 from benchmarks.flax_reference import RefDecoderLayer, RefEncoderLayer, layer_params, sinusoids
 from lsjax import ops
 from lsjax.nn import (CrossEntropyLoss, Embedding, LayerConfig, TransformerDecoderLayer, TransformerEncoderLayer,
-                      layer_stack)
+                      layer_stack, resolve_attention_impl)
 from tests.helpers import assert_close, normal
 
 CFG = dict(hidden_size=20, intermediate_size=36, nhead=4, attn_prob_dropout_ratio=0.0,
@@ -104,14 +104,28 @@ def test_remat_and_scan_match_plain_stack(rng, variant):
     jax.tree.map(lambda a, b: assert_close(a, b, 1e-4, "grad"), g1, g0)
 
 
+@pytest.mark.parametrize("backend, dtype, head_dim, dropout, expected", [
+    ("cuda", jnp.bfloat16, 64, False, "cudnn"), ("cuda", jnp.float16, 128, False, "cudnn"),
+    ("cuda", jnp.bfloat16, 64, True, "fused"), ("cuda", jnp.float32, 64, False, "fused"),
+    ("cuda", jnp.bfloat16, 160, False, "fused"), ("cuda", jnp.bfloat16, 36, False, "fused"),
+    ("cpu_ffi", jnp.bfloat16, 64, False, "fused"), ("xla", jnp.bfloat16, 64, False, "fused")])
+def test_auto_attention_takes_cudnn_only_where_it_applies(monkeypatch, backend, dtype, head_dim, dropout, expected):
+    monkeypatch.setattr(ops, "get_backend", lambda: backend)
+    assert resolve_attention_impl("auto", dtype, head_dim, dropout) == expected
+    assert resolve_attention_impl("xla", dtype, head_dim, dropout) == "xla"
+
+
 @pytest.mark.gpu
 def test_cudnn_attention_matches_fused_on_gpu(rng):
     kw = dict(dtype=jnp.bfloat16, hidden_size=128, nhead=2)
     x, mask = normal(rng, (2, 64, 128), jnp.bfloat16), right_padded_mask(rng, 2, 64)
-    fused, flash = TransformerEncoderLayer(config(**kw)), TransformerEncoderLayer(config(attention_impl="cudnn", **kw))
+    fused = TransformerEncoderLayer(config(attention_impl="fused", **kw))
+    flash = TransformerEncoderLayer(config(attention_impl="cudnn", **kw))
     params = randomize(fused.init(jax.random.key(0), x, mask)["params"], rng, scale=0.05)
-    assert_close(flash.apply({"params": params}, x, mask), fused.apply({"params": params}, x, mask), 3e-2,
-                 "cudnn vs fused")
+    out = flash.apply({"params": params}, x, mask)
+    assert_close(out, fused.apply({"params": params}, x, mask), 3e-2, "cudnn vs fused")
+    auto = TransformerEncoderLayer(config(attention_impl="auto", **kw)).apply({"params": params}, x, mask)
+    np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(out, np.float32), "auto = cudnn")
 
 
 def test_embedding_is_scaled_lookup_plus_sinusoids(rng):

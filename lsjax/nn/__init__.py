@@ -1,6 +1,6 @@
 """Flax (linen) Transformer layers on the lsjax fused ops, with LightSeq's layer config."""
 
-from lsjax.nn.attention import MultiHeadAttention, dot_product_attention
+from lsjax.nn.attention import MultiHeadAttention, dot_product_attention, resolve_attention_impl
 from lsjax.nn.config import ACTIVATIONS, ATTENTION_IMPLS, REMAT_POLICIES, LayerConfig
 from lsjax.nn.layers import (
     CrossEntropyLoss,
@@ -26,4 +26,5 @@ __all__ = [
     "TransformerEncoderLayer",
     "dot_product_attention",
     "layer_stack",
+    "resolve_attention_impl",
 ]

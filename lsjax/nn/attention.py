@@ -49,6 +49,20 @@ def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str, rate: fl
     return ops.bias_act_dropout(x, bias, activation=activation, rate=rate, key=key)
 
 
+def resolve_attention_impl(impl: str, dtype, head_dim: int, dropout: bool) -> str:
+    """The attention path ``impl`` (a ``LayerConfig.attention_impl``) takes for one call.
+
+    ``"auto"`` is ``"cudnn"`` on the ``"cuda"`` backend for a call without attention
+    dropout in float16/bfloat16 with ``head_dim`` a multiple of 8 up to 128 (cuDNN flash
+    attention's range), else ``"fused"``; other values are returned as they are.
+    """
+    if impl != "auto":
+        return impl
+    flash = (ops.get_backend() == "cuda" and not dropout and head_dim % 8 == 0 and head_dim <= 128
+             and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16))
+    return "cudnn" if flash else "fused"
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None, causal: bool,
                           impl: str = "fused", dropout_rate: float = 0.0,
                           key: jax.Array | None = None) -> jax.Array:
@@ -147,7 +161,7 @@ class MultiHeadAttention(nn.Module):
         key = dropout_key(self, rate, deterministic)
         # A decode step without attention dropout takes one lsjax kernel (instead of GEMM,
         # transposes, softmax, GEMM, and for self-attention the cache writes).
-        one_kernel = decode and key is None and cfg.attention_impl == "fused" and x.shape[1] == 1
+        one_kernel = decode and key is None and cfg.attention_impl in ("auto", "fused") and x.shape[1] == 1
         scale = 1.0 / math.sqrt(dh)
         if self.cross:
             q = self._dense((h, dh), ("heads", "kv"), "q")(x)
@@ -169,8 +183,9 @@ class MultiHeadAttention(nn.Module):
                 out, attend = None, (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.causal)
         if out is None:
             q, k, v, key_mask, causal = attend
-            out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=cfg.attention_impl,
-                                        dropout_rate=rate, key=key)
+            impl = resolve_attention_impl(cfg.attention_impl, q.dtype, dh, key is not None)
+            out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=impl, dropout_rate=rate,
+                                        key=key)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="out",
                               kernel_init=partitioned(_DEFAULT_INIT, ("heads", "kv", "embed")))(out)

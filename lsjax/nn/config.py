@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-ATTENTION_IMPLS = ("fused", "cudnn", "xla")
+ATTENTION_IMPLS = ("auto", "fused", "cudnn", "xla")
 LAYER_NORM_IMPLS = ("fused", "xla")
 REMAT_POLICIES = {
     "none": None,
@@ -35,9 +35,14 @@ class LayerConfig:
       dtype: compute dtype (activations, GEMM inputs). param_dtype: storage dtype of params.
       attention_impl: ``"fused"`` (score GEMM + lsjax attention-softmax op + GEMM),
         ``"cudnn"`` (``jax.nn.dot_product_attention(implementation="cudnn")``, flash
-        attention, no attention dropout) or ``"xla"`` (the same call, XLA implementation).
-        The ``dot_product_attention`` paths take key padding as per-row lengths, so they
-        assume right-padded keys (the lsjax batch layout).
+        attention, no attention dropout), ``"xla"`` (the same call, XLA implementation)
+        or ``"auto"`` (default): ``"cudnn"`` where it applies (the ``"cuda"`` backend, a
+        call without attention dropout, 16-bit compute, head_dim a multiple of 8 up to
+        128), else ``"fused"``; measured faster there on the H100 (see
+        ``benchmarks/RESULTS.md``, layers). The ``dot_product_attention`` paths take key
+        padding as per-row lengths, so they assume right-padded keys (the lsjax batch
+        layout); use ``"fused"`` for other masks. Decode steps use the lsjax decode
+        kernels with ``"fused"`` and ``"auto"``.
       remat_policy: ``"none"`` or a key of ``REMAT_POLICIES``: rematerialise each layer
         with that ``jax.checkpoint`` policy.
       scan_layers: stack the layers with ``nn.scan`` (params get a leading ``layers`` axis;
@@ -61,7 +66,7 @@ class LayerConfig:
     padding_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: str = "fused"
+    attention_impl: str = "auto"
     remat_policy: str = "none"
     scan_layers: bool = False
     layer_norm_eps: float = 1e-5
@@ -74,7 +79,7 @@ class LayerConfig:
             raise ValueError(f"activation_fn must be one of {ACTIVATIONS}, got {self.activation_fn!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.attention_impl != "fused" and self.attn_prob_dropout_ratio > 0:
+        if self.attention_impl in ("cudnn", "xla") and self.attn_prob_dropout_ratio > 0:
             raise ValueError(
                 f"attention_impl={self.attention_impl!r} has no attention-probability dropout; set "
                 f"attn_prob_dropout_ratio=0 (got {self.attn_prob_dropout_ratio}) or use attention_impl='fused'")
