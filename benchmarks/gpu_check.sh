@@ -21,7 +21,7 @@
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each)
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
-#   multi30k_fp32 benchmarks/convergence.sh fp32master
+#   multi30k_fp32 benchmarks/convergence.sh fp32master   (both + $MULTI30K_OVERRIDES, key=value ...)
 # Through the device tool:  run(command="OUT=$OUT timeout 570 bash benchmarks/gpu_check.sh ...", carry=[".data", ".whl"])
 # where .whl holds the runtime wheels the GPU image lacks, fetched here with
 #   pip download -d .whl sentencepiece sacrebleu tqdm pyyaml --python-version 3.12 --only-binary=:all: \
@@ -48,7 +48,10 @@ status=0
 # The device tool returns few files: everything goes back in one archive, also when the run is
 # stopped early (run it as `timeout 570 bash benchmarks/gpu_check.sh ...` so that a TERM arrives
 # before the device call's own limit).
-pack() {
+pack() {  # (+ the metrics of a convergence run that was stopped before it copied them)
+  for run in /tmp/lsjax_runs/*/; do
+    [ -f "$run/metrics.jsonl" ] && mkdir -p "$OUT/runs/$(basename "$run")" && cp "$run"/*.json* "$OUT/runs/$(basename "$run")/"
+  done
   tar czf /tmp/gpu_check_results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_check_results.tgz "$OUT/results.tgz"
 }
 trap pack EXIT
@@ -118,8 +121,8 @@ for name in ${BENCH//,/ }; do
     train_step_base|train_step_big)
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ;;
-    multi30k) bench multi30k bash benchmarks/convergence.sh lsjax ;;
-    multi30k_fp32) bench multi30k_fp32 bash benchmarks/convergence.sh fp32master ;;
+    multi30k) bench multi30k bash benchmarks/convergence.sh lsjax ${MULTI30K_OVERRIDES:-} ;;
+    multi30k_fp32) bench multi30k_fp32 bash benchmarks/convergence.sh fp32master ${MULTI30K_OVERRIDES:-} ;;
     *) echo "unknown --bench $name" >&2; status=1 ;;
   esac
 done
