@@ -11,7 +11,9 @@ caches are never gathered). Peer: the plain-Flax ``RefTransformer`` with the sam
 weights in the same dtype, decoded as flax's examples/wmt does (``nn.MultiHeadDotProductAttention``
 with ``decode=True``, cross-attention K/V projected again every step) under
 ``benchmarks.flax_beam_search`` (``lax.top_k`` over beam*vocab, every cache leaf gathered
-each step); both produce the same tokens. Then ``beam_topk`` vs ``lax.top_k`` over
+each step); both should produce the same tokens, and every row records the share of
+output tokens on which they agree (``same_tokens``: a check of the device path, not
+only of its speed; 16-bit rounding may flip a near-tie now and then). Then ``beam_topk`` vs ``lax.top_k`` over
 beam*vocab at vocab {32k, 128k, 256k}. ``--smoke`` runs a tiny toy decoder on
 any machine to check the script. Each (dtype, batch) row compiles two transformer-base
 beam searches; compilation dominates the run time, so split the rows over calls with
@@ -116,15 +118,18 @@ def main(argv: list[str] | None = None) -> None:
         for setting in args.xla_options.split(","):
             timing = dict(calls=2 if args.smoke else 5, trials=3 if args.smoke else 5,
                           compiler_options=XLA_OPTIONS[setting])
-            t_ours, t_peer = time_fn(ours, ours_inputs, **timing), time_fn(peer, peer_inputs, **timing)
+            t_ours, seqs = time_fn(ours, ours_inputs, return_outputs=True, **timing)
+            t_peer, peer_seqs = time_fn(peer, peer_inputs, return_outputs=True, **timing)
+            same = float(np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in zip(seqs, peer_seqs)]))
             row = {"dtype": jnp.dtype(dtype).name, "batch": batch, "beam": BEAM, "steps": STEPS,
                    "xla_options": setting, "layer_norm": layer_norm, "ours_ms": t_ours * 1e3,
                    "peer_ms": t_peer * 1e3, "ours_ms_per_step": t_ours * 1e3 / STEPS,
-                   "peer_ms_per_step": t_peer * 1e3 / STEPS, "speedup": t_peer / t_ours}
+                   "peer_ms_per_step": t_peer * 1e3 / STEPS, "speedup": t_peer / t_ours, "same_tokens": same}
             results["decode"].append(row)
             print(f"beam search {row['dtype']:<9} batch {batch:<3} XLA {setting:<12} LN {layer_norm:<5} ours "
                   f"{row['ours_ms']:9.3f} ms ({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} "
-                  f"ms ({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x", flush=True)
+                  f"ms ({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x  same tokens "
+                  f"{row['same_tokens']:.1%}", flush=True)
             save()
     if args.no_topk:
         return

@@ -81,13 +81,14 @@ def _with_cotangent(fn, inputs: list[tuple], rng: np.random.Generator) -> list[t
 
 
 def time_fn(fn: Callable, inputs: list[tuple], calls: int = 10, trials: int = 7, warmup: int = 2,
-            compiler_options: dict | None = None) -> float:
+            compiler_options: dict | None = None, return_outputs: bool = False):
     """Median seconds per application of ``fn`` over the list of input tuples.
 
     Each trial dispatches the K-application program ``calls`` times back to back
     (asynchronous dispatch keeps the GPU busy, so host overhead is hidden) and
     blocks once; the result is the median trial time / (calls * K).
     ``compiler_options`` are XLA options of the program (``jax.jit(compiler_options=)``).
+    With ``return_outputs``: ``(seconds, [fn(*x) for x in inputs])`` from the last call.
     """
     k = len(inputs)
     prog = jax.jit(lambda ins: [fn(*x) for x in ins], compiler_options=compiler_options)
@@ -100,7 +101,8 @@ def time_fn(fn: Callable, inputs: list[tuple], calls: int = 10, trials: int = 7,
             out = prog(inputs)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times) / k
+    seconds = statistics.median(times) / k
+    return (seconds, out) if return_outputs else seconds
 
 
 def copies_for(nbytes: float, budget: float = 4e9, max_k: int = 8) -> int:

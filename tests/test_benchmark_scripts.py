@@ -68,3 +68,4 @@ def test_decode_smoke(tmp_path):
     assert [(r["batch"], r["xla_options"]) for r in rows] == [(1, "default"), (1, "while"), (2, "default"),
                                                                   (2, "while")]
     assert all(r["ours_ms"] > 0 and r["speedup"] == pytest.approx(r["peer_ms"] / r["ours_ms"]) for r in rows)
+    assert all(r["same_tokens"] == 1.0 for r in rows), "both searches decode the same toy decoder"

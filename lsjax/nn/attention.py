@@ -178,7 +178,8 @@ class MultiHeadAttention(nn.Module):
         else:
             qkv = self._dense((3, h, dh), (None, "heads", "kv"), "qkv")(x)
             if decode:
-                out, attend = self._decode_step(qkv, key_mask, cache_index, row_offsets, max_decode_len, one_kernel)
+                out, attend = self._decode_step(qkv, key_mask, cache_index, row_offsets, max_decode_len, one_kernel,
+                                                scale)
             else:
                 out, attend = None, (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.causal)
         if out is None:
@@ -208,7 +209,7 @@ class MultiHeadAttention(nn.Module):
         v = self.variable("memory", "cached_value", lambda: kv[:, :, 1]).value
         return k, v
 
-    def _decode_step(self, qkv, key_mask, cache_index, row_offsets, max_decode_len, one_kernel):
+    def _decode_step(self, qkv, key_mask, cache_index, row_offsets, max_decode_len, one_kernel, scale):
         """Writes this step's K/V (``qkv [batch, 1, 3, heads, head_dim]``) into the cache.
 
         Returns ``(out, None)`` when :func:`lsjax.ops.decode_self_attention` wrote the cache
@@ -233,7 +234,7 @@ class MultiHeadAttention(nn.Module):
         if one_kernel and max_len <= MAX_KEYS:
             out, cached_k.value, cached_v.value = ops.decode_self_attention(
                 qkv[:, 0].astype(cached_k.value.dtype), cached_k.value, cached_v.value, cache_index, filled,
-                scale=1.0 / math.sqrt(k.shape[-1]), row_offsets=row_offsets)
+                scale=scale, row_offsets=row_offsets)
             return out[:, None].astype(q.dtype), None
         start = (0, cache_index, 0, 0)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
