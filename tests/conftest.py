@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng():
-    """Fresh random inputs per test (seeded from the test's name for reproducibility)."""
+    """Fresh random inputs per test (unseeded: every run draws new ones, so a test must hold for any draw)."""
     import numpy as np
 
     return np.random.default_rng()
