@@ -22,6 +22,8 @@
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
 #   multi30k_fp32 benchmarks/convergence.sh fp32master   (both + $MULTI30K_OVERRIDES, key=value ...)
+#   decode_quality  a 2000-step multi30k run (+ $MULTI30K_OVERRIDES, no BLEU eval), then
+#                 benchmarks/decode_quality.py on its checkpoint ($DECODE_QUALITY_ARGS, e.g. --variants ...)
 # Through the device tool:  run(command="OUT=$OUT timeout 570 bash benchmarks/gpu_check.sh ...", carry=[".data", ".whl"])
 # where .whl holds the runtime wheels the GPU image lacks, fetched here with
 #   pip download -d .whl sentencepiece sacrebleu tqdm pyyaml --python-version 3.12 --only-binary=:all: \
@@ -122,6 +124,11 @@ for name in ${BENCH//,/ }; do
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ;;
     multi30k) bench multi30k bash benchmarks/convergence.sh lsjax ${MULTI30K_OVERRIDES:-} ;;
+    decode_quality)
+      bench decode_quality_train bash benchmarks/convergence.sh lsjax steps=2000 eval.every=2000 checkpoint.every=2000 \
+        eval.bleu=false ${MULTI30K_OVERRIDES:-}
+      bench decode_quality $PY -m benchmarks.decode_quality --run-dir /tmp/lsjax_runs/multi30k_lsjax \
+        --out "$OUT/decode_quality.json" ${DECODE_QUALITY_ARGS:-} ;;
     multi30k_fp32) bench multi30k_fp32 bash benchmarks/convergence.sh fp32master ${MULTI30K_OVERRIDES:-} ;;
     *) echo "unknown --bench $name" >&2; status=1 ;;
   esac
