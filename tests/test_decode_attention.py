@@ -14,6 +14,7 @@ from lsjax.ops.decode_attention import (MAX_KEYS, decode_attention, decode_atten
 from tests.helpers import DTYPES, KERNEL_RTOL, assert_close, normal
 
 # (batch, k_len, heads, head_dim): one key, odd sizes, head_dim not a multiple of 8, transformer-base-like.
+DEVICE_BACKEND = "cuda"
 SHAPES = [(1, 1, 1, 1), (3, 7, 2, 8), (2, 33, 3, 12), (5, 64, 8, 64), (2, 130, 4, 40)]
 
 
@@ -332,3 +333,40 @@ def test_cuda_writes_every_output(rng):
             _, out = jax.jit(step, donate_argnums=0)(jnp.full(q.shape, jnp.nan, q.dtype), q)
             assert bool(jnp.all(jnp.isfinite(out)))
     assert_close(out, decode_attention_reference(q, k, v, mask, scale=0.125), 1e-2, "poisoned output")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("shape", [(64, 12, 8, 64), (6, 9, 3, 8)])  # the lanes kernel; the one-key-per-thread one
+def test_self_attention_cuda_step_after_step(rng, shape, layers):
+    """Decode steps as a model runs them: one jitted step per token, each taking the caches the last
+    call returned (new buffers every call), over ``layers`` layers of a lax.scan with elementwise work
+    around the op (each layer's query adds the last one's output). Outputs and caches follow the reference."""
+    batch, k_len, heads, head_dim = shape
+    dtype, scale = jnp.float16, head_dim ** -0.5
+    qkvs = normal(rng, (k_len, layers, batch, 3, heads, head_dim), dtype)
+
+    def step(qkv, k, v, t):  # qkv [layers, batch, 3, heads, head_dim], caches [layers, batch, k_len, ...]
+        mask = jnp.broadcast_to(jnp.arange(k_len) <= t, (batch, k_len))
+
+        def layer(carry, xs):
+            qkv, k, v = xs
+            out, k, v = decode_self_attention(qkv.at[:, 0].add(carry), k, v, t, mask, scale=scale)
+            return jnp.tanh(out), (k, v)
+
+        out, (k, v) = jax.lax.scan(layer, jnp.zeros((batch, heads, head_dim), dtype), (qkv, k, v))
+        return out, k, v
+
+    results = {}
+    for backend in ("xla", DEVICE_BACKEND):
+        k = v = jnp.zeros((layers, batch, k_len, heads, head_dim), dtype)
+        with ops.use_backend(backend):
+            fn = jax.jit(step)
+            results[backend] = []
+            for t in range(k_len):
+                out, k, v = fn(qkvs[t], k, v, jnp.int32(t))
+                results[backend].append((out, k, v))
+    for t, ((want, want_k, want_v), (got, got_k, got_v)) in enumerate(zip(results["xla"], results[DEVICE_BACKEND])):
+        np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k), f"k cache after step {t}")
+        np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v), f"v cache after step {t}")
+        assert_close(got, want, KERNEL_RTOL[jnp.dtype(dtype)], f"output of step {t}")

@@ -114,12 +114,15 @@ def test_cached_decoding_equals_full_forward(rng, variant, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_cuda_decoding_equals_reference_backend(rng, dtype, scan_layers):
+@pytest.mark.parametrize("heads", [dict(), dict(hidden_size=512, nhead=8, intermediate_size=256)])
+def test_cuda_decoding_equals_reference_backend(rng, dtype, scan_layers, heads):
     """On the GPU (CUDA decode kernels; cuDNN attention where "auto" takes it): decode steps give the
-    reference backend's full-forward logits, and beam search (cache indirection) its tokens."""
+    reference backend's full-forward logits, and beam search (cache indirection) its tokens; with
+    tiny heads (8) and transformer-base's (64, another decode kernel). Float32 GEMMs at full precision
+    on both sides (XLA:GPU's default rounds them to TF32)."""
     from lsjax.decode import beam_search
 
-    cfg = tiny_config(scan_layers=scan_layers, dtype=dtype, param_dtype=dtype)
+    cfg = tiny_config(scan_layers=scan_layers, dtype=dtype, param_dtype=dtype, **heads)
     src, tgt_in, _ = batch(rng)
     model = Transformer(cfg)
     params = random_params(model, rng, src, tgt_in)
@@ -130,17 +133,18 @@ def test_cuda_decoding_equals_reference_backend(rng, dtype, scan_layers):
         return beam_search(*decoder_fns(model, params, s, max_len), beam_size=3, max_len=max_len, eos_id=3,
                            reorder_cache=reorder_decode_cache)
 
-    with ops.use_backend("xla"):
-        full = model.apply({"params": params}, src, tgt_in)
-        want = jax.jit(search)(src)
-    with ops.use_backend("cuda"):
-        tokens_to_logits, cache, encoded = decoder_fns(model, params, src, max_len)
-        step = jax.jit(tokens_to_logits)
-        for t in range(tgt_in.shape[1]):
-            logits, cache = step(tgt_in[:, t:t + 1], cache, encoded)
-            real = np.asarray(tgt_in[:, t] != 0)
-            assert_close(logits[real], full[real, t], tol, f"step {t}")
-        got = jax.jit(search)(src)
+    with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+        with ops.use_backend("xla"):
+            full = model.apply({"params": params}, src, tgt_in)
+            want = jax.jit(search)(src)
+        with ops.use_backend("cuda"):
+            tokens_to_logits, cache, encoded = decoder_fns(model, params, src, max_len)
+            step = jax.jit(tokens_to_logits)
+            for t in range(tgt_in.shape[1]):
+                logits, cache = step(tgt_in[:, t:t + 1], cache, encoded)
+                real = np.asarray(tgt_in[:, t] != 0)
+                assert_close(logits[real], full[real, t], tol, f"step {t}")
+            got = jax.jit(search)(src)
     if dtype == "float32":
         np.testing.assert_array_equal(np.asarray(got.sequences), np.asarray(want.sequences))
         assert_close(got.scores, want.scores, 1e-4, "beam scores")
