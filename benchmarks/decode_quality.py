@@ -34,7 +34,7 @@ from lsjax import decode, ops
 from lsjax.models import decoder_fns, reorder_decode_cache
 from lsjax.translate import Translator
 
-VARIANTS = ("reference", "cuda", "gather", "attn_fused", "attn_xla", "ln_fused")
+VARIANTS = ("reference", "cuda", "gather", "attn_fused", "ln_fused", "attn_xla")
 
 
 class _VariantTranslator(Translator):
@@ -122,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants.split(","):
         backend, variant_model, kwargs = _variant(name, model, args.backend)
         translator = _VariantTranslator(variant_model, tokenizer, buckets, batch_size=128, **kwargs)
-        with ops.use_backend(backend):
-            hyps[name] = translator.translate(params, [s for s, _ in pairs])
+        try:
+            with ops.use_backend(backend):
+                hyps[name] = translator.translate(params, [s for s, _ in pairs])
+        except Exception as e:  # noqa: BLE001  a variant that fails is reported, the others still run
+            report["variants"][name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name:>11}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
         bleu = sacrebleu.corpus_bleu(hyps[name], refs, tokenize="13a").score
         same = (float(np.mean([a == b for a, b in zip(hyps[name], hyps["reference"])]))
                 if "reference" in hyps else None)

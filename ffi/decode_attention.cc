@@ -4,6 +4,7 @@
 //   decode_self_attention (qkv [B, 3, H, D], k_cache [B, L, H, D], v_cache, key_src s32 [B, L], index s32 [])
 //     -> out [B, H, D], k_cache, v_cache (aliased to the operands; the new K/V written at index)
 // Attribute: scale (f32).
+#include <cstring>
 #include <string>
 #include <utility>
 
@@ -59,9 +60,13 @@ xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Bu
 
 // decode_self_attention: qkv [batch, 3, heads, head_dim], the caches, key_src, index (int32 scalar)
 // -> out, the caches (aliased to the operands: the kernel reads and writes them through the results).
-template <typename Types, typename Run>
-xffi::Error LaunchAppend(Run&& run, const Buf& qkv, const Buf& key_src, const Buf& index, Res& out, Res& k_cache,
-                         Res& v_cache, float scale, int64_t max_keys) {
+// XLA does not always hand an aliased result the operand's buffer: inside a lax.scan over layers
+// (caches sliced from the scanned stack) the result has been seen to be a different buffer, holding
+// none of the cache. Then the operand is first copied into it with copy(dst, src, bytes).
+template <typename Types, typename Run, typename Copy>
+xffi::Error LaunchAppend(Run&& run, Copy&& copy, const Buf& qkv, const Buf& k_in, const Buf& v_in,
+                         const Buf& key_src, const Buf& index, Res& out, Res& k_cache, Res& v_cache, float scale,
+                         int64_t max_keys) {
   const auto qd = qkv.dimensions();
   if (auto e = Expect(qd.size() == 4 && qd[1] == 3, kOp, "qkv must be [batch, 3, heads, head_dim]"); e.failure())
     return e;
@@ -72,6 +77,15 @@ xffi::Error LaunchAppend(Run&& run, const Buf& qkv, const Buf& key_src, const Bu
                       "index must be an int32 scalar");
       e.failure())
     return e;
+  if (auto e = Expect(k_in.size_bytes() == k_cache->size_bytes() && v_in.size_bytes() == v_cache->size_bytes(), kOp,
+                      "the cache operands must match the cache results");
+      e.failure())
+    return e;
+  for (auto [src, dst] : {std::pair{&k_in, &k_cache}, std::pair{&v_in, &v_cache}}) {
+    if (src->untyped_data() != (*dst)->untyped_data()) {
+      if (auto e = copy((*dst)->untyped_data(), src->untyped_data(), src->size_bytes()); e.failure()) return e;
+    }
+  }
   const auto kd = k_cache->dimensions();
   return DispatchFloat<Types>(qkv.element_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -118,12 +132,17 @@ LSJAX_FFI_TARGET_CPU("decode_attention", DecodeAttentionCpuHandler);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeSelfAttentionCpuHandler,
-    [](Buf qkv, Buf, Buf, Buf key_src, Buf index, Res out, Res k_cache, Res v_cache, float scale) {
+    [](Buf qkv, Buf k_in, Buf v_in, Buf key_src, Buf index, Res out, Res k_cache, Res v_cache, float scale) {
       auto run = [](const auto& a) {
         DecodeAttentionCpu(a);
         return xffi::Error::Success();
       };
-      return LaunchAppend<CpuTypes>(run, qkv, key_src, index, out, k_cache, v_cache, scale, INT32_MAX);
+      auto copy = [](void* dst, const void* src, size_t bytes) {
+        std::memcpy(dst, src, bytes);
+        return xffi::Error::Success();
+      };
+      return LaunchAppend<CpuTypes>(run, copy, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
+                                    INT32_MAX);
     },
     BindDecodeSelfAttention(xffi::Ffi::Bind()));
 
@@ -145,10 +164,14 @@ LSJAX_FFI_TARGET_CUDA("decode_attention", DecodeAttentionCudaHandler);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeSelfAttentionCudaHandler,
-    [](cudaStream_t stream, Buf qkv, Buf, Buf, Buf key_src, Buf index, Res out, Res k_cache, Res v_cache,
-       float scale) {
+    [](cudaStream_t stream, Buf qkv, Buf k_in, Buf v_in, Buf key_src, Buf index, Res out, Res k_cache,
+       Res v_cache, float scale) {
       auto run = [&](const auto& a) { return CudaStatus(DecodeAttentionCuda(a, stream), kOp); };
-      return LaunchAppend<CudaTypes>(run, qkv, key_src, index, out, k_cache, v_cache, scale, kDecodeAttentionMaxKeys);
+      auto copy = [&](void* dst, const void* src, size_t bytes) {
+        return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream), kOp);
+      };
+      return LaunchAppend<CudaTypes>(run, copy, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
+                                     kDecodeAttentionMaxKeys);
     },
     BindDecodeSelfAttention(xffi::Ffi::Bind().Ctx<xffi::PlatformStream<cudaStream_t>>()),
     {xffi::Traits::kCmdBufferCompatible});
