@@ -45,11 +45,8 @@ class _VariantTranslator(Translator):
         self.reorder_cache, self.layer_norm_impl = reorder_cache, layer_norm_impl
         super().__init__(*args, **kwargs)
 
-    def _decode_ids(self, params, src, key, *, max_len):
-        fns = decoder_fns(self.model, params, src, max_len, layer_norm_impl=self.layer_norm_impl)
-        out = decode.beam_search(*fns, beam_size=self.beam_size, max_len=max_len, eos_id=lsdata.EOS_ID,
-                                 length_penalty=self.length_penalty, reorder_cache=self.reorder_cache)
-        return out.sequences[:, 0]
+    def _decoder_fns(self, params, src, max_len):
+        return decoder_fns(self.model, params, src, max_len, layer_norm_impl=self.layer_norm_impl)
 
 
 def _variant(name: str, model, backend: str):

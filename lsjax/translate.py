@@ -57,15 +57,21 @@ class Translator:
         """``batch_size``, lowered so a bucket's source batch fits the model's ``max_batch_tokens``."""
         return max(1, min(self.batch_size, self.model.config.max_batch_tokens // length))
 
+    # The cache reorder of beam search, and the decoding functions (hooks for benchmarks.decode_quality).
+    reorder_cache = staticmethod(reorder_decode_cache)
+
+    def _decoder_fns(self, params: Any, src: jax.Array, max_len: int):
+        return decoder_fns(self.model, params, src, max_len)
+
     def _decode_ids(self, params: Any, src: jax.Array, key: jax.Array, *, max_len: int) -> jax.Array:
-        fns = decoder_fns(self.model, params, src, max_len)
+        fns = self._decoder_fns(params, src, max_len)
         if self.sampling is not None:
             s = self.sampling
             return decode.sample(*fns, key=key, max_len=max_len, eos_id=lsdata.EOS_ID,
                                  temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0),
                                  top_p=s.get("top_p", 1.0))
         out = decode.beam_search(*fns, beam_size=self.beam_size, max_len=max_len, eos_id=lsdata.EOS_ID,
-                                 length_penalty=self.length_penalty, reorder_cache=reorder_decode_cache)
+                                 length_penalty=self.length_penalty, reorder_cache=self.reorder_cache)
         return out.sequences[:, 0]
 
     def translate(self, params: Any, sentences: Sequence[str]) -> list[str]:
