@@ -20,7 +20,9 @@ beam searches; compilation dominates the run time, so split the rows over calls 
 ``--batches`` / ``--dtypes`` when time is short. ``--xla-options while,cublas`` also times
 both searches compiled with those XLA option sets (``benchmarks.profile.XLA_OPTIONS``: command
 buffers around the while loop, cuBLAS GEMMs): every row then names its setting.
-``--layer-norm xla,fused`` likewise times our decode step with each ``layer_norm_impl``.
+``--layer-norm xla,fused`` likewise times our decode step with each ``layer_norm_impl``, and
+``--decode-dense xla,fused`` with each ``decode_dense_impl`` (``xla``: XLA GEMMs and their epilogues,
+the default; ``fused``: every projection one :func:`lsjax.ops.decode_dense`).
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ def _searches(ours_fns, peer_fns, reorder_cache=gather_rows):
     return ours, peer
 
 
-def _transformer_inputs(batch, dtype, rng, layer_norm="xla"):
+def _transformer_inputs(batch, dtype, rng, layer_norm="xla", decode_dense="xla"):
     """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer (decoded
-    with ``layer_norm_impl`` = ``layer_norm``), and the plain-Flax ``RefTransformer`` with the same
+    with ``layer_norm_impl`` = ``layer_norm``, ``decode_dense_impl`` = ``decode_dense``), and the plain-Flax ``RefTransformer`` with the same
     weights (cast to ``dtype``) decoded the flax-wmt way."""
     from benchmarks.flax_reference import ref_decoder_fns, reference_params
     from lsjax.models import Transformer, decoder_fns, load_model_config, reorder_decode_cache
@@ -72,12 +74,13 @@ def _transformer_inputs(batch, dtype, rng, layer_norm="xla"):
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), src[0], src[0])["params"])
     ref_config = load_model_config("transformer-base", vocab_size=VOCAB, dtype=name, param_dtype=name)
     ref_params = jax.tree.map(lambda p: p.astype(dtype), reference_params(params))
-    searches = _searches(lambda p, s: decoder_fns(model, p, s, STEPS, layer_norm_impl=layer_norm),
+    searches = _searches(lambda p, s: decoder_fns(model, p, s, STEPS, layer_norm_impl=layer_norm,
+                                                  decode_dense_impl=decode_dense),
                          lambda p, s: ref_decoder_fns(ref_config, p, s, STEPS), reorder_decode_cache)
     return searches, ([(params, s) for s in src], [(ref_params, s) for s in src])
 
 
-def _toy_inputs(batch, dtype, rng, layer_norm="xla"):
+def _toy_inputs(batch, dtype, rng, layer_norm="xla", decode_dense="xla"):
     from benchmarks.toy_decoder import toy_decoder
 
     f, cache, enc = toy_decoder(rng, batch=batch, vocab=64, max_len=STEPS)
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated XLA compile-option sets, of {sorted(XLA_OPTIONS)}")
     parser.add_argument("--layer-norm", default="xla",
                         help="comma-separated layer norms of our decode step (xla: decoder_fns' default, fused)")
+    parser.add_argument("--decode-dense", default="xla",
+                        help="comma-separated decode_dense_impl of our decode step (xla: the default, fused)")
     parser.add_argument("--no-topk", action="store_true", help="skip the top-k op table")
     parser.add_argument("--smoke", action="store_true", help="toy decoder, tiny sizes (CPU check)")
     args = parser.parse_args(argv)
@@ -111,10 +116,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"device: {device}; backend: {ops.get_backend()}; beam {BEAM}, {STEPS} forced steps", flush=True)
     make_inputs = _toy_inputs if args.smoke else _transformer_inputs
-    rows = [(jnp.dtype(d), int(b), ln) for d in args.dtypes.split(",") for b in args.batches.split(",")
-            for ln in args.layer_norm.split(",")]
-    for dtype, batch, layer_norm in rows:
-        (ours, peer), (ours_inputs, peer_inputs) = make_inputs(batch, dtype, rng, layer_norm)
+    rows = [(jnp.dtype(d), int(b), ln, dd) for d in args.dtypes.split(",") for b in args.batches.split(",")
+            for ln in args.layer_norm.split(",") for dd in args.decode_dense.split(",")]
+    for dtype, batch, layer_norm, decode_dense in rows:
+        (ours, peer), (ours_inputs, peer_inputs) = make_inputs(batch, dtype, rng, layer_norm, decode_dense)
         for setting in args.xla_options.split(","):
             timing = dict(calls=2 if args.smoke else 5, trials=3 if args.smoke else 5,
                           compiler_options=XLA_OPTIONS[setting])
@@ -122,11 +127,13 @@ def main(argv: list[str] | None = None) -> None:
             t_peer, peer_seqs = time_fn(peer, peer_inputs, return_outputs=True, **timing)
             same = float(np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in zip(seqs, peer_seqs)]))
             row = {"dtype": jnp.dtype(dtype).name, "batch": batch, "beam": BEAM, "steps": STEPS,
-                   "xla_options": setting, "layer_norm": layer_norm, "ours_ms": t_ours * 1e3,
+                   "xla_options": setting, "layer_norm": layer_norm, "decode_dense": decode_dense,
+                   "ours_ms": t_ours * 1e3,
                    "peer_ms": t_peer * 1e3, "ours_ms_per_step": t_ours * 1e3 / STEPS,
                    "peer_ms_per_step": t_peer * 1e3 / STEPS, "speedup": t_peer / t_ours, "same_tokens": same}
             results["decode"].append(row)
-            print(f"beam search {row['dtype']:<9} batch {batch:<3} XLA {setting:<12} LN {layer_norm:<5} ours "
+            print(f"beam search {row['dtype']:<9} batch {batch:<3} XLA {setting:<12} LN {layer_norm:<5} dense "
+                  f"{decode_dense:<5} ours "
                   f"{row['ours_ms']:9.3f} ms ({row['ours_ms_per_step']:.4f}/step)  flax-style {row['peer_ms']:9.3f} "
                   f"ms ({row['peer_ms_per_step']:.4f}/step)  {row['speedup']:.2f}x  same tokens "
                   f"{row['same_tokens']:.1%}", flush=True)

@@ -12,12 +12,14 @@
 #                 dropout anywhere: picks the default path)
 #   decode        benchmarks/decode.py (decode_bar: only the issue's bar rows, bf16 batch 8 and 64, + top-k,
 #                 each with and without XLA command buffers around the while loop; decode_ln: the same rows
-#                 with our decode layer norm as XLA's and as the fused op, no top-k; decode_xla: the same rows
+#                 with our decode layer norm as XLA's and as the fused op, no top-k; decode_dense: the same rows
+#                 with our decode projections as lsjax.ops.decode_dense and as XLA GEMMs (the default), no
+#                 top-k; decode_xla: the same rows
 #                 under each XLA option set of benchmarks.profile.XLA_OPTIONS, or those in $DECODE_XLA_OPTIONS, no top-k)
 #   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
-#                 train step (lsjax and plain, bf16) / the batch-8 beam search ($PROFILE_DECODE: impl:options
-#                 pairs, default "lsjax:default plain:default lsjax:while"); tables in $OUT/<name>.log, JSON in
-#                 $OUT/profile_*.json
+#                 train step ($PROFILE_TRAIN: impl:dtype pairs, default "lsjax:bfloat16 plain:bfloat16") / the
+#                 batch-8 beam search ($PROFILE_DECODE: impl:options pairs, default "lsjax:default plain:default
+#                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each)
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
@@ -110,13 +112,16 @@ for name in ${BENCH//,/ }; do
                   --out "$OUT/decode_bar.json" ;;
     decode_ln) bench decode_ln $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --layer-norm xla,fused --no-topk \
                   --out "$OUT/decode_ln.json" ;;
+    decode_dense) bench decode_dense $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --decode-dense fused,xla \
+                  --no-topk --out "$OUT/decode_dense.json" ;;
     decode_xla) bench decode_xla $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --no-topk \
                   --xla-options "${DECODE_XLA_OPTIONS:-default,while,cublas,while+cublas}" --out "$OUT/decode_xla.json" ;;
-    profile_train) for impl in lsjax plain; do
-        bench "profile_train_$impl" $PY -m benchmarks.profile train --impl $impl --out "$OUT/profile_train_$impl.json"
+    profile_train) for v in ${PROFILE_TRAIN:-lsjax:bfloat16 plain:bfloat16}; do set -- ${v/:/ }
+        bench "profile_train_$1_$2" $PY -m benchmarks.profile train --impl $1 --dtype $2 --top "${PROFILE_TOP:-40}" \
+          --out "$OUT/profile_train_$1_$2.json" --hlo "$OUT/profile_train_$1_$2.hlo.txt"
       done ;;
     profile_decode) for v in ${PROFILE_DECODE:-lsjax:default plain:default lsjax:while}; do set -- ${v/:/ }
-        bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --xla-options $2 \
+        bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --xla-options $2 --top "${PROFILE_TOP:-40}" \
           --out "$OUT/profile_decode_$1_$2.json" --hlo "$OUT/profile_decode_$1_$2.hlo.txt"
       done ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;

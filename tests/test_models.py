@@ -86,9 +86,11 @@ def test_dropout_is_active_and_seeded(rng):
 
 
 @pytest.mark.parametrize("variant,backend", [(dict(), "xla"), (dict(scan_layers=True, pre_layer_norm=False), "xla"),
-                                             (dict(), "cpu_ffi")])
+                                             (dict(), "cpu_ffi"), (dict(decode_dense_impl="fused"), "xla"),
+                                             (dict(decode_dense_impl="fused", scan_layers=True), "cpu_ffi")])
 def test_cached_decoding_equals_full_forward(rng, variant, backend):
-    """Decode steps (decode_attention over the cache) give the full forward's logits."""
+    """Decode steps (decode_attention over the cache; with decode_dense_impl="fused" every projection
+    one decode_dense, layer norm, bias, activation and residual included) give the full forward's logits."""
     cfg = tiny_config(**variant)
     src, tgt_in, _ = batch(rng)
     model = Transformer(cfg)
@@ -102,7 +104,9 @@ def test_cached_decoding_equals_full_forward(rng, variant, backend):
     assert enc_k.shape[-2:] == (cfg.nhead, cfg.head_dim) and enc_k.shape[-3] == src.shape[1]
     with ops.use_backend(backend):
         step = jax.jit(tokens_to_logits)
-        assert ("lsjax_decode_attention" in step.lower(tgt_in[:, :1], cache, encoded).as_text()) == (backend != "xla")
+        hlo = step.lower(tgt_in[:, :1], cache, encoded).as_text()
+        assert ("lsjax_decode_attention" in hlo) == (backend != "xla")
+        assert ("lsjax_decode_dense" in hlo) == (backend != "xla" and cfg.decode_dense_impl == "fused")
         for t in range(tgt_in.shape[1]):
             logits, cache = step(tgt_in[:, t:t + 1], cache, encoded)
             assert logits.shape == (3, cfg.vocab_size) and logits.dtype == jnp.float32

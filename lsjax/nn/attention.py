@@ -63,6 +63,50 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, dropout: bool) -> st
     return "cudnn" if flash else "fused"
 
 
+def use_decode_dense(cfg: LayerConfig, x: jax.Array, *, decode: bool, deterministic: bool) -> bool:
+    """Whether a pre-LN decode step of ``x [batch, 1, hidden]`` runs its projections as
+    :func:`lsjax.ops.decode_dense` (``cfg.decode_dense_impl == "fused"``; never with dropout)."""
+    rates = (cfg.attn_prob_dropout_ratio, cfg.activation_dropout_ratio, cfg.hidden_dropout_ratio)
+    return (decode and cfg.pre_layer_norm and x.shape[1] == 1 and cfg.decode_dense_impl == "fused"
+            and (deterministic or not any(rates)))
+
+
+class Projection(nn.DenseGeneral):
+    """``nn.DenseGeneral`` (the same params and results) that can also run a decode step's
+    projection and its epilogue as one :func:`lsjax.ops.decode_dense`."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, fused: bool = False, bias: jax.Array | None = None,
+                 ln: tuple[jax.Array, jax.Array] | None = None, eps: float = 1e-5, activation: str = "none",
+                 residual: jax.Array | None = None) -> jax.Array:
+        """``x [..., *in_dims]`` -> ``[..., *features]``.
+
+        With ``fused``: ``act(layer_norm(x) @ kernel + b) + residual`` in one kernel, where
+        ``b`` is this projection's own bias, or ``bias`` when it has none; ``ln`` (scale,
+        bias) and ``residual`` (``[..., *features]``) are optional. Needs the params to
+        exist (initialise with the model's forward pass).
+        """
+        if not fused:
+            return super().__call__(x)
+        if not self.has_variable("params", "kernel"):
+            raise ValueError(f"{self.name}: a fused decode projection needs initialised params; "
+                             "initialise the model with its forward pass first")
+        n_in = len(self.axis) if isinstance(self.axis, tuple) else 1
+        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        if (bias is not None) == self.use_bias:
+            raise ValueError(f"{self.name}: give the fused projection a bias exactly when it has none of its own")
+        if self.use_bias:
+            bias = nn.meta.unbox(self.get_variable("params", "bias"))
+        lead = x.shape[:-n_in]
+        kernel = nn.meta.unbox(self.get_variable("params", "kernel")).astype(self.dtype)
+        n = math.prod(features)
+        y = ops.decode_dense(x.astype(self.dtype).reshape(math.prod(lead), -1), kernel.reshape(-1, n),
+                             bias.reshape(n), ln_scale=None if ln is None else ln[0],
+                             ln_bias=None if ln is None else ln[1], eps=eps, activation=activation,
+                             residual=None if residual is None else residual.astype(self.dtype).reshape(-1, n))
+        return y.reshape(lead + features)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None, causal: bool,
                           impl: str = "fused", dropout_rate: float = 0.0,
                           key: jax.Array | None = None) -> jax.Array:
@@ -73,22 +117,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask:
       key_mask: optional bool ``[batch, k_len]``, True = attend.
       causal: bottom-right aligned causal mask (see :func:`lsjax.ops.attention_softmax`).
       impl: ``"fused"``: score GEMM, :func:`lsjax.ops.attention_softmax` (masks, softmax,
-        dropout in one op), value GEMM. ``"cudnn"`` / ``"xla"``:
-        ``jax.nn.dot_product_attention`` with that implementation (key padding given as
-        lengths, so keys must be right-padded; no dropout).
+        dropout in one op), value GEMM. ``"xla"``: the same with the op's pure-JAX reference
+        (no dropout). ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``
+        (key padding given as lengths, so keys must be right-padded; no dropout).
       dropout_rate, key: attention-probability dropout (fused path only).
 
     Returns:
       ``[batch, q_len, heads, head_dim]`` in ``q``'s dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if impl == "fused":
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        probs = ops.attention_softmax(scores, key_padding_mask=key_mask, causal=causal, scale=scale,
-                                      dropout_rate=dropout_rate, key=key)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    if key is not None and dropout_rate > 0:
+    if key is not None and dropout_rate > 0 and impl != "fused":
         raise ValueError(f"attention_impl={impl!r} has no attention dropout; use attention_impl='fused'")
+    if impl in ("fused", "xla"):
+        # (jax.nn.dot_product_attention's own XLA path asks XLA:GPU for a float16 dot algorithm it rejects.)
+        softmax = ops.attention_softmax if impl == "fused" else ops.attention_softmax_reference
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        probs = softmax(scores, key_padding_mask=key_mask, causal=causal, scale=scale, dropout_rate=dropout_rate,
+                        key=key)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=lengths,
                                         implementation=impl)
@@ -117,9 +163,9 @@ class MultiHeadAttention(nn.Module):
     cross: bool = False
     causal: bool = False
 
-    def _dense(self, features: tuple[int, ...], axes: tuple, name: str) -> nn.DenseGeneral:
+    def _dense(self, features: tuple[int, ...], axes: tuple, name: str) -> Projection:
         cfg = self.config
-        return nn.DenseGeneral(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        return Projection(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                                kernel_init=partitioned(_DEFAULT_INIT, ("embed",) + axes),
                                bias_init=partitioned(nn.initializers.zeros, axes))
 
@@ -127,7 +173,7 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: jax.Array, residual: jax.Array, *, memory: jax.Array | None = None,
                  key_mask: jax.Array | None = None, deterministic: bool = True, decode: bool = False,
                  cache_index: jax.Array | None = None, row_offsets: jax.Array | None = None,
-                 max_decode_len: int | None = None) -> jax.Array:
+                 max_decode_len: int | None = None, ln: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         """Attends and adds the result to ``residual``.
 
         Args:
@@ -150,11 +196,16 @@ class MultiHeadAttention(nn.Module):
             cached key ``j`` of row ``b`` from row ``b + row_offsets[b, j]`` (a beam
             search's cache indirection, see :func:`lsjax.ops.decode_attention`).
           max_decode_len: cache length, needed on the creating call.
+          ln: a pre-LN decode step fused (see :func:`use_decode_dense`): ``x`` is the
+            un-normalised residual stream and ``ln`` the layer norm's ``(scale, bias)``;
+            the projections then run as :func:`lsjax.ops.decode_dense`, the layer norm
+            fused into the Q (QKV) projection and the bias and residual add into the output one.
 
         Returns:
           ``[batch, q_len, hidden]`` in the compute dtype.
         """
         cfg = self.config
+        fused = dict(fused=True, ln=ln, eps=cfg.layer_norm_eps) if ln is not None else {}
         h, dh = cfg.nhead, cfg.head_dim
         x = x.astype(cfg.dtype)
         rate = cfg.attn_prob_dropout_ratio
@@ -164,7 +215,7 @@ class MultiHeadAttention(nn.Module):
         one_kernel = decode and key is None and cfg.attention_impl in ("auto", "fused") and x.shape[1] == 1
         scale = 1.0 / math.sqrt(dh)
         if self.cross:
-            q = self._dense((h, dh), ("heads", "kv"), "q")(x)
+            q = self._dense((h, dh), ("heads", "kv"), "q")(x, **fused)
             kv_proj = self._dense((2, h, dh), (None, "heads", "kv"), "kv")
             if decode:
                 k, v = self._memory_kv(kv_proj, memory)
@@ -176,7 +227,7 @@ class MultiHeadAttention(nn.Module):
             else:
                 out, attend = None, (q, k, v, key_mask, self.causal)
         else:
-            qkv = self._dense((3, h, dh), (None, "heads", "kv"), "qkv")(x)
+            qkv = self._dense((3, h, dh), (None, "heads", "kv"), "qkv")(x, **fused)
             if decode:
                 out, attend = self._decode_step(qkv, key_mask, cache_index, row_offsets, max_decode_len, one_kernel,
                                                 scale)
@@ -187,11 +238,14 @@ class MultiHeadAttention(nn.Module):
             impl = resolve_attention_impl(cfg.attention_impl, q.dtype, dh, key is not None)
             out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=impl, dropout_rate=rate,
                                         key=key)
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
+        out_proj = Projection(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="out",
-                              kernel_init=partitioned(_DEFAULT_INIT, ("heads", "kv", "embed")))(out)
+                              kernel_init=partitioned(_DEFAULT_INIT, ("heads", "kv", "embed")))
         bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (cfg.hidden_size,),
                           cfg.param_dtype)
+        if fused:
+            return out_proj(out, fused=True, bias=bias, residual=residual)
+        out = out_proj(out)
         rate = cfg.hidden_dropout_ratio
         return bias_dropout_residual(out, bias, residual.astype(cfg.dtype), rate=rate,
                                      key=dropout_key(self, rate, deterministic))

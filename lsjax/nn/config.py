@@ -11,6 +11,7 @@ import jax.numpy as jnp
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 ATTENTION_IMPLS = ("auto", "fused", "cudnn", "xla")
 LAYER_NORM_IMPLS = ("fused", "xla")
+DECODE_DENSE_IMPLS = ("xla", "fused")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -35,8 +36,8 @@ class LayerConfig:
       dtype: compute dtype (activations, GEMM inputs). param_dtype: storage dtype of params.
       attention_impl: ``"fused"`` (score GEMM + lsjax attention-softmax op + GEMM),
         ``"cudnn"`` (``jax.nn.dot_product_attention(implementation="cudnn")``, flash
-        attention, no attention dropout), ``"xla"`` (the same call, XLA implementation)
-        or ``"auto"`` (default): ``"cudnn"`` where it applies (the ``"cuda"`` backend, a
+        attention, no attention dropout), ``"xla"`` (score GEMM + the softmax's pure-JAX
+        reference + GEMM, all XLA; no attention dropout) or ``"auto"`` (default): ``"cudnn"`` where it applies (the ``"cuda"`` backend, a
         call without attention dropout, 16-bit compute, head_dim a multiple of 8 up to
         128), else ``"fused"``; measured faster there on the H100 (see
         ``benchmarks/RESULTS.md``, layers). The ``dot_product_attention`` paths take key
@@ -51,6 +52,13 @@ class LayerConfig:
       layer_norm_impl: ``"fused"`` (:func:`lsjax.ops.layer_norm`) or ``"xla"`` (its
         pure-JAX reference, which XLA may fuse with the neighbouring element-wise work:
         a candidate for decode steps of a few rows, where each launch counts).
+      decode_dense_impl: the projections of a pre-LN decode step (one token per row, no
+        dropout): ``"xla"`` (default) as ``nn.DenseGeneral`` plus the ops around it, which
+        XLA:GPU runs as a split-K GEMM and one fusion of its epilogue; ``"fused"`` each as one
+        :func:`lsjax.ops.decode_dense` (layer norm, GEMM, bias, activation and residual in
+        one kernel). ``"fused"`` has half the launches but its kernel is slower: a
+        transformer-base beam search at batch 8 took 24.9 ms against 19.7 ms on the H100
+        (``benchmarks/RESULTS.md``).
     """
 
     hidden_size: int
@@ -71,6 +79,7 @@ class LayerConfig:
     scan_layers: bool = False
     layer_norm_eps: float = 1e-5
     layer_norm_impl: str = "fused"
+    decode_dense_impl: str = "xla"
 
     def __post_init__(self):
         if self.hidden_size % self.nhead:
@@ -85,6 +94,9 @@ class LayerConfig:
                 f"attn_prob_dropout_ratio=0 (got {self.attn_prob_dropout_ratio}) or use attention_impl='fused'")
         if self.layer_norm_impl not in LAYER_NORM_IMPLS:
             raise ValueError(f"layer_norm_impl must be one of {LAYER_NORM_IMPLS}, got {self.layer_norm_impl!r}")
+        if self.decode_dense_impl not in DECODE_DENSE_IMPLS:
+            raise ValueError(
+                f"decode_dense_impl must be one of {DECODE_DENSE_IMPLS}, got {self.decode_dense_impl!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
         for name in ("attn_prob_dropout_ratio", "activation_dropout_ratio", "hidden_dropout_ratio"):

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from lsjax import ops
-from lsjax.nn.attention import (MultiHeadAttention, _DEFAULT_INIT, bias_act_dropout, bias_dropout_residual,
-                                dropout_key, partitioned)
+from lsjax.nn.attention import (MultiHeadAttention, Projection, _DEFAULT_INIT, bias_act_dropout,
+                                bias_dropout_residual, dropout_key, partitioned, use_decode_dense)
 from lsjax.nn.config import REMAT_POLICIES, LayerConfig
 
 
@@ -32,6 +32,13 @@ class LayerNorm(nn.Module):
         bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,), cfg.param_dtype)
         norm = ops.layer_norm if cfg.layer_norm_impl == "fused" else ops.layer_norm_reference
         return norm(x.astype(cfg.dtype), scale, bias, eps=cfg.layer_norm_eps)
+
+    def affine(self) -> tuple[jax.Array, jax.Array]:
+        """``(scale, bias)``, for a kernel that fuses this layer norm (the params must exist)."""
+        if not self.has_variable("params", "scale"):
+            raise ValueError(f"{self.name}: a fused layer norm needs initialised params; initialise the model "
+                             "with its forward pass first")
+        return tuple(nn.meta.unbox(self.get_variable("params", name)) for name in ("scale", "bias"))
 
 
 class Embedding(nn.Module):
@@ -88,16 +95,24 @@ class FeedForward(nn.Module):
     config: LayerConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool = True,
+                 ln: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """``ln``: a pre-LN decode step fused, as in :class:`MultiHeadAttention` (``x`` un-normalised)."""
         cfg = self.config
 
         def dense(features, axes, name):
-            return nn.DenseGeneral(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                   kernel_init=partitioned(_DEFAULT_INIT, axes), name=name)
+            return Projection(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              kernel_init=partitioned(_DEFAULT_INIT, axes), name=name)
 
         def bias(n, axis, name):
             return self.param(name, partitioned(nn.initializers.zeros, (axis,)), (n,), cfg.param_dtype)
 
+        if ln is not None:
+            h = dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(
+                x, fused=True, bias=bias(cfg.intermediate_size, "mlp", "fc1_bias"), ln=ln, eps=cfg.layer_norm_eps,
+                activation=cfg.activation_fn)
+            return dense(cfg.hidden_size, ("mlp", "embed"), "fc2")(
+                h, fused=True, bias=bias(cfg.hidden_size, "embed", "fc2_bias"), residual=residual)
         h = dense(cfg.intermediate_size, ("embed", "mlp"), "fc1")(x.astype(cfg.dtype))
         rate = cfg.activation_dropout_ratio
         h = bias_act_dropout(h, bias(cfg.intermediate_size, "mlp", "fc1_bias"), activation=cfg.activation_fn,
@@ -108,10 +123,16 @@ class FeedForward(nn.Module):
                                      rate=rate, key=dropout_key(self, rate, deterministic))
 
 
-def _sublayer(x: jax.Array, block: Callable[[jax.Array, jax.Array], jax.Array], norm: LayerNorm,
-              pre_layer_norm: bool) -> jax.Array:
-    """Pre-LN ``x + block(LN(x))`` or post-LN ``LN(x + block(x))``; ``block(h, residual)`` adds the residual."""
-    return block(norm(x), x) if pre_layer_norm else norm(block(x, x))
+def _sublayer(x: jax.Array, block: Callable[..., jax.Array], norm: LayerNorm, pre_layer_norm: bool,
+              fused: bool = False) -> jax.Array:
+    """Pre-LN ``x + block(LN(x))`` or post-LN ``LN(x + block(x))``; ``block(h, residual, ln)`` adds the residual.
+
+    ``fused``: a pre-LN decode step whose block applies the layer norm itself, given
+    ``ln`` = its ``(scale, bias)`` (see :func:`lsjax.nn.attention.use_decode_dense`); else ``ln`` is None.
+    """
+    if fused:
+        return block(x, x, norm.affine())
+    return block(norm(x), x, None) if pre_layer_norm else norm(block(x, x, None))
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -125,9 +146,9 @@ class TransformerEncoderLayer(nn.Module):
         cfg = self.config
         attn = MultiHeadAttention(cfg, name="self_attn")
         ffn = FeedForward(cfg, name="ffn")
-        x = _sublayer(x, lambda h, r: attn(h, r, key_mask=key_mask, deterministic=deterministic),
+        x = _sublayer(x, lambda h, r, _: attn(h, r, key_mask=key_mask, deterministic=deterministic),
                       LayerNorm(cfg, name="self_attn_ln"), cfg.pre_layer_norm)
-        x = _sublayer(x, lambda h, r: ffn(h, r, deterministic=deterministic), LayerNorm(cfg, name="ffn_ln"),
+        x = _sublayer(x, lambda h, r, _: ffn(h, r, deterministic=deterministic), LayerNorm(cfg, name="ffn_ln"),
                       cfg.pre_layer_norm)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
@@ -149,18 +170,20 @@ class TransformerDecoderLayer(nn.Module):
         ``memory_mask [batch, src_len]``; decode arguments as in :class:`MultiHeadAttention`."""
         cfg = self.config
         pre = cfg.pre_layer_norm
+        fused = use_decode_dense(cfg, x, decode=decode, deterministic=deterministic)
         self_attn = MultiHeadAttention(cfg, causal=True, name="self_attn")
-        x = _sublayer(x, lambda h, r: self_attn(h, r, deterministic=deterministic, decode=decode,
-                                                cache_index=cache_index, row_offsets=row_offsets,
-                                                max_decode_len=max_decode_len),
-                      LayerNorm(cfg, name="self_attn_ln"), pre)
+        x = _sublayer(x, lambda h, r, ln: self_attn(h, r, deterministic=deterministic, decode=decode,
+                                                    cache_index=cache_index, row_offsets=row_offsets,
+                                                    max_decode_len=max_decode_len, ln=ln),
+                      LayerNorm(cfg, name="self_attn_ln"), pre, fused)
         if self.cross_attention:
             cross = MultiHeadAttention(cfg, cross=True, name="cross_attn")
-            x = _sublayer(x, lambda h, r: cross(h, r, memory=memory, key_mask=memory_mask,
-                                                deterministic=deterministic, decode=decode),
-                          LayerNorm(cfg, name="cross_attn_ln"), pre)
+            x = _sublayer(x, lambda h, r, ln: cross(h, r, memory=memory, key_mask=memory_mask,
+                                                    deterministic=deterministic, decode=decode, ln=ln),
+                          LayerNorm(cfg, name="cross_attn_ln"), pre, fused)
         ffn = FeedForward(cfg, name="ffn")
-        x = _sublayer(x, lambda h, r: ffn(h, r, deterministic=deterministic), LayerNorm(cfg, name="ffn_ln"), pre)
+        x = _sublayer(x, lambda h, r, ln: ffn(h, r, deterministic=deterministic, ln=ln),
+                      LayerNorm(cfg, name="ffn_ln"), pre, fused)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 

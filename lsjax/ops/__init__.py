@@ -26,6 +26,7 @@ from lsjax.ops.bias_dropout_residual import (
 from lsjax.ops.decode_attention import (decode_attention, decode_attention_reference, decode_self_attention,
                                         decode_self_attention_reference)
 from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
+from lsjax.ops.decode_dense import decode_dense, decode_dense_reference
 from lsjax.ops.embedding import embedding, embedding_reference, sinusoidal_positions, token_positions
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
 
@@ -33,6 +34,8 @@ __all__ = [
     "adam_scalars",
     "adam_update",
     "adam_update_reference",
+    "decode_dense",
+    "decode_dense_reference",
     "attention_softmax",
     "attention_softmax_reference",
     "BACKENDS",

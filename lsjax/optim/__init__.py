@@ -20,11 +20,12 @@ from lsjax.optim.loss_scale import (
 )
 from lsjax.optim.memory import state_bytes_per_param
 from lsjax.optim.schedules import inverse_sqrt_schedule
-from lsjax.optim.transform import AdamState, LionState, adam, adamw, apply_updates, lion
+from lsjax.optim.transform import AdamState, GatedTransformation, LionState, adam, adamw, apply_updates, lion
 
 __all__ = [
     "AdamState",
     "DynamicLossScale",
+    "GatedTransformation",
     "LionState",
     "LossScale",
     "LossScaleState",

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from lsjax.optim.transform import GatedTransformation
+
 _F32 = jnp.float32
 
 
@@ -119,7 +121,9 @@ def loss_scaled(inner: optax.GradientTransformation, loss_scale: LossScale) -> o
     When any gradient element is inf/NaN it returns zero updates and the old
     ``inner_state`` (params, moments and step count unchanged), increments
     ``skipped_steps`` and lowers the scale; otherwise it runs ``inner`` on
-    ``loss_scale.unscale(grads)``. Put it outermost:
+    ``loss_scale.unscale(grads)``. Both outcomes are computed and one is selected on the
+    device (no ``lax.cond``); an lsjax transform (:class:`GatedTransformation`) does the
+    unscaling and the selection inside its own update. Put it outermost:
     ``loss_scaled(optax.chain(optax.clip_by_global_norm(1.0), adamw(...)), scale)``.
     """
 
@@ -128,17 +132,14 @@ def loss_scaled(inner: optax.GradientTransformation, loss_scale: LossScale) -> o
 
     def update(grads, state, params=None):
         finite = all_finite(grads)
-        unscaled = state.loss_scale.unscale(grads)
-
-        def step(_):
-            return inner.update(unscaled, state.inner_state, params)
-
-        def skip(_):
-            updates, _ = jax.eval_shape(step, None)
-            zeros = jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), updates)
-            return zeros, state.inner_state
-
-        updates, inner_state = jax.lax.cond(finite, step, skip, None)
+        if isinstance(inner, GatedTransformation):  # unscaling and skipping fused into its update
+            grad_scale = state.loss_scale.unscale(jnp.ones((), _F32))
+            updates, inner_state = inner.update(grads, state.inner_state, params, grad_scale=grad_scale,
+                                                finite=finite)
+        else:  # computed either way, then selected on the device (no lax.cond: see GatedTransformation)
+            updates, inner_state = inner.update(state.loss_scale.unscale(grads), state.inner_state, params)
+            updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+            inner_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), inner_state, state.inner_state)
         new_state = LossScaleState(inner_state, state.loss_scale.adjust(finite),
                                    state.skipped_steps + (~finite).astype(jnp.int32))
         return updates, new_state

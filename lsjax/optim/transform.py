@@ -48,6 +48,29 @@ class AdamState(NamedTuple):
     key: jax.Array | None  # uint32 key data for stochastic rounding, else None
 
 
+class GatedTransformation(optax.GradientTransformationExtraArgs):
+    """An lsjax transform whose ``update`` also takes two keyword arguments, so that
+    :func:`lsjax.optim.loss_scaled` hands it the loss-scaling work to fuse:
+
+    * ``grad_scale``: float32 scalar multiplying every gradient inside the update
+      (``1 / loss_scale``), instead of a separate unscaled copy of the gradients;
+    * ``finite``: bool scalar; False makes the step a no-op (zero updates, state
+      unchanged), selected on the device: no ``lax.cond``, whose predicate XLA:GPU
+      copies to the host, stalling the step until the backward pass is done.
+    """
+
+
+def _gate(finite: jax.Array | None, new, old):
+    """``new`` where ``finite`` (leaf by leaf), else ``old``; ``new`` when ``finite`` is None."""
+    if finite is None:
+        return new
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def _grad_scale(grad_scale: jax.Array | None) -> jax.Array:
+    return jnp.float32(1.0) if grad_scale is None else jnp.asarray(grad_scale, _F32)
+
+
 class LionState(NamedTuple):
     """State of :func:`lion`."""
 
@@ -186,7 +209,7 @@ def adamw(
         return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
                          jax.tree.map(zeros, params), _init_key(rounding, seed))
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, grad_scale=None, finite=None, **extra_args):
         if params is None:
             raise ValueError(f"{who}: update needs params (it computes the new params itself)")
         _check_params(params, who)
@@ -197,7 +220,7 @@ def adamw(
         lr = _learning_rate(learning_rate, state.count)
         bc1, bc2 = _bias_correction(b1, count), _bias_correction(b2, count)
         decays = [jnp.float32(weight_decay if d else 0.0) for d in _decay_mask(mask, params)]
-        scalars = [adam_scalars(lr, b1, b2, eps, wd, bc1, bc2) for wd in decays]
+        scalars = [adam_scalars(lr, b1, b2, eps, wd, bc1, bc2, _grad_scale(grad_scale)) for wd in decays]
         fused = (_backend.get_backend() != "xla" and jnp.dtype(moment_dtype) == jnp.dtype(_F32)
                  and rounding == "nearest")
         steps, new_m, new_v = [], [], []
@@ -212,9 +235,10 @@ def adamw(
             new_v.append(v.astype(moment_dtype))
         updates = _finish(p_leaves, steps, state.key, state.count)
         updates, mu, nu = _unflatten(treedef, updates, new_m, new_v)
-        return updates, AdamState(count, mu, nu, state.key)
+        new_state = _gate(finite, AdamState(count, mu, nu, state.key), state)
+        return _gate(finite, updates, jax.tree.map(jnp.zeros_like, updates)), new_state
 
-    return optax.GradientTransformation(init, update)
+    return GatedTransformation(init, update)
 
 
 def adam(
@@ -255,7 +279,7 @@ def lion(
         mu = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype), params)
         return LionState(jnp.zeros([], jnp.int32), mu, _init_key(rounding, seed))
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, grad_scale=None, finite=None, **extra_args):
         if params is None:
             raise ValueError(f"{who}: update needs params (it computes the new params itself)")
         _check_params(params, who)
@@ -264,7 +288,7 @@ def lion(
         lr = _learning_rate(learning_rate, state.count)
         steps, new_m = [], []
         for p, g, m, decays in zip(p_leaves, g_leaves, m_leaves, _decay_mask(mask, params)):
-            p32, g32, m32 = p.astype(_F32), g.astype(_F32), m.astype(_F32)
+            p32, g32, m32 = p.astype(_F32), g.astype(_F32) * _grad_scale(grad_scale), m.astype(_F32)
             direction = jnp.sign((1.0 - b1) * g32 + b1 * m32)
             if decays:
                 direction = direction + weight_decay * p32
@@ -272,6 +296,7 @@ def lion(
             new_m.append(((1.0 - b2) * g32 + b2 * m32).astype(moment_dtype))
         updates = _finish(p_leaves, steps, state.key, state.count)
         updates, mu = _unflatten(treedef, updates, new_m)
-        return updates, LionState(optax.safe_increment(state.count), mu, state.key)
+        new_state = _gate(finite, LionState(optax.safe_increment(state.count), mu, state.key), state)
+        return _gate(finite, updates, jax.tree.map(jnp.zeros_like, updates)), new_state
 
-    return optax.GradientTransformation(init, update)
+    return GatedTransformation(init, update)
