@@ -6,34 +6,18 @@
 // the scalar path. The scalars are read once per thread into registers.
 #include <algorithm>
 
-#include "csrc/adam_update.h"
-#include "csrc/cuda_common.cuh"
+#include "csrc/adam_update.cuh"
 
 namespace lsjax {
 namespace {
 
+using adam::kVec;
+using adam::UpdateAt;
+using adam::VectorAligned;
 using cuda::CeilDiv;
-using cuda::LoadFloats;
-using cuda::StoreFloats;
 
 constexpr int kBlock = 256;
-constexpr int kVec = 4;
 constexpr int kBlocksPerSM = 8;
-
-template <typename P, typename G, int VEC>
-__device__ __forceinline__ void UpdateAt(const AdamUpdateArgs<P, G>& a,
-                                         const float (&s)[kNumAdamScalars], int64_t i) {
-  float p[VEC], g[VEC], m[VEC], v[VEC];
-  LoadFloats<P, VEC>(a.param + i, p);
-  LoadFloats<G, VEC>(a.grad + i, g);
-  LoadFloats<float, VEC>(a.m + i, m);
-  LoadFloats<float, VEC>(a.v + i, v);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) p[k] = AdamStep(s, p[k], g[k], m[k], v[k]);
-  StoreFloats<P, VEC>(a.new_param + i, p);
-  StoreFloats<float, VEC>(a.new_m + i, m);
-  StoreFloats<float, VEC>(a.new_v + i, v);
-}
 
 template <typename P, typename G, int VEC>
 __global__ void __launch_bounds__(kBlock) AdamUpdateKernel(AdamUpdateArgs<P, G> a) {
@@ -46,13 +30,6 @@ __global__ void __launch_bounds__(kBlock) AdamUpdateKernel(AdamUpdateArgs<P, G> 
   for (int64_t j = tid; j < n_vec; j += stride) UpdateAt<P, G, VEC>(a, s, j * VEC);
   const int64_t tail = n_vec * VEC + tid;
   if (VEC > 1 && tail < a.n) UpdateAt<P, G, 1>(a, s, tail);
-}
-
-template <typename P, typename G>
-bool VectorAligned(const AdamUpdateArgs<P, G>& a) {
-  return cuda::Aligned(a.param, sizeof(P) * kVec) && cuda::Aligned(a.new_param, sizeof(P) * kVec) &&
-         cuda::Aligned(a.grad, sizeof(G) * kVec) && cuda::Aligned(a.m, 16) &&
-         cuda::Aligned(a.v, 16) && cuda::Aligned(a.new_m, 16) && cuda::Aligned(a.new_v, 16);
 }
 
 }  // namespace
@@ -74,14 +51,7 @@ cudaError_t AdamUpdateCuda(const AdamUpdateArgs<P, G>& a, cudaStream_t stream) {
 
 #define LSJAX_INSTANTIATE(P, G) \
   template cudaError_t AdamUpdateCuda<P, G>(const AdamUpdateArgs<P, G>&, cudaStream_t);
-#define LSJAX_INSTANTIATE_GRADS(P) \
-  LSJAX_INSTANTIATE(P, float)      \
-  LSJAX_INSTANTIATE(P, __half)     \
-  LSJAX_INSTANTIATE(P, __nv_bfloat16)
-LSJAX_INSTANTIATE_GRADS(float)
-LSJAX_INSTANTIATE_GRADS(__half)
-LSJAX_INSTANTIATE_GRADS(__nv_bfloat16)
-#undef LSJAX_INSTANTIATE_GRADS
+LSJAX_ADAM_DTYPE_PAIRS(LSJAX_INSTANTIATE, float, __half, __nv_bfloat16)
 #undef LSJAX_INSTANTIATE
 
 }  // namespace lsjax

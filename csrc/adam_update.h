@@ -39,16 +39,34 @@ enum AdamScalar : int {
   kNumAdamScalars,
 };
 
+// a * b and a + b each rounded on its own: nvcc would otherwise contract a * b + c
+// into an FMA where it chooses (differently from one kernel to the next), so the
+// kernels would differ from each other and from the CPU twin in the last bit.
+LSJAX_HOST_DEVICE float MulRn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+LSJAX_HOST_DEVICE float AddRn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 // One element's step in float32; the operation order of the jnp reference.
 LSJAX_HOST_DEVICE float AdamStep(const float (&s)[kNumAdamScalars], float p, float g, float& m,
                                  float& v) {
-  g = g * s[kAdamGradScale];
-  m = (1.f - s[kAdamB1]) * g + s[kAdamB1] * m;
-  v = (1.f - s[kAdamB2]) * (g * g) + s[kAdamB2] * v;
-  const float direction = (m / s[kAdamBiasCorrection1]) /
-                              (sqrtf(v / s[kAdamBiasCorrection2]) + s[kAdamEps]) +
-                          s[kAdamWeightDecay] * p;
-  return p + -s[kAdamLr] * direction;
+  g = MulRn(g, s[kAdamGradScale]);
+  m = AddRn(MulRn(1.f - s[kAdamB1], g), MulRn(s[kAdamB1], m));
+  v = AddRn(MulRn(1.f - s[kAdamB2], MulRn(g, g)), MulRn(s[kAdamB2], v));
+  const float direction = AddRn((m / s[kAdamBiasCorrection1]) /
+                                    (sqrtf(v / s[kAdamBiasCorrection2]) + s[kAdamEps]),
+                                MulRn(s[kAdamWeightDecay], p));
+  return AddRn(p, MulRn(-s[kAdamLr], direction));
 }
 
 template <typename P, typename G>
@@ -73,3 +91,7 @@ cudaError_t AdamUpdateCuda(const AdamUpdateArgs<P, G>& a, cudaStream_t stream);
 #endif
 
 }  // namespace lsjax
+
+// X(P, G) for every (param, grad) dtype pair the Adam kernels are built for, given the three float types.
+#define LSJAX_ADAM_DTYPE_PAIRS(X, F32, F16, BF16) \
+  X(F32, F32) X(F32, F16) X(F32, BF16) X(F16, F32) X(F16, F16) X(F16, BF16) X(BF16, F32) X(BF16, F16) X(BF16, BF16)

@@ -22,14 +22,7 @@ void AdamUpdateCpu(const AdamUpdateArgs<P, G>& a) {
 }
 
 #define LSJAX_INSTANTIATE(P, G) template void AdamUpdateCpu<P, G>(const AdamUpdateArgs<P, G>&);
-#define LSJAX_INSTANTIATE_GRADS(P)   \
-  LSJAX_INSTANTIATE(P, float)        \
-  LSJAX_INSTANTIATE(P, cpu::Half)    \
-  LSJAX_INSTANTIATE(P, cpu::BFloat16)
-LSJAX_INSTANTIATE_GRADS(float)
-LSJAX_INSTANTIATE_GRADS(cpu::Half)
-LSJAX_INSTANTIATE_GRADS(cpu::BFloat16)
-#undef LSJAX_INSTANTIATE_GRADS
+LSJAX_ADAM_DTYPE_PAIRS(LSJAX_INSTANTIATE, float, cpu::Half, cpu::BFloat16)
 #undef LSJAX_INSTANTIATE
 
 }  // namespace lsjax

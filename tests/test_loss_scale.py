@@ -1,5 +1,7 @@
 """Dynamic loss scaling: skip on overflow, growth, static bounds across jit, sharded grads."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,7 +110,7 @@ def test_overflow_check_on_sharded_grads(rng):
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
-@pytest.mark.parametrize("make", [optim.adamw, optim.lion])
+@pytest.mark.parametrize("make", [optim.adamw, functools.partial(optim.adamw, kernel="multi"), optim.lion])
 def test_gated_transform_matches_generic_path_without_cond(rng, backend, make):
     """A bare lsjax transform gets the unscaling and the skip fused into its update (grad_scale,
     finite); wrapped in a chain it takes the generic path (unscale, update, select). Same results,

@@ -173,10 +173,10 @@ def test_inverse_sqrt_schedule():
 def test_fused_adamw_matches_jnp_path(rng, dtype):
     params = _params(rng, dtype)
     grad_seq = [_grads(rng, params) for _ in range(3)]
-    tx = optim.adamw(optim.inverse_sqrt_schedule(1e-2, 2), weight_decay=0.1)
-    ref, ref_state = _run(tx, params, grad_seq)
+    sched = optim.inverse_sqrt_schedule(1e-2, 2)
+    ref, ref_state = _run(optim.adamw(sched, weight_decay=0.1), params, grad_seq)
     with ops.use_backend("cpu_ffi"):
-        fused, state = _run(tx, params, grad_seq)
+        fused, state = _run(optim.adamw(sched, weight_decay=0.1, kernel="multi"), params, grad_seq)
     _assert_tree_close(state.mu, ref_state.mu, rtol=1e-6, atol=1e-7)
     _assert_tree_close(state.nu, ref_state.nu, rtol=1e-6, atol=1e-9)
     ulp = {jnp.float32: 1e-6, jnp.float16: 1e-3, jnp.bfloat16: 8e-3}[dtype]  # at most one rounding apart
@@ -199,7 +199,7 @@ def test_fused_step_is_in_place_and_keeps_shardings(rng):
               "s": normal(rng, (), jnp.bfloat16)}
     params = {k: jax.device_put(p, jax.sharding.NamedSharding(mesh, spec[k])) for k, p in params.items()}
     grads = _grads(rng, params)
-    tx = optim.adamw(1e-3)
+    tx = optim.adamw(1e-3, kernel="multi")
     state = tx.init(params)
     with ops.use_backend("cpu_ffi"):
         step = _donated_step(tx)
