@@ -349,6 +349,27 @@ def test_best_checkpoint_by_valid_nll_is_the_lowest(tmp_path):
         assert ck.best_step() == 2
 
 
+def test_average_params_is_the_float32_mean_rounded_once():
+    trees = [{"w": jnp.asarray([1.0, 2.0], jnp.bfloat16), "b": jnp.asarray(3.0)},
+             {"w": jnp.asarray([2.0, 2.015625], jnp.bfloat16), "b": jnp.asarray(5.0)}]
+    avg = loop.average_params(trees)
+    assert avg["w"].dtype == jnp.bfloat16 and avg["b"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(avg["w"], np.float32), [1.5, 2.0])  # 2.0078125, a tie: to even
+    assert float(avg["b"]) == 4.0
+
+
+def test_eval_reports_the_average_of_the_last_evaluations(tmp_path, cache_dir):
+    """eval.average_last=2: every eval also scores the mean of this and the previous eval's params; at
+    the first eval the window holds one tree, so the averaged scores are the plain ones."""
+    config = tiny_config(tmp_path, cache_dir, "eval.average_last=2", "steps=20")
+    loop.train(config)
+    evals = read_metrics(tmp_path / "metrics.jsonl", "eval")
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[0]["avg_valid_nll"] == evals[0]["valid_nll"]
+    assert evals[1]["avg_valid_nll"] != evals[1]["valid_nll"]
+    assert np.isfinite(evals[1]["avg_valid_nll"])
+
+
 # 5. Bad config and input
 
 
@@ -363,6 +384,7 @@ def test_best_checkpoint_by_valid_nll_is_the_lowest(tmp_path):
         ("data.overlong=chop", r"data.overlong must be one of"),
         ("eval.select_by=loss", r"eval.select_by must be"),
         ("checkpoint.keep=0", r"checkpoint needs"),
+        ("eval.average_last=0", r"eval.average_last must be >= 1"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):

@@ -83,6 +83,12 @@ class EvalConfig:
 
     ``select_by`` picks the best checkpoint: ``"bleu"`` (higher is better; falls back to
     ``"valid_nll"`` when ``bleu`` is off) or ``"valid_nll"`` (lower is better).
+
+    ``average_last`` > 1 also evaluates the element-wise mean of the params of the last
+    ``average_last`` evaluations, this one included (fairseq's checkpoint averaging, computed
+    in float32 and rounded once to the params' dtype), reported with an ``avg_`` prefix
+    (``avg_valid_nll``, ``avg_bleu``, ``avg_test_bleu``); the window holds device copies of
+    those params and starts again after a resume.
     """
 
     every: int = 500
@@ -92,10 +98,13 @@ class EvalConfig:
     max_sentences: int | None = None
     batch_size: int = 128
     select_by: str = "bleu"
+    average_last: int = 1
 
     def __post_init__(self):
         if self.every < 1:
             raise ValueError(f"eval.every must be >= 1, got {self.every}")
+        if self.average_last < 1:
+            raise ValueError(f"eval.average_last must be >= 1 (1: no averaging), got {self.average_last}")
         if self.select_by not in ("bleu", "valid_nll"):
             raise ValueError(f"eval.select_by must be 'bleu' or 'valid_nll', got {self.select_by!r}")
 

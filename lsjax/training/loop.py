@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -185,6 +186,11 @@ class _StopRequest:
         signal.signal(signal.SIGINT, self._previous)
 
 
+def average_params(trees: list) -> Any:
+    """Element-wise mean of same-structured param trees, in float32, rounded once to each leaf's dtype."""
+    return jax.tree.map(lambda *xs: (sum(x.astype(jnp.float32) for x in xs) / len(xs)).astype(xs[0].dtype), *trees)
+
+
 def evaluate(eval_step, params, batches: Iterator[dict], plan: ShardingPlan) -> dict[str, float]:
     """Token-level validation NLL and perplexity over all batches."""
     nll, tokens = 0.0, 0
@@ -250,13 +256,23 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
         checkpointer.save(step, state, {"data": data.train.state(), "config": config_to_dict(config)},
                           scores, force=force)
 
-    def run_eval(step: int) -> dict[str, float]:
-        scores = evaluate(eval_step, state.params, data.valid_batches(), plan)
+    def scores_of(params) -> dict[str, float]:
+        scores = evaluate(eval_step, params, data.valid_batches(), plan)
         if config.eval.bleu:
-            params = decode_params()
-            scores["bleu"] = translator.bleu(params, data.valid_pairs, max_sentences=config.eval.max_sentences)
+            replicated = jax.device_put(params, plan.replicated)  # beam search: each device decodes the batch
+            scores["bleu"] = translator.bleu(replicated, data.valid_pairs, max_sentences=config.eval.max_sentences)
             if data.test_pairs:
-                scores["test_bleu"] = translator.bleu(params, data.test_pairs, max_sentences=config.eval.max_sentences)
+                scores["test_bleu"] = translator.bleu(replicated, data.test_pairs,
+                                                      max_sentences=config.eval.max_sentences)
+        return scores
+
+    window: collections.deque = collections.deque(maxlen=config.eval.average_last)
+
+    def run_eval(step: int) -> dict[str, float]:
+        scores = scores_of(state.params)
+        if config.eval.average_last > 1:
+            window.append(jax.tree.map(jnp.copy, state.params))  # the train step donates state.params
+            scores.update({f"avg_{k}": v for k, v in scores_of(average_params(list(window))).items()})
         metrics.write(step, "eval", train_seconds=train_seconds, wall_seconds=time.perf_counter() - run_start,
                       **scores)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
