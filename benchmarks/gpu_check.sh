@@ -20,7 +20,8 @@
 #                 train step ($PROFILE_TRAIN: impl:dtype pairs, default "lsjax:bfloat16 plain:bfloat16") / the
 #                 batch-8 beam search ($PROFILE_DECODE: impl:options pairs, default "lsjax:default plain:default
 #                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
-#   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each)
+#   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each; + $TRAIN_STEP_ARGS,
+#                 e.g. "--dtypes bfloat16 --lsjax-overrides scan_layers=true")
 #   parallel      benchmarks/parallel.py (needs 2 GPUs)
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
 #   multi30k_fp32 benchmarks/convergence.sh fp32master   (both + $MULTI30K_OVERRIDES, key=value ...)
@@ -126,7 +127,8 @@ for name in ${BENCH//,/ }; do
       done ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;
     train_step_base|train_step_big)
-      bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" ;;
+      bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" \
+        ${TRAIN_STEP_ARGS:-} ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ;;
     multi30k) bench multi30k bash benchmarks/convergence.sh lsjax ${MULTI30K_OVERRIDES:-} ;;
     decode_quality)

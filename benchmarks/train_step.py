@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
 from benchmarks.flax_reference import RefTransformer
 from lsjax import ops, optim
@@ -90,6 +91,7 @@ class Variant:
     backend: str | None = None  # lsjax ops backend of the lsjax side (None: lsjax's default)
     compilation_cache: str | None = None
     platform: str | None = None  # JAX_PLATFORMS of the subprocess (None: JAX's default)
+    lsjax_overrides: tuple[str, ...] = ()  # model config key=value overrides of the lsjax side
 
 
 def make_batches(v: Variant, vocab: int, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -130,7 +132,9 @@ def optax_token_loss(model, params, batch, *, label_smoothing: float, determinis
 
 def build_step(v: Variant, sample: dict[str, np.ndarray]):
     """``(train_step, init)`` of one variant: ``init()`` is the jitted initial ``TrainState``."""
-    config = TrainConfig(model=v.model, precision=PRECISION[v.dtype], optimizer=OPTIMIZER, compilation_cache=None)
+    overrides = {k: yaml.safe_load(val) for k, _, val in (o.partition("=") for o in v.lsjax_overrides)}
+    config = TrainConfig(model=v.model, precision=PRECISION[v.dtype], optimizer=OPTIMIZER, compilation_cache=None,
+                         model_overrides=overrides)
     vocab = load_model_config(v.model).vocab_size
     if v.impl == "lsjax":
         model = build_model(config, vocab)
@@ -204,6 +208,7 @@ def _measure(v: Variant) -> dict:
     return {
         **dataclasses.asdict(v), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "lsjax_backend": ops.get_backend() if v.impl == "lsjax" else None, "vocab": vocab,
+        "lsjax_overrides": list(v.lsjax_overrides) if v.impl == "lsjax" else [],
         "params_M": n_params / 1e6, "bytes_per_param": bytes_per_param,
         "param_dtype": jnp.dtype(jax.tree.leaves(state.params)[0].dtype).name,
         "tgt_tokens_per_step": tokens / v.steps, "tgt_tokens_per_s": tokens / v.steps / float(np.median(times)),
@@ -256,7 +261,7 @@ def table(rows: list[dict]) -> str:
              "| peak MiB | compiled MiB | bytes/param | compile s | skipped |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        backend = f" ({r['lsjax_backend']})" if r.get("lsjax_backend") else ""
+        backend = f" ({', '.join([r['lsjax_backend'], *r.get('lsjax_overrides', [])])})" if r.get("lsjax_backend") else ""
         head = f"| {r['model']} | {r['dtype']} | {r['impl']}{backend} |"
         if "error" in r:
             lines.append(f"{head} error: {r['error'].replace('|', '/')} |" + " |" * 10)
@@ -287,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=240, help="seconds per variant subprocess")
     parser.add_argument("--smoke", action="store_true",
                         help="transformer-tiny, tiny batch, few steps, on CPU (backend cpu_ffi unless --backend)")
+    parser.add_argument("--lsjax-overrides", default="",
+                        help="comma-separated model config key=value overrides of the lsjax side, e.g. "
+                             "scan_layers=true (a scanned stack: ~15x fewer param/state arrays per call)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its row
     args = parser.parse_args(argv)
     if args.variant:
@@ -306,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
             for impl in IMPLS:
                 v = Variant(model, jnp.dtype(dtype).name, impl, args.batch, args.src_len, args.tgt_len,
                             args.steps, args.warmup, args.backend, args.compilation_cache,
-                            "cpu" if args.smoke else None)
+                            "cpu" if args.smoke else None,
+                            tuple(o for o in args.lsjax_overrides.split(",") if o) if impl == "lsjax" else ())
                 row = run_variant(v, args.timeout)
                 rows.append(row)
                 add_speedups(rows)
