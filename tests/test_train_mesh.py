@@ -19,7 +19,7 @@ import pytest
 from lsjax import ops, optim
 from lsjax.training import loop
 from lsjax.training.checkpoint import Checkpointer
-from lsjax.training.config import TrainConfig
+from lsjax.training.config import OptimizerConfig, TrainConfig
 
 CPUS = jax.devices("cpu")
 N = len(CPUS)
@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setup(precision: str = "fp32", **overrides):
-    config = TrainConfig(model="transformer-tiny", precision=precision, model_overrides={**OVERRIDES, **overrides})
+    # The multi-tensor Adam kernel (not XLA's update), so the HLO shows which elements each device updates.
+    config = TrainConfig(model="transformer-tiny", precision=precision, model_overrides={**OVERRIDES, **overrides},
+                         optimizer=OptimizerConfig(kernel="multi"))
     optimizer, _ = loop.build_optimizer(config)
     return loop.build_model(config, VOCAB), optimizer
 
@@ -76,9 +78,13 @@ def _activation_gathers(hlo: str) -> list[tuple[int, ...]]:
 
 
 def _adam_elements(hlo: str) -> int:
-    """Elements the fused Adam kernels update on one device (first output of each call)."""
-    calls = re.findall(r"= \(\w+\[([\d,]*)\][^\n]*custom_call_target=\"lsjax_adam_update_cpu\"", hlo)
-    return sum(math.prod(int(d) for d in dims.split(",") if d) for dims in calls)
+    """Param elements the multi-tensor Adam calls update on one device (each call's results: its
+    params, then as many first and second moments)."""
+    total = 0
+    for results in re.findall(r"= \(([^)]*)\) custom-call\([^\n]*custom_call_target=\"lsjax_adam_update_multi_cpu\"", hlo):
+        shapes = re.findall(r"\w+\[([\d,]*)\]", results)
+        total += sum(math.prod(int(d) for d in dims.split(",") if d) for dims in shapes[:len(shapes) // 3])
+    return total
 
 
 _RUNS: dict[str, tuple] = {}

@@ -52,7 +52,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """lsjax.optim settings; ``lr`` is the peak of an inverse-sqrt schedule with linear warmup."""
+    """lsjax.optim settings; ``lr`` is the peak of an inverse-sqrt schedule with linear warmup.
+    ``kernel``: adam/adamw's update path (``lsjax.optim.adamw``: ``"xla"`` or ``"multi"``)."""
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -64,6 +65,7 @@ class OptimizerConfig:
     clip_norm: float = 0.0
     moment_dtype: str = "float32"
     rounding: str = "nearest"
+    kernel: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)

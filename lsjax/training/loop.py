@@ -79,10 +79,14 @@ def build_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, 
     else:
         library, common = optim, {"moment_dtype": jnp.dtype(o.moment_dtype), "rounding": o.rounding,
                                   "seed": config.seed}
+    if o.kernel != "xla" and (config.master_weights or o.name == "lion"):
+        raise ValueError(f"optimizer.kernel={o.kernel!r} applies to lsjax's adam/adamw only (not "
+                         f"{'master_weights' if config.master_weights else 'lion'}); leave it 'xla'")
+    adam_kw = {} if config.master_weights else {"kernel": o.kernel}
     if o.name == "adamw":
-        inner = library.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, **common)
+        inner = library.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, **common, **adam_kw)
     elif o.name == "adam":
-        inner = library.adam(schedule, o.b1, o.b2, o.eps, **common)
+        inner = library.adam(schedule, o.b1, o.b2, o.eps, **common, **adam_kw)
     elif o.name == "lion":
         inner = library.lion(schedule, o.b1, o.b2, weight_decay=o.weight_decay, **common)
     else:
