@@ -38,6 +38,11 @@ namespace lsjax {
 // Matches the Python side's activation codes (lsjax/ops/bias_act_dropout.py).
 enum class Activation : int32_t { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
 
+// Whether an int32 attribute names an Activation.
+constexpr bool KnownActivation(int32_t code) {
+  return code >= static_cast<int32_t>(Activation::kIdentity) && code <= static_cast<int32_t>(Activation::kGeluTanh);
+}
+
 // 2^v and 1 / v: single hardware instructions on the GPU (ex2.approx, ~2 ulp;
 // rcp.approx, ~1 ulp; subnormal results flushed to 0), libm on the CPU.
 LSJAX_ACT_HD float Exp2(float v) {

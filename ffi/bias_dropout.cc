@@ -42,9 +42,7 @@ xffi::Error CheckCommon(const char* op, const Buf& x, const Buf* bias, const Buf
     return e;
   if (auto e = Expect(rate >= 0.f && rate < 1.f, op, "rate must be in [0, 1)"); e.failure()) return e;
   if (auto e = Expect(row_stride >= cols, op, "row_stride must be >= the last dim"); e.failure()) return e;
-  return Expect(act >= static_cast<int32_t>(Activation::kIdentity) &&
-                    act <= static_cast<int32_t>(Activation::kGeluTanh),
-                op, "unknown activation code");
+  return Expect(KnownActivation(act), op, "unknown activation code");
 }
 
 xffi::Error CheckLike(const char* op, const Buf& x, const Buf& other, const char* what) {

@@ -42,9 +42,7 @@ xffi::Error Launch(Run&& run, const Buf& x, const Buf& kernel, const Buf& bias, 
                       "bias must be [N], ln_scale and ln_bias both [K] or both empty, residual [rows, N] or empty");
       e.failure())
     return e;
-  if (auto e = Expect(act >= static_cast<int32_t>(Activation::kIdentity) &&
-                          act <= static_cast<int32_t>(Activation::kGeluTanh),
-                      kOp, "unknown activation code " + std::to_string(act));
+  if (auto e = Expect(KnownActivation(act), kOp, "unknown activation code " + std::to_string(act));
       e.failure())
     return e;
   return DispatchFloat<Types>(dtype, kOp, [&](auto tag) {

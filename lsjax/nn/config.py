@@ -37,9 +37,9 @@ class LayerConfig:
       attention_impl: ``"fused"`` (score GEMM + lsjax attention-softmax op + GEMM),
         ``"cudnn"`` (``jax.nn.dot_product_attention(implementation="cudnn")``, flash
         attention, no attention dropout), ``"xla"`` (score GEMM + the softmax's pure-JAX
-        reference + GEMM, all XLA; no attention dropout) or ``"auto"`` (default): ``"cudnn"`` where it applies (the ``"cuda"`` backend, a
-        call without attention dropout, 16-bit compute, head_dim a multiple of 8 up to
-        128), else ``"fused"``; measured faster there on the H100 (see
+        reference + GEMM, all XLA; no attention dropout) or ``"auto"`` (default): ``"cudnn"``
+        where it applies (the ``"cuda"`` backend, a call without attention dropout, 16-bit
+        compute, head_dim a multiple of 8 up to 128), else ``"fused"``; measured faster there on the H100 (see
         ``benchmarks/RESULTS.md``, layers). The ``dot_product_attention`` paths take key
         padding as per-row lengths, so they assume right-padded keys (the lsjax batch
         layout); use ``"fused"`` for other masks. Decode steps use the lsjax decode

@@ -42,6 +42,11 @@ def adam_scalars(lr, b1, b2, eps, weight_decay, bias_correction1, bias_correctio
     return jnp.stack([jnp.asarray(x, _F32) for x in values])
 
 
+def leaf_scalars(scalars: jax.Array, decay: bool) -> jax.Array:
+    """``scalars`` for one leaf: as they are where weight decay applies, else with it set to 0."""
+    return scalars if decay else scalars.at[ADAM_SCALARS.index("weight_decay")].set(0.0)
+
+
 def adam_step_reference(param, grad, m, v, scalars):
     """The float32 math: ``(step, m, v)``, all float32, with ``new_param = param + step``.
 

@@ -26,16 +26,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_same_dtype, check_shape
-from lsjax.ops.adam_update import ADAM_SCALARS, adam_update_reference
+from lsjax.ops.adam_update import ADAM_SCALARS, adam_update_reference, leaf_scalars
 
 _F32 = jnp.float32
-_WEIGHT_DECAY = ADAM_SCALARS.index("weight_decay")
 
 
 def adam_update_multi_reference(params, grads, mus, nus, scalars, decay):
     """Pure-JAX :func:`adam_update_multi`: :func:`adam_update_reference` per leaf."""
-    no_decay = scalars.at[_WEIGHT_DECAY].set(0.0)
-    out = [adam_update_reference(p, g, m, v, scalars if d else no_decay)
+    out = [adam_update_reference(p, g, m, v, leaf_scalars(scalars, d))
            for p, g, m, v, d in zip(params, grads, mus, nus, decay)]
     return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
 

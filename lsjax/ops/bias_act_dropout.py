@@ -48,7 +48,8 @@ _F32 = jnp.float32
 ACTIVATIONS = {"relu": 1, "gelu": 2, "gelu_tanh": 3}
 
 
-def _act(name: str, v: jax.Array) -> jax.Array:
+def apply_activation(name: str, v: jax.Array) -> jax.Array:
+    """``name`` (a key of ``ACTIVATIONS``) applied to ``v``, as the kernels compute it."""
     if name == "relu":
         return jax.nn.relu(v)
     return jax.nn.gelu(v, approximate=(name == "gelu_tanh"))
@@ -57,7 +58,7 @@ def _act(name: str, v: jax.Array) -> jax.Array:
 def bias_act_dropout_reference(x: jax.Array, bias: jax.Array, *, activation: str = "relu", rate: float,
                                key: jax.Array | None) -> jax.Array:
     """Pure-JAX float32 ``dropout(act(x + bias))``; same contract as :func:`bias_act_dropout`."""
-    v = _act(activation, x.astype(_F32) + bias.astype(_F32))
+    v = apply_activation(activation, x.astype(_F32) + bias.astype(_F32))
     return dropout_reference(v, rate, key).astype(x.dtype)
 
 

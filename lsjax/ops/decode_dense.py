@@ -42,7 +42,7 @@ import numpy as np
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_same_dtype, check_shape
 from lsjax.ops._rowwise import PARAM, ROWS, rowwise
-from lsjax.ops.bias_act_dropout import ACTIVATIONS
+from lsjax.ops.bias_act_dropout import ACTIVATIONS, apply_activation
 from lsjax.ops.layer_norm import layer_norm_reference
 
 _F32 = jnp.float32
@@ -51,21 +51,15 @@ MAX_ROWS = 64  # CUDA kernel limit (csrc/decode_dense.h: kDecodeDenseMaxRows)
 _ACTIVATIONS = {"none": 0, **ACTIVATIONS}
 
 
-def _act(name: str, v: jax.Array) -> jax.Array:
-    if name == "none":
-        return v
-    if name == "relu":
-        return jax.nn.relu(v)
-    return jax.nn.gelu(v, approximate=(name == "gelu_tanh"))
-
-
 def decode_dense_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, ln_scale: jax.Array | None = None,
                            ln_bias: jax.Array | None = None, eps: float = 1e-5, activation: str = "none",
                            residual: jax.Array | None = None) -> jax.Array:
     """Pure-JAX decode dense; same contract as :func:`decode_dense`."""
     a = x if ln_scale is None else layer_norm_reference(x, ln_scale, ln_bias, eps=eps)
     acc = jnp.dot(a, kernel, preferred_element_type=_F32)
-    y = _act(activation, acc + bias.astype(_F32))
+    y = acc + bias.astype(_F32)
+    if activation != "none":
+        y = apply_activation(activation, y)
     if residual is not None:
         y = residual.astype(_F32) + y
     return y.astype(x.dtype)

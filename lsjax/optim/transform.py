@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lsjax.ops.adam_update import ADAM_SCALARS, adam_scalars, adam_step_reference
+from lsjax.ops.adam_update import adam_scalars, adam_step_reference, leaf_scalars
 from lsjax.ops.adam_update_multi import adam_update_multi
 from lsjax.optim._rounding import ROUNDINGS, round_to
 
@@ -234,8 +234,7 @@ def adamw(
                                                      in_place=finite is None)
             steps = [n.astype(_F32) - p.astype(_F32) for n, p in zip(new_ps, p_leaves)]
         else:
-            no_decay = scalars.at[ADAM_SCALARS.index("weight_decay")].set(0.0)
-            out = [adam_step_reference(p, g, m, v, scalars if d else no_decay)
+            out = [adam_step_reference(p, g, m, v, leaf_scalars(scalars, d))
                    for p, g, m, v, d in zip(p_leaves, g_leaves, m_leaves, v_leaves, decays)]
             steps = [o[0] for o in out]
             new_m = [o[1].astype(moment_dtype) for o in out]

@@ -253,8 +253,8 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
                    f"(in parallel; each: {', '.join(f'{v:.1f}' for v in train_step.compile_seconds.values())} s)")
     translator = make_translator(config, model, data.tokenizer)
 
-    def decode_params():  # beam search runs replicated: each device decodes the same batch
-        return jax.device_put(state.params, plan.replicated)
+    def replicated(params):  # beam search runs replicated: each device decodes the same batch
+        return jax.device_put(params, plan.replicated)
 
     def save(step: int, scores: dict | None = None, force: bool = False):
         checkpointer.save(step, state, {"data": data.train.state(), "config": config_to_dict(config)},
@@ -263,11 +263,10 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
     def scores_of(params) -> dict[str, float]:
         scores = evaluate(eval_step, params, data.valid_batches(), plan)
         if config.eval.bleu:
-            replicated = jax.device_put(params, plan.replicated)  # beam search: each device decodes the batch
-            scores["bleu"] = translator.bleu(replicated, data.valid_pairs, max_sentences=config.eval.max_sentences)
+            decoding = replicated(params)
+            scores["bleu"] = translator.bleu(decoding, data.valid_pairs, max_sentences=config.eval.max_sentences)
             if data.test_pairs:
-                scores["test_bleu"] = translator.bleu(replicated, data.test_pairs,
-                                                      max_sentences=config.eval.max_sentences)
+                scores["test_bleu"] = translator.bleu(decoding, data.test_pairs, max_sentences=config.eval.max_sentences)
         return scores
 
     window: collections.deque = collections.deque(maxlen=config.eval.average_last)
@@ -325,7 +324,7 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
         if stop.requested or step < config.steps:
             save(step, force=True)
     sources = [src for src, _ in data.valid_pairs[:3]]
-    for src, hyp in zip(sources, translator.translate(decode_params(), sources)):
+    for src, hyp in zip(sources, translator.translate(replicated(state.params), sources)):
         tqdm.write(f"translate: {src}\n       ->  {hyp}")
     summary = {
         "steps": step,
