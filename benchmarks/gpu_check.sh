@@ -11,7 +11,7 @@
 #   layers_cudnn  benchmarks/layers.py --attention-impl fused,cudnn --dtypes bf16 (both paths, no attention-prob
 #                 dropout anywhere: picks the default path)
 #   decode        benchmarks/decode.py (decode_bar: only the bar rows, bf16 batch 8 and 64, + top-k,
-#                 each with and without XLA command buffers around the while loop; decode_ln: the same rows
+#                 each with our stop check every 8 steps (the default) and every step; decode_ln: the same rows
 #                 with our decode layer norm as XLA's and as the fused op, no top-k; decode_dense: the same rows
 #                 with our decode projections as lsjax.ops.decode_dense and as XLA GEMMs (the default), no
 #                 top-k; decode_xla: the same rows
@@ -109,7 +109,7 @@ for name in ${BENCH//,/ }; do
     layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl fused,cudnn --dtypes bf16 \
                     --out "$OUT/layers_cudnn.json" ;;
     decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
-    decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --xla-options default,while \
+    decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --steps-per-check 8,1 \
                   --out "$OUT/decode_bar.json" ;;
     decode_ln) bench decode_ln $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --layer-norm xla,fused --no-topk \
                   --out "$OUT/decode_ln.json" ;;

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import flax_beam_search
 from lsjax.decode import beam_search, gnmt_length_penalty
+from lsjax.decode.loop import while_loop_in_blocks
 from lsjax.ops import available_backends, use_backend
 from benchmarks.toy_decoder import toy_decoder
 
@@ -56,17 +57,48 @@ def test_equals_reference_and_rescoring(rng, beam, eos_bias):
     np.testing.assert_allclose(ours.scores, rescore(dec, ours.sequences), rtol=1e-5, atol=1e-5)
 
 
-def test_early_stop(rng):
+@pytest.mark.parametrize("steps_per_check", [1, 3, 8])
+def test_early_stop(rng, steps_per_check):
     max_len = 16
     # eos_bias far above the toy decoder's other logits: at 30, 2 of 60 seeds never stopped; at 100, 0 of 300.
     dec = toy_decoder(rng, batch=2, vocab=11, max_len=max_len, eos_bias=100.0)
-    out = _run(beam_search, dec, beam_size=4, max_len=max_len)
+    out = _run(beam_search, dec, beam_size=4, max_len=max_len, steps_per_check=steps_per_check)
     steps = int(out.num_steps)
     assert steps < max_len, "a strongly eos-biased decoder must stop before max_len"
     # Stopped because every row's worst finished beat the best alive bound: all returned beams are finished.
     assert np.all(np.any(np.asarray(out.sequences) == EOS, axis=-1))
-    _, _, ref_steps = _run(flax_beam_search.beam_search, dec, beam_size=4, max_len=max_len)
+    ref_seqs, _, ref_steps = _run(flax_beam_search.beam_search, dec, beam_size=4, max_len=max_len)
     assert steps == int(ref_steps)
+    np.testing.assert_array_equal(out.sequences, ref_seqs)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 7])
+def test_while_loop_in_blocks_equals_while_loop(block):
+    def cond(s):
+        return s[0] < 5
+
+    def body(s, calls):
+        return (s[0] + 1, s[1] * 2.0 + s[0]), calls + 1
+
+    init = ((jnp.int32(0), jnp.ones(3)), jnp.int32(0))
+    want = jax.lax.while_loop(lambda c: cond(c[0]), lambda c: body(*c), init)
+    (state, calls) = jax.jit(lambda i: while_loop_in_blocks(cond, body, i, block=block))(init)
+    jax.tree.map(np.testing.assert_array_equal, state, want[0])
+    assert int(calls) == -(-5 // block) * block  # whole blocks: the steps after the stop ran, discarded
+
+
+def test_beam_search_checks_its_stop_once_per_block(rng):
+    # The inner loop of steps_per_check steps has a static trip count (XLA:GPU runs such a
+    # loop without copying its condition to the host); only the outer loop checks the stop.
+    dec = toy_decoder(rng, batch=2, vocab=11, max_len=16)
+    f, cache, enc = dec
+    run = jax.jit(lambda c, e: beam_search(f, c, e, beam_size=4, max_len=16, eos_id=EOS, steps_per_check=8))
+    hlo = run.lower(cache, enc).compile().as_text()
+    whiles = [line for line in hlo.splitlines() if " while(" in line]
+    assert len(whiles) == 2, whiles
+    assert sum('"known_trip_count":{"n":"8"}' in line for line in whiles) == 1, whiles
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        beam_search(f, cache, enc, beam_size=4, max_len=16, eos_id=EOS, steps_per_check=0)
 
 
 def test_no_eos_runs_to_max_len(rng):

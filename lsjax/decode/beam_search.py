@@ -1,4 +1,4 @@
-"""Beam search inside one ``jax.jit``: a ``lax.while_loop`` over decoder steps.
+"""Beam search inside one ``jax.jit``: a while loop over decoder steps.
 
 Follows the decoding contract of :mod:`lsjax.decode`: ``tokens_to_logits(ids
 int32[N, 1], cache, encoded) -> (logits [N, vocab], cache)`` with
@@ -7,7 +7,9 @@ continuations per group with :func:`lsjax.ops.beam_topk` (so eos candidates neve
 starve the alive beams), keeps the best non-eos ones alive, and merges the eos
 ones into a fixed-size finished set scored with the GNMT length penalty
 ``((5 + length) / 6) ** alpha``. The loop stops early once, in every row, no
-alive beam can still beat the worst finished one.
+alive beam can still beat the worst finished one; it checks that every
+``steps_per_check`` steps (:func:`lsjax.decode.loop.while_loop_in_blocks`: one
+host round trip per block of steps, not per step).
 
 Diverse beam search (Vijayakumar et al., 2018) splits the beams into
 ``diversity_groups`` groups decoded in turn; a group's candidates are ranked
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lsjax.decode.loop import while_loop_in_blocks
 from lsjax.ops.beam_topk import beam_topk
 
 _F32 = jnp.float32
@@ -66,7 +69,6 @@ class _State(NamedTuple):
     finished_seqs: jax.Array  # [batch, groups, group_beam, max_len]
     finished_scores: jax.Array  # [batch, groups, group_beam] length-penalised
     finished_flags: jax.Array  # [batch, groups, group_beam] bool
-    cache: Any
 
 
 def _take(x, idx):
@@ -104,8 +106,9 @@ def beam_search(
     diversity_groups: int = 1,
     diversity_penalty: float = 0.0,
     reorder_cache: Callable[[Any, jax.Array], Any] = gather_rows,
+    steps_per_check: int = 8,
 ) -> BeamSearchOutput:
-    """Beam search for ``batch`` rows (jit-able; one ``lax.while_loop``).
+    """Beam search for ``batch`` rows (jit-able; one while loop).
 
     Args:
       tokens_to_logits: the decoder step of the decoding contract.
@@ -122,6 +125,12 @@ def beam_search(
         continues row ``rows[r]``; the default gathers every leaf,
         ``lsjax.models.reorder_decode_cache`` only reorders the lsjax decoder's
         row-offset table (cache indirection, no cache copies).
+      steps_per_check: decoder steps between early-stop checks (one device-to-host
+        copy of the loop condition each). Up to ``steps_per_check - 1`` steps after
+        the stop (also past ``max_len``) are computed and discarded: the results do
+        not depend on it, but ``tokens_to_logits``'s cache must tolerate steps past
+        its length (clamped indices, as XLA's and lsjax's decoders do). 1: check
+        every step.
 
     Returns:
       :class:`BeamSearchOutput`. A row (group) with fewer than ``beam_size``
@@ -147,7 +156,6 @@ def beam_search(
         finished_seqs=jnp.zeros(shape + (max_len,), jnp.int32),
         finished_scores=jnp.full(shape, _NEG_INF, _F32),
         finished_flags=jnp.zeros(shape, bool),
-        cache=expand_to_beams(init_cache, beam_size),
     )
     best_penalty = gnmt_length_penalty(max_len, length_penalty)
 
@@ -158,8 +166,8 @@ def beam_search(
         worst_finished = jnp.where(jnp.all(s.finished_flags, axis=2), jnp.min(s.finished_scores, axis=2), _NEG_INF)
         return (s.step < max_len) & ~jnp.all(worst_finished > best_alive)
 
-    def step(s: _State) -> _State:
-        logits, cache = tokens_to_logits(s.last_tokens.reshape(-1, 1), s.cache, encoded)
+    def step(s: _State, cache: Any) -> tuple[_State, Any]:
+        logits, cache = tokens_to_logits(s.last_tokens.reshape(-1, 1), cache, encoded)
         vocab = logits.shape[-1]
         logits = logits.reshape(batch, groups, group_beam, vocab)
         penalty = gnmt_length_penalty(s.step + 1, length_penalty)
@@ -203,10 +211,10 @@ def beam_search(
             finished_seqs=finished_seqs,
             finished_scores=finished_scores,
             finished_flags=finished_flags,
-            cache=reorder_cache(cache, (row_base + alive_parent).reshape(-1).astype(jnp.int32)),
-        )
+        ), reorder_cache(cache, (row_base + alive_parent).reshape(-1).astype(jnp.int32))
 
-    s = jax.lax.while_loop(not_done, step, state)
+    s, _ = while_loop_in_blocks(not_done, step, (state, expand_to_beams(init_cache, beam_size)),
+                                block=steps_per_check)
     alive_scores = s.alive_scores / gnmt_length_penalty(s.step, length_penalty)
     seqs, scores = fill_with_alive(s.finished_seqs, s.finished_scores, s.finished_flags, s.alive_seqs, alive_scores)
     scores, order = jax.lax.top_k(scores.reshape(batch, beam_size), beam_size)

@@ -1,10 +1,11 @@
-"""Ancestral sampling (temperature, exact top-k / top-p) and greedy decoding in one ``lax.while_loop``.
+"""Ancestral sampling (temperature, exact top-k / top-p) and greedy decoding in one while loop.
 
 Unlike LightSeq's approximate sampler, the filtering is exact: top-k keeps the
 ``k`` largest logits (``lax.top_k``), top-p keeps the smallest prefix of the
 tokens sorted by probability whose mass reaches ``top_p`` (the most likely
 token always stays). Rows stop at eos (then emit padding 0); the loop ends when
-every row has, or after ``max_len`` tokens.
+every row has, or after ``max_len`` tokens, checked every ``steps_per_check``
+steps as in :func:`lsjax.decode.beam_search`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lsjax.decode.beam_search import TokensToLogits
+from lsjax.decode.loop import while_loop_in_blocks
 
 _F32 = jnp.float32
 
@@ -24,26 +26,26 @@ Select = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _decode(tokens_to_logits: TokensToLogits, init_cache: Any, encoded: Any, select: Select, key: jax.Array,
-            max_len: int, eos_id: int, bos_id: int) -> jax.Array:
+            max_len: int, eos_id: int, bos_id: int, steps_per_check: int) -> jax.Array:
     """Runs ``select`` on each step's logits until every row emitted eos; ``[batch, max_len]``."""
     if max_len < 1:
         raise ValueError(f"decode: max_len must be >= 1, got {max_len}")
     batch = jax.tree.leaves(encoded)[0].shape[0]
 
     def not_done(s):
-        t, _, _, _, finished, _ = s
+        t, _, _, _, finished = s
         return (t < max_len) & ~jnp.all(finished)
 
-    def step(s):
-        t, key, last, seqs, finished, cache = s
+    def step(s, cache):
+        t, key, last, seqs, finished = s
         logits, cache = tokens_to_logits(last[:, None], cache, encoded)
         key, sub = jax.random.split(key)
         token = jnp.where(finished, 0, select(logits.astype(_F32), sub).astype(jnp.int32))
-        return t + 1, key, token, seqs.at[:, t].set(token), finished | (token == eos_id), cache
+        return (t + 1, key, token, seqs.at[:, t].set(token), finished | (token == eos_id)), cache
 
     state = (jnp.array(0, jnp.int32), key, jnp.full((batch,), bos_id, jnp.int32),
-             jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), bool), init_cache)
-    return jax.lax.while_loop(not_done, step, state)[3]
+             jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), bool))
+    return while_loop_in_blocks(not_done, step, (state, init_cache), block=steps_per_check)[0][3]
 
 
 def _filtered_sample(logits: jax.Array, key: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -62,7 +64,8 @@ def _filtered_sample(logits: jax.Array, key: jax.Array, top_k: int, top_p: float
 
 
 def sample(tokens_to_logits: TokensToLogits, init_cache: Any, encoded: Any, *, key: jax.Array, max_len: int,
-           eos_id: int, bos_id: int = 2, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+           eos_id: int, bos_id: int = 2, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           steps_per_check: int = 8) -> jax.Array:
     """Samples one continuation per row (jit-able; reproducible from ``key``).
 
     Args:
@@ -73,6 +76,7 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, encoded: Any, *, k
       temperature: logits are divided by it (> 0).
       top_k: keep the ``top_k`` most likely tokens (0: all).
       top_p: keep the smallest most-likely set with probability mass >= ``top_p`` (1: all).
+      steps_per_check: steps between stop checks (see :func:`lsjax.decode.beam_search`).
 
     Returns:
       int32 ``[batch, max_len]``: tokens after bos, eos included, 0 after it.
@@ -82,11 +86,12 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: Any, encoded: Any, *, k
     if top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"sample: need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
     select = lambda logits, k: _filtered_sample(logits / temperature, k, top_k, top_p)  # noqa: E731
-    return _decode(tokens_to_logits, init_cache, encoded, select, key, max_len, eos_id, bos_id)
+    return _decode(tokens_to_logits, init_cache, encoded, select, key, max_len, eos_id, bos_id, steps_per_check)
 
 
 def greedy(tokens_to_logits: TokensToLogits, init_cache: Any, encoded: Any, *, max_len: int, eos_id: int,
-           bos_id: int = 2) -> jax.Array:
+           bos_id: int = 2, steps_per_check: int = 8) -> jax.Array:
     """Greedy (argmax, ties to the smaller token) decoding; same contract and output as :func:`sample`."""
     select = lambda logits, _: jnp.argmax(logits, axis=-1)  # noqa: E731
-    return _decode(tokens_to_logits, init_cache, encoded, select, jax.random.key(0), max_len, eos_id, bos_id)
+    return _decode(tokens_to_logits, init_cache, encoded, select, jax.random.key(0), max_len, eos_id, bos_id,
+                   steps_per_check)
