@@ -62,7 +62,7 @@ def _searches(ours_fns, peer_fns, steps_per_check, reorder_cache=gather_rows):
     return ours, peer
 
 
-def _transformer_inputs(batch, dtype, rng, layer_norm, decode_dense, steps_per_check):
+def _transformer_inputs(batch, dtype, rng, layer_norm="xla", decode_dense="xla", steps_per_check=8):
     """``((ours, peer) searches, (ours, peer) input lists)``: the lsjax Transformer (decoded
     with ``layer_norm_impl`` = ``layer_norm``, ``decode_dense_impl`` = ``decode_dense``), and the
     plain-Flax ``RefTransformer`` with the same weights (cast to ``dtype``) decoded the flax-wmt way."""
@@ -82,7 +82,7 @@ def _transformer_inputs(batch, dtype, rng, layer_norm, decode_dense, steps_per_c
     return searches, ([(params, s) for s in src], [(ref_params, s) for s in src])
 
 
-def _toy_inputs(batch, dtype, rng, layer_norm, decode_dense, steps_per_check):
+def _toy_inputs(batch, dtype, rng, layer_norm="xla", decode_dense="xla", steps_per_check=8):
     from benchmarks.toy_decoder import toy_decoder
 
     f, cache, enc = toy_decoder(rng, batch=batch, vocab=64, max_len=STEPS)
