@@ -2,11 +2,11 @@
 // owning output columns [b * BN, b * BN + BN) (BN = 16, or 8 when that leaves too few blocks) of all rows,
 // padded to MP = 16 * MT. K is taken in chunks of up to KC columns (KC * MP * 2 bytes of staged rows):
 //   - the block's kernel tile W[k0:k0 + KC, n0:n0 + BN] is copied into shared memory with cp.async, two
-//     chunks in flight; the first copies are issued before anything else;
-//   - the rows' chunk is copied into shared memory as they are (cp.async), zero-padded to MP rows and to
-//     a multiple of 16 columns, and with a layer norm normalised there in place; its per-row float32
-//     mean and rstd come from the staged rows when the whole row is one chunk (each block reads x
-//     once), else from x before the first chunk;
+//     chunks in flight; the first copies are issued before anything else, so they overlap the
+//     layer-norm statistics and the staging of the rows;
+//   - the rows' chunk is staged in shared memory as T, normalised (per-row float32 mean and rstd,
+//     computed first over the whole row) when there is a layer norm, zero-padded to MP rows and to
+//     a multiple of 16 columns;
 //   - warp w multiplies the chunk's 16-column steps w, w + 16, ... with mma.sync m16n8k16 (float
 //     accumulators kept across chunks).
 // Then the warps' partial tiles meet in shared memory and are summed in warp order (deterministic), and
@@ -23,7 +23,6 @@ namespace {
 using cuda::FromFloat;
 using cuda::Int;
 using cuda::LoadFloats;
-using cuda::StoreFloats;
 using cuda::ToFloat;
 using cuda::Vec;
 using cuda::WarpSum;
@@ -114,22 +113,20 @@ __device__ __forceinline__ void LoadW(const DecodeDenseArgs<T>& a, T* ws, int kc
   CpAsyncCommit();
 }
 
-// Layer-norm statistics of rows [0, rows) of x (row stride `stride`, k columns; global or shared memory):
-// warp w takes rows w, w + kWarps, ... (RPW of them), lanes V columns at a time; float32, mean first, then
-// the centred variance.
+// Layer-norm statistics of every row: warp w takes rows w, w + kWarps, ... (RPW of them), lanes V columns
+// at a time; float32, mean first, then the centred variance.
 template <typename T, int V, int RPW>
-__device__ __forceinline__ void RowStats(const T* x, int64_t stride, int64_t k, int64_t rows, float eps, float* mean,
-                                         float* rstd) {
+__device__ __forceinline__ void RowStats(const DecodeDenseArgs<T>& a, float* mean, float* rstd) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const auto each_value = [&](auto&& fn) {  // fn(r, value) over this lane's columns of its rows
 #pragma unroll 2
-    for (int64_t c = lane * V; c < k; c += 32 * V) {
+    for (int64_t k = lane * V; k < a.k; k += 32 * V) {
 #pragma unroll
       for (int r = 0; r < RPW; ++r) {
         const int64_t m = warp + r * kWarps;
-        if (m >= rows) continue;
+        if (m >= a.rows) continue;
         float f[V];
-        LoadFloats<T, V>(x + m * stride + c, f);
+        LoadFloats<T, V>(a.x + m * a.k + k, f);
 #pragma unroll
         for (int i = 0; i < V; ++i) fn(r, f[i]);
       }
@@ -138,51 +135,66 @@ __device__ __forceinline__ void RowStats(const T* x, int64_t stride, int64_t k, 
   float s[RPW] = {}, q[RPW] = {};
   each_value([&](int r, float v) { s[r] += v; });
 #pragma unroll
-  for (int r = 0; r < RPW; ++r) s[r] = WarpSum(s[r]) / static_cast<float>(k);
+  for (int r = 0; r < RPW; ++r) s[r] = WarpSum(s[r]) / static_cast<float>(a.k);
   each_value([&](int r, float v) { q[r] += (v - s[r]) * (v - s[r]); });
 #pragma unroll
   for (int r = 0; r < RPW; ++r) {
     const int m = warp + r * kWarps;
-    const float var = WarpSum(q[r]) / static_cast<float>(k);
-    if (lane == 0 && m < rows) {
+    const float var = WarpSum(q[r]) / static_cast<float>(a.k);
+    if (lane == 0 && m < a.rows) {
       mean[m] = s[r];
-      rstd[m] = rsqrtf(var + eps);
+      rstd[m] = rsqrtf(var + a.eps);
     }
   }
 }
 
-// The rows' chunk, as they are, into as ([MP][sa] T), zero past the rows and the chunk's len columns (up to
-// len16). V = 8 (K % 8 == 0, x 16-byte aligned): cp.async, one group committed; V = 1: plain copies.
+// The rows' chunk into as ([MP][sa] T), V columns per access (V = 8: K % 8 == 0, x 16-byte aligned).
+// Thread t takes column pieces j = t % jt, t % jt + jt, ... (jt: the largest power of two <= the pieces
+// per row) and, for each, rows t / jt + i * (kThreads / jt): the layer-norm vectors are read once per
+// piece, and kBatch rows' loads are in flight before their stores.
 template <typename T, int V, int MP>
-__device__ __forceinline__ void StageRows(const DecodeDenseArgs<T>& a, T* as, int sa, Chunk ch) {
+__device__ __forceinline__ void StageRows(const DecodeDenseArgs<T>& a, T* as, int sa, Chunk ch, const float* mean,
+                                          const float* rstd) {
+  constexpr int kBatch = 4;
   const int per_row = ch.len16 / V;
-  for (int p = threadIdx.x; p < MP * per_row; p += kThreads) {
-    const int m = p / per_row, kk = p % per_row * V;
-    const bool valid = m < a.rows && kk < ch.len;
-    if constexpr (V == 8) {
-      CpAsync16(as + m * sa + kk, valid ? a.x + m * a.k + ch.k0 + kk : a.x, valid);
-    } else {
-      as[m * sa + kk] = valid ? a.x[m * a.k + ch.k0 + kk] : FromFloat<T>(0.f);
-    }
-  }
-  if constexpr (V == 8) CpAsyncCommit();
-}
-
-// Layer norm of the staged rows in place, (x - mean) * rstd * scale + shift in float32 rounded to T, V columns
-// at a time; the zero padding is left as it is.
-template <typename T, int V>
-__device__ __forceinline__ void NormalizeRows(const DecodeDenseArgs<T>& a, T* as, int sa, Chunk ch, const float* mean,
-                                              const float* rstd) {
-  const int per_row = ch.len / V;
-  for (int p = threadIdx.x; p < a.rows * per_row; p += kThreads) {
-    const int m = p / per_row, kk = p % per_row * V;
-    float f[V];
-    LoadFloats<T, V>(as + m * sa + kk, f);
+  int jt = kThreads;
+  while (jt > per_row) jt /= 2;
+  const int rstep = kThreads / jt;
+  const bool ln = a.ln_scale != nullptr;
+  for (int j = threadIdx.x % jt; j < per_row; j += jt) {
+    const int kk = j * V;
+    const bool col = kk < ch.len;
+    float scale[V], shift[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      f[i] = (f[i] - mean[m]) * rstd[m] * a.ln_scale[ch.k0 + kk + i] + a.ln_bias[ch.k0 + kk + i];
+      scale[i] = ln && col ? a.ln_scale[ch.k0 + kk + i] : 0.f;
+      shift[i] = ln && col ? a.ln_bias[ch.k0 + kk + i] : 0.f;
     }
-    StoreFloats<T, V>(as + m * sa + kk, f);
+    for (int m0 = threadIdx.x / jt; m0 < MP; m0 += rstep * kBatch) {
+      Vec<T, V> v[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int m = m0 + b * rstep;
+        if (col && m < a.rows) {
+          v[b] = *reinterpret_cast<const Vec<T, V>*>(a.x + m * a.k + ch.k0 + kk);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) v[b].v[i] = FromFloat<T>(0.f);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int m = m0 + b * rstep;
+        if (m >= MP) continue;
+        if (ln && col && m < a.rows) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            v[b].v[i] = FromFloat<T>((ToFloat(v[b].v[i]) - mean[m]) * rstd[m] * scale[i] + shift[i]);
+          }
+        }
+        *reinterpret_cast<Vec<T, V>*>(as + m * sa + kk) = v[b];
+      }
+    }
   }
 }
 
@@ -225,42 +237,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     res[i] = valid && a.residual != nullptr ? ToFloat(a.residual[m * a.n + n]) : 0.f;
   }
   if (chunks > 1) LoadW<T, BN>(a, wbuf + kc * BN, kc, chunk(1), n0, w_vec);
-  // Layer-norm statistics: of the staged row when it is staged whole (one chunk), else read from x first.
-  const bool ln = a.ln_scale != nullptr, staged_stats = ln && chunks == 1;
-  if (ln && !staged_stats) {
+  if (a.ln_scale != nullptr) {
     if (x_vec) {
-      RowStats<T, 8, MP / kWarps>(a.x, a.k, a.k, a.rows, a.eps, mean, rstd);
+      RowStats<T, 8, MP / kWarps>(a, mean, rstd);
     } else {
-      RowStats<T, 1, MP / kWarps>(a.x, a.k, a.k, a.rows, a.eps, mean, rstd);
+      RowStats<T, 1, MP / kWarps>(a, mean, rstd);
     }
+    __syncthreads();
   }
 
   float acc[MT][NT][4] = {};
   for (int64_t c = 0; c < chunks; ++c) {
     const Chunk ch = chunk(c);
     if (x_vec) {
-      StageRows<T, 8, MP>(a, as, sa, ch);
+      StageRows<T, 8, MP>(a, as, sa, ch, mean, rstd);
     } else {
-      StageRows<T, 1, MP>(a, as, sa, ch);
+      StageRows<T, 1, MP>(a, as, sa, ch, mean, rstd);
     }
-    CpAsyncWait<0>();  // this chunk's rows and kernel tile (and the next tile, issued earlier)
+    if (c + 1 < chunks) {
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
-    if (ln) {
-      if (staged_stats) {
-        if (x_vec) {
-          RowStats<T, 8, MP / kWarps>(as, sa, a.k, a.rows, a.eps, mean, rstd);
-        } else {
-          RowStats<T, 1, MP / kWarps>(as, sa, a.k, a.rows, a.eps, mean, rstd);
-        }
-        __syncthreads();
-      }
-      if (x_vec) {
-        NormalizeRows<T, 8>(a, as, sa, ch, mean, rstd);
-      } else {
-        NormalizeRows<T, 1>(a, as, sa, ch, mean, rstd);
-      }
-      __syncthreads();
-    }
     const T* ws = wbuf + (c % 2) * kc * BN;
     for (int s = warp; s < ch.len16 / 16; s += kWarps) {
       uint32_t b[2 * NT];
@@ -310,6 +309,7 @@ cudaError_t DecodeDenseCuda(const DecodeDenseArgs<T>& a, cudaStream_t stream) {
   if (a.rows < 1 || a.rows > kDecodeDenseMaxRows || a.k < 1 || a.n < 1) return cudaErrorInvalidValue;
   const int mt = static_cast<int>((a.rows + 15) / 16);
   const int bn = cuda::CeilDiv(a.n, 16) >= kMinBlocksBn16 ? 16 : 8;
+  // Chunks of a multiple of 16 columns: the staged row stride (kc + 8) stays an odd multiple of 16 bytes.
   const int kc = static_cast<int>(std::min<int64_t>((a.k + 15) / 16 * 16, kStagedElems / (16 * mt) / 16 * 16));
   const int64_t chunks = cuda::CeilDiv(a.k, kc);
   const bool x_vec = a.k % 8 == 0 && cuda::Aligned(a.x, 16);

@@ -201,7 +201,7 @@ def test_cuda_matches_reference_benchmark_shapes(rng, bench, rows, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"ln{int(c[0])}-{c[1]}-res{int(c[2])}")
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(64, 1032, 24), (17, 4100, 40), (2, 8, 1030), (48, 64, 1024)])
+@pytest.mark.parametrize("shape", SHAPES + [(64, 1032, 24), (17, 4100, 40), (2, 8, 1030), (48, 64, 1024), (40, 2048, 64)])
 def test_cuda_matches_reference(rng, shape, dtype, config):
     _compare("cuda", rng, shape, dtype, config, _rtol(dtype))
 
