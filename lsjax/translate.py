@@ -4,6 +4,7 @@ Examples::
 
     echo "a man rides a bike ." | lsjax-translate --checkpoint runs/multi30k --beam 4
     lsjax-translate --checkpoint runs/multi30k --input test.en --sampling top_p=0.9,temperature=0.8
+    lsjax-translate --checkpoint runs/multi30k --input test.en --averaged  # eval.average_last > 1
 
 Sentences are grouped by the bucket their token length falls in; each bucket decodes with one
 fixed batch shape, so at most one program per bucket is compiled.
@@ -120,7 +121,10 @@ def _parse_sampling(text: str | None) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lsjax-translate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run directory written by lsjax-train")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    which.add_argument("--averaged", action="store_true",
+                       help="the run's best averaged params (eval.average_last > 1) instead of a checkpoint")
     parser.add_argument("--input", help="text file (plain or .gz); default stdin")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=0.6)
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = _parse_sampling(args.sampling)
     from lsjax.training.loop import load_for_inference
 
-    model, params, tokenizer, buckets = load_for_inference(args.checkpoint, step=args.step)
+    model, params, tokenizer, buckets = load_for_inference(args.checkpoint, step=args.step, averaged=args.averaged)
     translator = Translator(model, tokenizer, buckets, batch_size=args.batch_size, beam_size=args.beam,
                             length_penalty=args.length_penalty, sampling=sampling,
                             max_len_a=args.max_len_a, max_len_b=args.max_len_b)

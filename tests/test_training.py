@@ -1,5 +1,6 @@
 """The training loop (issue 5): resume equivalence, Ctrl-C, compilations per bucket and the
-persistent cache, fp16 loss scaling, latest + best checkpoints, bad config and input, 12 bytes/param.
+persistent cache, fp16 loss scaling, latest + best checkpoints, the saved best averaged params,
+bad config and input, 12 bytes/param.
 
 One cold fp16 run (two bucket shapes) fills a module-scoped JAX compilation cache; the later runs
 of the same configuration load their programs from it, which keeps this file to a few minutes on
@@ -9,8 +10,10 @@ two CPU cores. Training is deterministic on CPU, so the resume checks compare fl
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 30
 INITIAL_SCALE = 2.0**30  # overflows float16 grads: the first steps are skipped
 STOP_AFTER = 16  # the Ctrl-C'd run gets SIGINT once it has logged this step (its skips end ~12)
+AVG_EVERY = 5  # eval.every of the eval.average_last=2 run
 TINY = [
     "precision=fp16", f"loss_scale.initial={INITIAL_SCALE}", f"loss_scale.max_scale={INITIAL_SCALE}",
     "model_overrides.num_encoder_layers=1", "model_overrides.num_decoder_layers=1",
@@ -182,6 +186,19 @@ def interrupted(tmp_path_factory, cache_dir, jax_events, straight):
                            returncode=returncode, log=log.read_text(), stopped_at=stopped_at, stop_meta=stop_meta,
                            logged_before_resume=logged_before_resume, summary=summary,
                            resume_events=jax_events.since(mark))
+
+
+@pytest.fixture(scope="module")
+def averaged_run(tmp_path_factory, cache_dir):
+    """Run C: A's config with ``eval.average_last=2`` and an eval every AVG_EVERY steps, stopped
+    (``max_steps_this_run``) after the third eval and resumed to STEPS."""
+    run_dir = tmp_path_factory.mktemp("averaged")
+    config = tiny_config(run_dir, cache_dir, "eval.average_last=2", f"eval.every={AVG_EVERY}")
+    loop.train(config, max_steps_this_run=3 * AVG_EVERY)
+    first_meta = loop.read_averaged(run_dir)
+    summary = loop.train(config)
+    return SimpleNamespace(config=config, run_dir=run_dir, first_meta=first_meta, summary=summary,
+                           evals={r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", "eval")})
 
 
 # 1. Resume equivalence and Ctrl-C
@@ -358,16 +375,73 @@ def test_average_params_is_the_float32_mean_rounded_once():
     assert float(avg["b"]) == 4.0
 
 
-def test_eval_reports_the_average_of_the_last_evaluations(tmp_path, cache_dir):
+def test_eval_reports_the_average_of_the_last_evaluations(averaged_run):
     """eval.average_last=2: every eval also scores the mean of this and the previous eval's params; at
-    the first eval the window holds one tree, so the averaged scores are the plain ones."""
-    config = tiny_config(tmp_path, cache_dir, "eval.average_last=2", "steps=20")
-    loop.train(config)
-    evals = read_metrics(tmp_path / "metrics.jsonl", "eval")
-    assert [r["step"] for r in evals] == [10, 20]
-    assert evals[0]["avg_valid_nll"] == evals[0]["valid_nll"]
-    assert evals[1]["avg_valid_nll"] != evals[1]["valid_nll"]
-    assert np.isfinite(evals[1]["avg_valid_nll"])
+    the first eval of each part of the run (the window starts again after a resume) the window holds
+    one tree, so the averaged scores are the plain ones. Steps 5 and 10 are in the fp16 skip phase."""
+    evals = averaged_run.evals
+    assert sorted(evals) == list(range(AVG_EVERY, STEPS + 1, AVG_EVERY))
+    for step in (5, 10, 20):
+        assert evals[step]["avg_valid_nll"] == evals[step]["valid_nll"]
+    for step in (15, 25, 30):
+        assert evals[step]["avg_valid_nll"] != evals[step]["valid_nll"]
+        assert np.isfinite(evals[step]["avg_valid_nll"])
+
+
+def _eval_nll(config, run_dir: Path, model, params) -> float:
+    optimizer, _ = loop.build_optimizer(config)
+    data = prepare_data(config.data, run_dir, seed=config.seed)
+    sample = data.sample_batch()
+    plan = loop.make_plan(config.mesh, model, sample)
+    abstract = loop.abstract_state(model, optimizer, sample, config.seed, plan)
+    _, eval_step = loop.compile_steps(model, optimizer, plan, abstract, label_smoothing=config.label_smoothing)
+    return loop.evaluate(eval_step, params, data.valid_batches(), plan)["valid_nll"]
+
+
+def test_best_averaged_params_are_saved_and_reproduce_their_score(averaged_run):
+    """``<run_dir>/averaged/`` holds the averaged params with the lowest avg_valid_nll of the whole run
+    (both parts), in the params' dtype: the mean of the checkpoints it averaged, scoring as logged."""
+    run_dir, config, evals = averaged_run.run_dir, averaged_run.config, averaged_run.evals
+    best = min(evals, key=lambda s: evals[s]["avg_valid_nll"])
+    meta = loop.read_averaged(run_dir)
+    assert meta["step"] == averaged_run.summary["averaged_best_step"] == best
+    assert meta["averaged_steps"] == [best - AVG_EVERY, best]  # a real average of two evals' params
+    assert meta["metric"] == "avg_valid_nll" and meta["scores"] == pytest.approx(
+        {k: v for k, v in evals[best].items() if "valid" in k})
+    first_part = [s for s in evals if s <= 3 * AVG_EVERY]
+    assert averaged_run.first_meta["step"] == min(first_part, key=lambda s: evals[s]["avg_valid_nll"])
+    assert [p.name for p in run_dir.glob("averaged*")] == ["averaged"]  # no temporary folder left
+
+    model, params, _, buckets = loop.load_for_inference(run_dir, averaged=True)
+    assert tuple(buckets) == config.data.buckets
+    averaged = [restore(config, run_dir, s)[0].params for s in meta["averaged_steps"]]
+    assert_trees_equal(params, loop.average_params(averaged))  # float16 leaves, like the checkpoints'
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(averaged[-1])))
+    assert _eval_nll(config, run_dir, model, params) == pytest.approx(evals[best]["avg_valid_nll"], rel=1e-6)
+
+
+def test_best_averaged_score_survives_a_resume(averaged_run, tmp_path, cache_dir):
+    """A resumed run compares its averages with the saved one: given an unbeatable saved score, the
+    eval at the new last step saves nothing."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(averaged_run.run_dir, run_dir)
+    meta = loop.read_averaged(run_dir)
+    meta["scores"]["avg_valid_nll"] = 0.0
+    (run_dir / "averaged" / "meta.json").write_text(json.dumps(meta))
+    config = tiny_config(run_dir, cache_dir, "eval.average_last=2", f"eval.every={AVG_EVERY}", f"steps={STEPS + 2}")
+    summary = loop.train(config)
+    assert read_metrics(run_dir / "metrics.jsonl", "eval")[-1]["step"] == STEPS + 2
+    assert loop.read_averaged(run_dir) == meta
+    assert summary["averaged_best_step"] == meta["step"]
+    _, params, _, _ = loop.load_for_inference(run_dir, averaged=True)
+    assert_trees_equal(params, loop.load_for_inference(averaged_run.run_dir, averaged=True)[1])
+
+
+def test_load_for_inference_averaged_needs_an_averaged_model(straight, averaged_run):
+    with pytest.raises(FileNotFoundError, match=r"no averaged model in .*averaged: .*eval.average_last=1\)"):
+        loop.load_for_inference(straight.run_dir, averaged=True)
+    with pytest.raises(ValueError, match="either a checkpoint step or averaged=True"):
+        loop.load_for_inference(averaged_run.run_dir, step=STEPS, averaged=True)
 
 
 # 5. Bad config and input
@@ -555,6 +629,24 @@ def test_translate_cli_sampling_and_max_len(straight, tmp_path, capsys):
     assert all(len(tokenizer.encode(line)) <= 2 for line in run("--max-len", "2"))
     with pytest.raises(ValueError, match="top_k=,top_p=,temperature=,seed="):
         run("--sampling", "nucleus=0.9")
+
+
+def test_translate_cli_averaged_loads_the_averaged_params(averaged_run, capsys, monkeypatch):
+    from lsjax import translate
+
+    with pytest.raises(SystemExit):
+        translate.main(["--checkpoint", str(averaged_run.run_dir), "--averaged", "--step", "5"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    calls, load_for_inference = [], loop.load_for_inference
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return load_for_inference(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "load_for_inference", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb c\n"))
+    assert len(_translate_cli(capsys, averaged_run.run_dir, "--averaged", "--beam", "1")) == 2
+    assert calls == [{"step": None, "averaged": True}]
 
 
 def test_translator_with_while_loop_graphs_gives_the_same_translations(straight):

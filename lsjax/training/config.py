@@ -90,7 +90,10 @@ class EvalConfig:
     ``average_last`` evaluations, this one included (fairseq's checkpoint averaging, computed
     in float32 and rounded once to the params' dtype), reported with an ``avg_`` prefix
     (``avg_valid_nll``, ``avg_bleu``, ``avg_test_bleu``); the window holds device copies of
-    those params and starts again after a resume.
+    those params and starts again after a resume. The averaged params that score best on the
+    ``select_by`` metric so far (a resumed run included) are saved to ``<run_dir>/averaged/``
+    (orbax ``params/`` and ``meta.json``: step, averaged steps, scores), loadable with
+    ``load_for_inference(run_dir, averaged=True)`` and ``lsjax-translate --averaged``.
     """
 
     every: int = 500

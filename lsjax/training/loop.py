@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from lsjax import data as lsdata
@@ -47,8 +48,9 @@ def make_translator(config: TrainConfig, model, tokenizer) -> Translator:
                       length_penalty=e.length_penalty)
 
 
-def load_for_inference(run_dir: str | Path, step: int | None = None):
-    """``(model, params, tokenizer, buckets)`` from a run directory (best checkpoint by default)."""
+def load_for_inference(run_dir: str | Path, step: int | None = None, *, averaged: bool = False):
+    """``(model, params, tokenizer, buckets)`` from a run directory: the best checkpoint by default,
+    checkpoint ``step``, or with ``averaged`` the best averaged params (``eval.average_last`` > 1)."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.json"
     if not config_file.exists():
@@ -60,10 +62,21 @@ def load_for_inference(run_dir: str | Path, step: int | None = None):
     length = config.data.buckets[0]
     sample = {k: [[lsdata.PAD_ID] * length] for k in lsdata.BATCH_KEYS}
     plan = make_plan("single", model, sample)  # whatever mesh the run trained on
+    abstract = abstract_state(model, optimizer, sample, config.seed, plan)
+    if averaged:
+        if step is not None:
+            raise ValueError("pass either a checkpoint step or averaged=True, not both")
+        if read_averaged(run_dir) is None:
+            raise FileNotFoundError(f"no averaged model in {run_dir / AVERAGED}: it is saved at the evaluations "
+                                    f"of runs with eval.average_last > 1 (this run has eval.average_last="
+                                    f"{config.eval.average_last})")
+        with ocp.StandardCheckpointer() as restorer:
+            params = restorer.restore((run_dir / AVERAGED / "params").resolve(), abstract.params)
+        return model, params, tokenizer, config.data.buckets
     best_metric, best_mode = _best_metric(config)
     checkpointer = Checkpointer(run_dir / "checkpoints", best_metric=best_metric, best_mode=best_mode)
     step = step if step is not None else checkpointer.best_step() or checkpointer.latest_step()
-    state, _ = checkpointer.restore(abstract_state(model, optimizer, sample, config.seed, plan), step)
+    state, _ = checkpointer.restore(abstract, step)
     checkpointer.close()
     return model, state.params, tokenizer, config.data.buckets
 
@@ -195,6 +208,35 @@ def average_params(trees: list) -> Any:
     return jax.tree.map(lambda *xs: (sum(x.astype(jnp.float32) for x in xs) / len(xs)).astype(xs[0].dtype), *trees)
 
 
+AVERAGED = "averaged"  # <run_dir>/averaged/{params,meta.json}: the run's best averaged params
+
+
+def save_averaged(run_dir: Path, params: Any, record: dict[str, Any]) -> None:
+    """Saves ``params`` (orbax, under ``params/``) and ``record`` (``meta.json``) as
+    ``<run_dir>/averaged/``, replacing the previous ones: both are written to a temporary folder
+    that is then renamed into place, so ``averaged/`` is never half-written."""
+    final, tmp, old = (run_dir / f"{AVERAGED}{suffix}" for suffix in ("", ".tmp", ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(tmp.resolve() / "params", params)
+    (tmp / "meta.json").write_text(json.dumps(record, indent=2))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_averaged(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``meta.json`` of the run's saved averaged params (None if there are none); puts the
+    previous ones back if :func:`save_averaged` was stopped between its two renames."""
+    run_dir = Path(run_dir)
+    if not (run_dir / AVERAGED).exists() and (run_dir / f"{AVERAGED}.old").exists():
+        (run_dir / f"{AVERAGED}.old").rename(run_dir / AVERAGED)
+    meta = run_dir / AVERAGED / "meta.json"
+    return json.loads(meta.read_text()) if meta.exists() else None
+
+
 def evaluate(eval_step, params, batches: Iterator[dict], plan: ShardingPlan) -> dict[str, float]:
     """Token-level validation NLL and perplexity over all batches."""
     nll, tokens = 0.0, 0
@@ -269,13 +311,23 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
                 scores["test_bleu"] = translator.bleu(decoding, data.test_pairs, max_sentences=config.eval.max_sentences)
         return scores
 
-    window: collections.deque = collections.deque(maxlen=config.eval.average_last)
+    window: collections.deque = collections.deque(maxlen=config.eval.average_last)  # (step, params)
+    avg_metric = f"avg_{best_metric}"
+    # meta.json of the best averaged params so far; on a resume, those of the earlier parts of the run
+    best_average = read_averaged(run_dir) if int(state.step) else None
 
     def run_eval(step: int) -> dict[str, float]:
+        nonlocal best_average
         scores = scores_of(state.params)
         if config.eval.average_last > 1:
-            window.append(jax.tree.map(jnp.copy, state.params))  # the train step donates state.params
-            scores.update({f"avg_{k}": v for k, v in scores_of(average_params(list(window))).items()})
+            window.append((step, jax.tree.map(jnp.copy, state.params)))  # the train step donates state.params
+            averaged = average_params([params for _, params in window])
+            scores.update({f"avg_{k}": v for k, v in scores_of(averaged).items()})
+            value, best = scores[avg_metric], (best_average or {}).get("scores", {}).get(avg_metric)
+            if best is None or (value > best if best_mode == "max" else value < best):
+                best_average = {"step": step, "averaged_steps": [s for s, _ in window], "metric": avg_metric,
+                                "scores": scores}
+                save_averaged(run_dir, averaged, best_average)
         metrics.write(step, "eval", train_seconds=train_seconds, wall_seconds=time.perf_counter() - run_start,
                       **scores)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
@@ -339,6 +391,8 @@ def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, max_steps_
         "best_step": checkpointer.best_step(),
         "data": data.stats,
     }
+    if best_average is not None:
+        summary["averaged_best_step"] = best_average["step"]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     metrics.write(step, "summary", **{k: v for k, v in summary.items() if k != "data"})
     metrics.close()
