@@ -22,7 +22,8 @@
 #                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each; + $TRAIN_STEP_ARGS,
 #                 e.g. "--dtypes bfloat16 --lsjax-overrides scan_layers=true")
-#   parallel      benchmarks/parallel.py (needs 2 GPUs)
+#   parallel      benchmarks/parallel.py (needs 2 GPUs; + $PARALLEL_ARGS)
+#   train_mesh    lsjax-train tiny-synthetic under each of $TRAIN_MESHES (default dp zero3 tp) on all GPUs
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
 #   multi30k_fp32 benchmarks/convergence.sh fp32master   (both + $MULTI30K_OVERRIDES, key=value ...)
 #   decode_quality  a 2000-step multi30k run (+ $MULTI30K_OVERRIDES, no BLEU eval), then
@@ -48,6 +49,8 @@ while [ $# -gt 0 ]; do
 done
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 LSJAX_CUDA=ON
+# NVLink multicast stays off on the shared multi-GPU hosts (KINDS.md): set here too, in case the image does not.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LSJAX_COMPILATION_CACHE=${LSJAX_COMPILATION_CACHE:-/tmp/lsjax_jax_cache}
 status=0
 # The device tool returns few files: everything goes back in one archive, also when the run is
@@ -62,7 +65,7 @@ pack() {  # (+ the metrics of a convergence run that was stopped before it copie
 trap pack EXIT
 trap 'echo "stopped early (signal): packing what ran"; exit 124' TERM INT
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; git rev-parse --short HEAD; } > "$OUT/machine.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; date -u; git rev-parse --short HEAD; } > "$OUT/machine.txt" 2>&1
 if [ -d .whl ]; then  # runtime deps the GPU image lacks (no network there): carried wheels, installed if missing
   $PY -m pip install -q --no-index --find-links .whl sentencepiece sacrebleu tqdm pyyaml > "$OUT/deps.log" 2>&1 \
     || { cat "$OUT/deps.log"; status=1; }
@@ -129,7 +132,11 @@ for name in ${BENCH//,/ }; do
     train_step_base|train_step_big)
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" \
         ${TRAIN_STEP_ARGS:-} ;;
-    parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ;;
+    parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ${PARALLEL_ARGS:-} ;;
+    train_mesh) for mesh in ${TRAIN_MESHES:-dp zero3 tp}; do  # the CLI on every GPU under a mesh config
+        bench "train_mesh_$mesh" lsjax-train --config tiny-synthetic --mesh "configs/mesh/$mesh.yaml" \
+          --run-dir "/tmp/lsjax_runs/tiny_$mesh" precision=fp16 steps=300 eval.every=300
+      done ;;
     multi30k) bench multi30k bash benchmarks/convergence.sh lsjax ${MULTI30K_OVERRIDES:-} ;;
     decode_quality)
       bench decode_quality_train bash benchmarks/convergence.sh lsjax steps=2000 eval.every=2000 checkpoint.every=2000 \

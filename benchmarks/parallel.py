@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="transformer-big", help="name in configs/model/")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--rows", type=int, default=64, help="sentences per device")
+    parser.add_argument("--rows", type=int, default=128, help="sentences per device (128 x 64: the train-step benchmark's batch)")
     parser.add_argument("--length", type=int, default=64, help="source and target tokens per sentence")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--loss-steps", type=int, default=3, help="first steps whose losses are compared")
