@@ -10,6 +10,11 @@ ops) of ``--model`` at an equal per-GPU batch of ``--rows`` sentences x ``--leng
 * ``dp``, ``zero3``: two devices, ``2 * rows`` rows (``rows`` per device);
 * ``tp``: two devices, the same ``2 * rows`` rows as dp, every row on both (Megatron split).
 
+Each device's rows have the same lengths as the single-device batch (only the token ids differ), so
+two devices process exactly twice the tokens of one. The two-device modes run with the mesh
+configs' default ``overlap_collectives`` (XLA's latency-hiding scheduler) and, with
+``--overlap on,off``, also without it (``<mode>/no-overlap`` rows), in the same run.
+
 All runs start from the same params (same seed; the init is mesh-independent) and the same
 batches, so dp, zero3 and tp must agree on the losses of the first steps (``loss_match``:
 max relative difference against dp under ``--loss-rtol``). Reports compile seconds, ms per
@@ -38,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loss-steps", type=int, default=3, help="first steps whose losses are compared")
     parser.add_argument("--loss-rtol", type=float, default=2e-2, help="tolerance of tp/zero3 vs dp losses")
     parser.add_argument("--modes", default=",".join(m for m, _ in RUNS), help="subset of " + ",".join(m for m, _ in RUNS))
+    parser.add_argument("--overlap", default="on,off",
+                        help="two-device runs with the latency-hiding scheduler on, off, or both (on,off)")
     parser.add_argument("--backend", help="lsjax op backend (default: cuda on GPU, else xla)")
     parser.add_argument("--cache-dir", help="JAX persistent compilation cache directory")
     parser.add_argument("--out", help="JSON results path (a .md table is written next to it)")
@@ -50,25 +57,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _batch(rng, rows: int, length: int, vocab: int) -> dict:
-    """Random token rows with some trailing padding (pad id 0)."""
+def _batch(rng, rows: int, shards: int, length: int, vocab: int) -> dict:
+    """``shards * rows`` random token rows with trailing padding (pad id 0); every shard of ``rows``
+    rows has the same lengths (drawn from a fixed seed), so each device gets the same token count."""
     import numpy as np
 
-    batch = {k: rng.integers(3, vocab, (rows, length)).astype(np.int32) for k in ("src", "tgt_in", "tgt_out")}
-    lengths = rng.integers(length // 2, length + 1, rows)
+    batch = {k: rng.integers(3, vocab, (shards * rows, length)).astype(np.int32) for k in ("src", "tgt_in", "tgt_out")}
+    lengths = np.tile(np.random.default_rng(1).integers(length // 2, length + 1, rows), shards)
     for key in batch:
         batch[key][np.arange(length)[None, :] >= lengths[:, None]] = 0
     return batch
 
 
-def run_mode(mode: str, devices: list, model, optimizer, batch: dict, args) -> dict:
+def run_mode(mode: str, overlap: bool, devices: list, model, optimizer, batch: dict, args) -> dict:
     """Compiles and times one mesh config; returns its row of the results."""
+    import dataclasses
+
     import jax
     import numpy as np
 
     from lsjax.training import loop
 
     plan = loop.make_plan(mode, model, batch, devices)
+    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, overlap_collectives=overlap))
     state = loop.init_sharded_state(model, optimizer, batch, 0, plan)
     abstract = loop.abstract_state(model, optimizer, batch, 0, plan)
     step, _ = loop.compile_steps(model, optimizer, plan, abstract, label_smoothing=0.1)
@@ -87,7 +98,8 @@ def run_mode(mode: str, devices: list, model, optimizer, batch: dict, args) -> d
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / args.steps
     tokens = int(np.count_nonzero(batch["tgt_out"]))
-    return {"mode": mode, "devices": len(plan.mesh.devices.flat), "mesh": dict(plan.mesh.shape),
+    label = mode if overlap or len(devices) == 1 else f"{mode}/no-overlap"
+    return {"mode": label, "devices": len(plan.mesh.devices.flat), "compiler_options": plan.compiler_options, "mesh": dict(plan.mesh.shape),
             "rows": len(batch["src"]), "target_tokens_per_step": tokens, "compile_s": round(compile_s, 2),
             "step_ms": round(seconds * 1e3, 3), "tokens_per_s": round(tokens / seconds, 1), "losses": losses,
             "skipped_steps": int(metrics["skipped_steps"])}
@@ -96,11 +108,12 @@ def run_mode(mode: str, devices: list, model, optimizer, batch: dict, args) -> d
 def summarize(rows: list[dict], rtol: float) -> dict:
     """Speed-ups over ``single`` and loss agreement with ``dp``."""
     by_mode = {r["mode"]: r for r in rows}
+    dp = by_mode.get("dp", by_mode.get("dp/no-overlap"))
     for r in rows:
         if "single" in by_mode:
             r["speedup_vs_single"] = round(r["tokens_per_s"] / by_mode["single"]["tokens_per_s"], 3)
-        if "dp" in by_mode and r["rows"] == by_mode["dp"]["rows"] and r["mode"] != "dp":
-            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], by_mode["dp"]["losses"])]
+        if dp is not None and r["rows"] == dp["rows"] and r is not dp:
+            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], dp["losses"])]
             r["loss_max_rel_diff_vs_dp"] = max(diffs)
             r["loss_match"] = max(diffs) <= rtol
     return by_mode
@@ -144,14 +157,16 @@ def main(argv=None) -> int:
     model_vocab = loop.load_model_config(args.model).vocab_size
     model, optimizer = loop.build_model(config, model_vocab), loop.build_optimizer(config)[0]
     rng = np.random.default_rng(0)
-    batches = {n: _batch(rng, n * args.rows, args.length, model_vocab) for n in (1, 2)}
+    batches = {n: _batch(rng, args.rows, n, args.length, model_vocab) for n in (1, 2)}
+    overlaps = [{"on": True, "off": False}[v] for v in args.overlap.split(",")]
     backend = ops.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     rows = []
     with backend:
         for mode, n in RUNS:
-            if mode in modes:
-                rows.append(run_mode(mode, devices[:n], model, optimizer, batches[n], args))
-                print(json.dumps(rows[-1]), flush=True)
+            for overlap in overlaps[:1] if n == 1 else overlaps:
+                if mode in modes:
+                    rows.append(run_mode(mode, overlap, devices[:n], model, optimizer, batches[n], args))
+                    print(json.dumps(rows[-1]), flush=True)
     summarize(rows, args.loss_rtol)
     header = (f"{args.model}, {args.precision}, {args.rows} x {args.length} tokens per device, "
               f"{devices[0].device_kind}, backend {ops.get_backend() if not args.backend else args.backend}")

@@ -5,6 +5,7 @@ layer, 8 heads so tensor=8 divides them), fp32, dropout on (the fused ops reprod
 unsharded masks under any sharding), fused ops on the ``cpu_ffi`` backend.
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from lsjax import ops, optim
+from lsjax.parallel import OVERLAP_COLLECTIVES
 from lsjax.training import loop
 from lsjax.training.checkpoint import Checkpointer
 from lsjax.training.config import OptimizerConfig, TrainConfig
@@ -174,18 +176,53 @@ def test_zero2_pins_gradients_to_data_shards():
         assert grad == update and "data" in str(grad.spec) and "data" not in str(got.spec)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode, collective", [("zero2", "reduce-scatter"), ("zero3", "all-gather"),
-                                              ("dp", "all-reduce")])
-def test_collectives_on_two_gpus(mode, collective):
+def test_multi_device_steps_overlap_collectives(tmp_path):
+    """Plans over several devices compile with the latency-hiding scheduler; one device, or
+    ``overlap_collectives: false``, keeps XLA's defaults."""
+    assert loop.make_plan("dp", MODEL, BATCH, CPUS[:2]).compiler_options == OVERLAP_COLLECTIVES
+    assert loop.make_plan("single", MODEL, BATCH).compiler_options is None
+    off = tmp_path / "dp_no_overlap.yaml"
+    off.write_text((ROOT / "configs/mesh/dp.yaml").read_text() + "overlap_collectives: false\n")
+    assert loop.make_plan(str(off), MODEL, BATCH, CPUS[:2]).compiler_options is None
+
+
+def _compiled_gpu_step(mode: str, overlap: bool = True) -> str:
     devices = jax.devices("gpu")
     if len(devices) < 2:
         pytest.skip("needs 2 GPUs")
     plan = loop.make_plan(mode, MODEL, BATCH, devices[:2])
+    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, overlap_collectives=overlap))
     abstract = loop.abstract_state(MODEL, OPTIMIZER, BATCH, SEED, plan)
     step, _ = loop.compile_steps(MODEL, OPTIMIZER, plan, abstract, label_smoothing=0.1)
-    hlo = step.lower(abstract, loop.shard_batch(plan, BATCH)).compile().as_text()
-    assert f"{collective}(" in hlo
+    return step.lower(abstract, loop.shard_batch(plan, BATCH)).compile().as_text()
+
+
+def _kernels_under_collectives(hlo: str, collective: str) -> int:
+    """Fusions and custom calls scheduled between an async ``collective``'s start and its done."""
+    inside, count = set(), 0
+    for line in hlo.splitlines():
+        name = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = ", line)
+        if name and f" {collective}-start(" in line:
+            inside.add(name.group(1))
+        elif f" {collective}-done(" in line:
+            inside -= set(re.findall(r"%([\w.-]+)", line.split(f"{collective}-done(", 1)[1]))
+        elif inside and re.search(r" (fusion|custom-call)\(", line):
+            count += 1
+    return count
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, collective", [("zero2", "reduce-scatter"), ("zero3", "all-gather"),
+                                              ("dp", "all-reduce")])
+def test_collectives_on_two_gpus(mode, collective):
+    assert re.search(rf"{collective}(-start)?\(", _compiled_gpu_step(mode))
+
+
+@pytest.mark.gpu
+def test_gradient_all_reduces_overlap_the_backward_on_two_gpus():
+    """With overlap_collectives (default), kernels run between the all-reduces' starts and dones."""
+    overlapped, serial = (_kernels_under_collectives(_compiled_gpu_step("dp", o), "all-reduce") for o in (True, False))
+    assert overlapped > serial, (overlapped, serial)
 
 
 @pytest.mark.parametrize("precision, mode", [("fp16", "zero3"), ("bf16", "dp")])

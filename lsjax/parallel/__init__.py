@@ -24,7 +24,7 @@ The same by hand, piece by piece::
 
 from lsjax.parallel.checkpoint import restore_state, save_state
 from lsjax.parallel.distributed import maybe_initialize_distributed
-from lsjax.parallel.mesh import MeshConfig, load_mesh_config, make_mesh, validate
+from lsjax.parallel.mesh import OVERLAP_COLLECTIVES, MeshConfig, load_mesh_config, make_mesh, validate
 from lsjax.parallel.sharding import (
     ShardingPlan,
     add_data_axis,
@@ -39,6 +39,7 @@ from lsjax.parallel.sharding import (
 )
 
 __all__ = [
+    "OVERLAP_COLLECTIVES",
     "MeshConfig",
     "ShardingPlan",
     "add_data_axis",

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lsjax.parallel.mesh import DATA_AXIS, MeshConfig, Rules, _as_tuple, validate
+from lsjax.parallel.mesh import DATA_AXIS, OVERLAP_COLLECTIVES, MeshConfig, Rules, _as_tuple, validate
 
 __all__ = [
     "ShardingPlan",
@@ -229,5 +229,12 @@ class ShardingPlan:
         No global mesh is set while tracing (unlike :func:`jit_on_mesh`): flax's
         ``DenseGeneral`` re-runs its boxed kernel init on the flat kernel shape and would pin it
         with the unflattened logical axes. Activations are pinned through :meth:`constrain`.
+        On more than one device, ``config.overlap_collectives`` adds :data:`OVERLAP_COLLECTIVES`.
         """
-        return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
+        return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums,
+                       compiler_options=self.compiler_options)
+
+    @property
+    def compiler_options(self) -> dict[str, Any] | None:
+        """The XLA options of this plan's programs (None: XLA's defaults)."""
+        return OVERLAP_COLLECTIVES if self.config.overlap_collectives and self.mesh.size > 1 else None
