@@ -41,10 +41,12 @@ from lsjax import ops
 from lsjax.decode import WHILE_LOOP_GRAPHS
 
 # Named XLA compile-option sets (``jax.jit(..., compiler_options=...)``): XLA's defaults; command
-# buffers extended to the while loop; cuBLAS for every GEMM instead of Triton (split-K) fusions.
+# buffers extended to the while loop; cuBLAS for every GEMM instead of Triton (split-K) fusions;
+# Triton GEMMs without split-K (no separate reduction kernel, the epilogue can fuse into the GEMM).
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
 XLA_OPTIONS = {"default": None, "while": WHILE_LOOP_GRAPHS, "cublas": CUBLAS_GEMMS,
-               "while+cublas": {**WHILE_LOOP_GRAPHS, **CUBLAS_GEMMS}}
+               "while+cublas": {**WHILE_LOOP_GRAPHS, **CUBLAS_GEMMS},
+               "nosplitk": {"xla_gpu_enable_split_k_autotuning": False}}
 _CATEGORIES = (  # first match wins; matched against the kernel name
     ("lsjax", re.compile(r"lsjax")),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm\d+_.*(tensorop|wgmma)|dot", re.I)),

@@ -158,6 +158,8 @@ constexpr int64_t ChunkScratchBytes(int64_t k) { return (32 + k * kItems + 1) * 
 // [c * 1024, c * 1024 + len) of beam i, VEC per access, lane-interleaved.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(128) ChunkKernel(BeamTopkArgs<T> a, BeamTopkWorkspace w) {
+  cuda::WaitForPrerequisites();
+  cuda::TriggerDependents();
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, k = static_cast<int>(a.k);
   const int64_t list = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
@@ -213,6 +215,8 @@ template <int E>
 __global__ void __launch_bounds__(kMergeThreads)
     MergeKernel(const float* scores, float* values, int32_t* indices, int64_t beam, int64_t vocab, int k,
                 BeamTopkWorkspace w) {
+  cuda::WaitForPrerequisites();
+  cuda::TriggerDependents();
   extern __shared__ __align__(16) unsigned char smem[];
   RowKey* heads = reinterpret_cast<RowKey*>(smem);          // [kMergeThreads]
   RowKey* cand = heads + kMergeThreads;                     // [k * E]
@@ -287,8 +291,8 @@ template <int E>
 void LaunchMerge(const float* scores, float* values, int32_t* indices, int64_t batch, int64_t beam, int64_t vocab,
                  int k, const BeamTopkWorkspace& w, cudaStream_t stream) {
   const size_t smem = (kMergeThreads + k * E + 1) * sizeof(RowKey) + beam * sizeof(BeamStat) + (k + 1) * sizeof(int);
-  MergeKernel<E><<<static_cast<unsigned>(batch), kMergeThreads, smem, stream>>>(scores, values, indices, beam,
-                                                                                 vocab, k, w);
+  cuda::LaunchDependent(MergeKernel<E>, static_cast<unsigned>(batch), kMergeThreads, smem, stream, scores, values,
+                        indices, beam, vocab, k, w);
 }
 
 }  // namespace
@@ -304,7 +308,7 @@ cudaError_t BeamTopkCuda(const BeamTopkArgs<T>& a, const BeamTopkWorkspace& w, c
   const bool vec = a.vocab % cuda::kVec16<T> == 0 && cuda::Aligned(a.logits, 16);
   const auto chunk_kernel = vec ? ChunkKernel<T, cuda::kVec16<T>> : ChunkKernel<T, 1>;
   const auto blocks = static_cast<unsigned>(CeilDiv(a.batch * lists, warps));
-  chunk_kernel<<<blocks, warps * 32, warps * ChunkScratchBytes(k), stream>>>(a, w);
+  cuda::LaunchDependent(chunk_kernel, blocks, warps * 32, warps * ChunkScratchBytes(k), stream, a, w);
 
   // Pass 2: E keys per thread, enough for the heads and the slots, and about
   // 32 threads' worth of heads (GroupTopK ranks `active` heads per thread).

@@ -111,17 +111,21 @@ inline bool Aligned(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-// Multiprocessor count of the current device, queried once per device.
-inline int NumSMs() {
+// An attribute of the current device, queried once per device (one cache per attribute).
+template <cudaDeviceAttr kAttr>
+inline int DeviceAttribute() {
   static int cached[64] = {0};
   int device = 0;
   cudaGetDevice(&device);
   if (device < 0 || device >= 64) device = 0;
   if (cached[device] == 0) {
-    cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&cached[device], kAttr, device);
   }
   return cached[device];
 }
+
+// Multiprocessor count of the current device.
+inline int NumSMs() { return DeviceAttribute<cudaDevAttrMultiProcessorCount>(); }
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -129,6 +133,45 @@ inline int NextPow2(int64_t v) {
   int p = 1;
   while (p < v) p <<= 1;
   return p;
+}
+
+// Programmatic dependent launch (PDL, sm_90+). A kernel started by LaunchDependent may begin while
+// the kernel before it in the stream is still running (when that one triggered its dependents, as
+// the kernels below do): it must call WaitForPrerequisites() before it touches global memory.
+// TriggerDependents() lets the next kernel launched with PDL (XLA launches its GEMMs so) be
+// scheduled while this one runs; that kernel's wait still waits for the whole of this grid to
+// finish and its writes to be visible. Both are no-ops before sm_90.
+__device__ __forceinline__ void WaitForPrerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void TriggerDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether the current device takes PDL launches (compute capability >= 9.0), queried once per device.
+inline bool DeviceHasPdl() { return DeviceAttribute<cudaDevAttrComputeCapabilityMajor>() >= 9; }
+
+// kernel<<<grid, block, smem, stream>>>(args...) with PDL allowed where the device has it; the
+// kernel must begin with WaitForPrerequisites().
+template <typename... Params, typename... Args>
+cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                            Args... args) {
+  cudaLaunchAttribute pdl{};
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &pdl;
+  config.numAttrs = DeviceHasPdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
 // Deterministic column sums of per-block partial rows, the second pass of
