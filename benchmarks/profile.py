@@ -46,7 +46,7 @@ from lsjax.decode import WHILE_LOOP_GRAPHS
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
 XLA_OPTIONS = {"default": None, "while": WHILE_LOOP_GRAPHS, "cublas": CUBLAS_GEMMS,
                "while+cublas": {**WHILE_LOOP_GRAPHS, **CUBLAS_GEMMS},
-               "nosplitk": {"xla_gpu_enable_split_k_autotuning": False}}
+               "nosplitk": {"xla_gpu_experimental_force_split_k": 1}}
 _CATEGORIES = (  # first match wins; matched against the kernel name
     ("lsjax", re.compile(r"lsjax")),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm\d+_.*(tensorop|wgmma)|dot", re.I)),
