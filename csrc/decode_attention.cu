@@ -118,8 +118,6 @@ __device__ __forceinline__ float Softmax(float* p, int L, float mx, float* red) 
 // softmax), and the groups' partials are combined in shared memory in a fixed order.
 template <typename T, int VEC, int LANES>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAttentionArgs<T> a) {
-  cuda::WaitForPrerequisites();
-  cuda::TriggerDependents();
   constexpr int D = VEC * LANES, kGroups = kThreads / LANES, kUnroll = 4;
   __shared__ float part_o[kGroups][D];
   __shared__ float part_m[kGroups], part_l[kGroups];
@@ -204,8 +202,6 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
 // Any head size: thread j scores keys j, j + kThreads, ... with a dot product over the whole head.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentionArgs<T> a, int groups) {
-  cuda::WaitForPrerequisites();
-  cuda::TriggerDependents();
   extern __shared__ float smem[];
   __shared__ float red[32];
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
@@ -250,7 +246,7 @@ cudaError_t DecodeAttentionCuda(const DecodeAttentionArgs<T>& a, cudaStream_t st
   const int64_t lanes = vectorised ? a.head_dim / vec16 : 0;
   auto lanes_kernel = [&](auto n) {
     constexpr int kLanes = decltype(n)::value;
-    cuda::LaunchDependent(DecodeAttentionLanesKernel<T, vec16, kLanes>, blocks, kThreads, 0, stream, a);
+    DecodeAttentionLanesKernel<T, vec16, kLanes><<<blocks, kThreads, 0, stream>>>(a);
   };
   switch (lanes) {
     case 4: lanes_kernel(Int<4>{}); break;
@@ -263,9 +259,9 @@ cudaError_t DecodeAttentionCuda(const DecodeAttentionArgs<T>& a, cudaStream_t st
       const int groups = vecs >= kThreads ? 1 : kThreads / vecs;
       const size_t smem = sizeof(float) * (a.head_dim + a.k_len + static_cast<int64_t>(groups) * a.head_dim);
       if (vectorised) {
-        cuda::LaunchDependent(DecodeAttentionKernel<T, vec16>, blocks, kThreads, smem, stream, a, groups);
+        DecodeAttentionKernel<T, vec16><<<blocks, kThreads, smem, stream>>>(a, groups);
       } else {
-        cuda::LaunchDependent(DecodeAttentionKernel<T, 1>, blocks, kThreads, smem, stream, a, groups);
+        DecodeAttentionKernel<T, 1><<<blocks, kThreads, smem, stream>>>(a, groups);
       }
     }
   }

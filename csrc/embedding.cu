@@ -51,8 +51,6 @@ __device__ __forceinline__ int64_t ClampRow(int64_t v, int64_t rows) {
 // columns + half.
 template <typename T, int VEC, bool LEARNED, bool PAIRED, bool DROPOUT>
 __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp) {
-  cuda::WaitForPrerequisites();
-  cuda::TriggerDependents();
   const int64_t h = a.hidden;
   const int64_t half = h / 2;
   const int64_t ncv = PAIRED ? half / VEC : h / VEC;
@@ -223,8 +221,8 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   const int64_t grid = Grid(a.tokens, kBlock / tx);
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto l, auto p, auto d) {
-    cuda::LaunchDependent(EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>,
-                          static_cast<unsigned>(grid), block, 0, stream, a, freq_exp);
+    EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>
+        <<<grid, block, 0, stream>>>(a, freq_exp);
   };
   auto by_dropout = [&](auto v, auto l, auto p) {
     if (dropout) {
