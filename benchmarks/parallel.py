@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -69,6 +71,20 @@ def _batch(rng, rows: int, shards: int, length: int, vocab: int) -> dict:
     return batch
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "f64": 8}
+
+
+def all_reduce_bytes(hlo: str) -> dict[str, int]:
+    """Bytes all-reduced per step by element type, from a compiled program's HLO text."""
+    totals: dict[str, int] = {}
+    for line in hlo.splitlines():
+        match = re.search(r" = (.*?) all-reduce(-start)?\(", line)
+        for dtype, dims in re.findall(r"\b(pred|[su]8|bf16|f16|[su]32|f32|s64|f64)\[([\d,]*)\]", match.group(1) if match else ""):
+            count = math.prod(int(d) for d in dims.split(",") if d)
+            totals[dtype] = totals.get(dtype, 0) + count * _DTYPE_BYTES[dtype]
+    return totals
+
+
 def run_mode(mode: str, overlap: bool, devices: list, model, optimizer, batch: dict, args) -> dict:
     """Compiles and times one mesh config; returns its row of the results."""
     import dataclasses
@@ -87,6 +103,7 @@ def run_mode(mode: str, overlap: bool, devices: list, model, optimizer, batch: d
     start = time.perf_counter()
     compiled = step.lower(state, device_batch).compile()
     compile_s = time.perf_counter() - start
+    reduced = all_reduce_bytes(compiled.as_text())
     losses = []
     for _ in range(args.loss_steps):
         state, metrics = compiled(state, device_batch)
@@ -102,7 +119,7 @@ def run_mode(mode: str, overlap: bool, devices: list, model, optimizer, batch: d
     return {"mode": label, "devices": len(plan.mesh.devices.flat), "compiler_options": plan.compiler_options, "mesh": dict(plan.mesh.shape),
             "rows": len(batch["src"]), "target_tokens_per_step": tokens, "compile_s": round(compile_s, 2),
             "step_ms": round(seconds * 1e3, 3), "tokens_per_s": round(tokens / seconds, 1), "losses": losses,
-            "skipped_steps": int(metrics["skipped_steps"])}
+            "skipped_steps": int(metrics["skipped_steps"]), "all_reduce_mib": {k: round(v / 2**20, 2) for k, v in reduced.items()}}
 
 
 def summarize(rows: list[dict], rtol: float) -> dict:
@@ -121,13 +138,14 @@ def summarize(rows: list[dict], rtol: float) -> dict:
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "", "| mode | devices | mesh | rows | compile s | ms/step | target tok/s | speed-up vs 1 | "
-             "losses (first steps) | vs dp |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "all-reduced MiB/step | losses (first steps) | vs dp |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         match = ("" if "loss_match" not in r else
                  f"{'match' if r['loss_match'] else 'MISMATCH'} ({r['loss_max_rel_diff_vs_dp']:.1e})")
         losses = ", ".join(f"{x:.4f}" for x in r["losses"])
+        reduced = ", ".join(f"{k} {v:g}" for k, v in sorted(r["all_reduce_mib"].items()) if v >= 0.01)
         lines.append(f"| {r['mode']} | {r['devices']} | {r['mesh']} | {r['rows']} | {r['compile_s']} | "
-                     f"{r['step_ms']} | {r['tokens_per_s']:.0f} | {r.get('speedup_vs_single', '')} | {losses} | "
+                     f"{r['step_ms']} | {r['tokens_per_s']:.0f} | {r.get('speedup_vs_single', '')} | {reduced} | {losses} | "
                      f"{match} |")
     return "\n".join(lines)
 
