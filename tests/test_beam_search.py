@@ -146,6 +146,20 @@ def test_ffi_topk_backend_matches_xla():
     np.testing.assert_allclose(ours.scores, ref.scores, rtol=1e-5)
 
 
+@pytest.mark.skipif("cpu_ffi" not in available_backends(), reason="lsjax._ffi not built")
+@pytest.mark.parametrize("beam", [1, 3, 4, 5])
+def test_ffi_update_backend_equals_reference(beam):
+    """beam_topk and beam_update through the CPU FFI: the flax-style reference's tokens, steps and scores."""
+    max_len = 9
+    dec = toy_decoder(np.random.default_rng(beam), batch=3, vocab=13, max_len=max_len, eos_bias=2.0)
+    with use_backend("cpu_ffi"):
+        ours = _run(beam_search, dec, beam_size=beam, max_len=max_len)
+    seqs, scores, steps = _run(flax_beam_search.beam_search, dec, beam_size=beam, max_len=max_len)
+    np.testing.assert_array_equal(ours.sequences, seqs)
+    np.testing.assert_allclose(ours.scores, scores, rtol=1e-5)
+    assert int(ours.num_steps) == int(steps)
+
+
 def test_rejects_bad_groups(rng):
     dec = toy_decoder(rng, batch=1, vocab=5, max_len=3)
     with pytest.raises(ValueError, match="multiple of diversity_groups"):

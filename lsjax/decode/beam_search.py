@@ -6,7 +6,8 @@ int32[N, 1], cache, encoded) -> (logits [N, vocab], cache)`` with
 continuations per group with :func:`lsjax.ops.beam_topk` (so eos candidates never
 starve the alive beams), keeps the best non-eos ones alive, and merges the eos
 ones into a fixed-size finished set scored with the GNMT length penalty
-``((5 + length) / 6) ** alpha``. The loop stops early once, in every row, no
+``((5 + length) / 6) ** alpha`` (:func:`lsjax.ops.beam_update`: one kernel on the
+FFI backends). The loop stops early once, in every row, no
 alive beam can still beat the worst finished one; it checks that every
 ``steps_per_check`` steps (:func:`lsjax.decode.loop.while_loop_in_blocks`: one
 host round trip per block of steps, not per step).
@@ -21,6 +22,7 @@ sequences' true (length-penalised) log-probabilities.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 
 from lsjax.decode.loop import while_loop_in_blocks
 from lsjax.ops.beam_topk import beam_topk
+from lsjax.ops.beam_update import BeamUpdate, beam_update, beam_update_reference
 
 _F32 = jnp.float32
 _NEG_INF = -jnp.inf
@@ -69,12 +72,6 @@ class _State(NamedTuple):
     finished_seqs: jax.Array  # [batch, groups, group_beam, max_len]
     finished_scores: jax.Array  # [batch, groups, group_beam] length-penalised
     finished_flags: jax.Array  # [batch, groups, group_beam] bool
-
-
-def _take(x, idx):
-    """``x[b, g, idx[b, g, j], ...]`` for ``x`` of shape [batch, groups, n, ...]."""
-    idx = idx.reshape(idx.shape + (1,) * (x.ndim - idx.ndim))
-    return jnp.take_along_axis(x, idx, axis=2)
 
 
 def _group_candidates(logits, scores, counts, k, penalty):
@@ -170,48 +167,33 @@ def beam_search(
         logits, cache = tokens_to_logits(s.last_tokens.reshape(-1, 1), cache, encoded)
         vocab = logits.shape[-1]
         logits = logits.reshape(batch, groups, group_beam, vocab)
-        penalty = gnmt_length_penalty(s.step + 1, length_penalty)
         counts = jnp.zeros((batch, vocab), _F32) if diverse else None
-        outs = []
+        cands = []
         for g in range(groups):
             rank, true, idx = _group_candidates(
                 logits[:, g], s.alive_scores[:, g], counts, 2 * group_beam, diversity_penalty)
-            parent, token = idx // vocab, idx % vocab
-            is_eos = (token == eos_id) & (true > _NEG_INF)  # -inf: filler when beam*vocab is tiny
-            # Alive: the best non-eos candidates, in rank order.
-            _, keep = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, rank), group_beam)
-            alive_parent = jnp.take_along_axis(parent, keep, axis=1)
-            alive_token = jnp.take_along_axis(token, keep, axis=1)
             if diverse:  # as fairseq: every ranked candidate token counts
-                counts = counts + jax.nn.one_hot(token, vocab, dtype=_F32).sum(axis=1)
-            outs.append((parent, token, is_eos, true, keep, alive_parent, alive_token))
-        parent, token, is_eos, true, keep, alive_parent, alive_token = (
-            jnp.stack(x, axis=1) for x in zip(*outs))
-
-        # Candidate sequences [batch, groups, 2*group_beam, max_len] with this step's token.
-        cand_seqs = _take(s.alive_seqs, parent).at[..., s.step].set(token)
-        alive_seqs = _take(cand_seqs, keep)
-        alive_scores = _take(true, keep)
-
-        # Finished: merge the eos candidates into the running set, best first.
-        new_scores = jnp.where(is_eos, true / penalty, _NEG_INF)
-        all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=2)
-        _, best = jax.lax.top_k(all_scores, group_beam)
-        finished_seqs = _take(jnp.concatenate([s.finished_seqs, cand_seqs], axis=2), best)
-        finished_flags = _take(jnp.concatenate([s.finished_flags, is_eos], axis=2), best)
-        finished_scores = _take(all_scores, best)
-
+                counts = counts + jax.nn.one_hot(idx % vocab, vocab, dtype=_F32).sum(axis=1)
+            cands.append((rank, true, idx))
+        # Every (row, group) is one row of beam_update: [batch * groups, ...].
+        rank, true, idx = (jnp.stack(x, axis=1).reshape(batch * groups, -1) for x in zip(*cands))
+        flat = lambda x: x.reshape((batch * groups,) + x.shape[2:])  # noqa: E731
+        update = functools.partial(beam_update_reference, cand_ranks=rank) if diverse else beam_update
+        new = update(true, idx, flat(s.alive_seqs), flat(s.finished_seqs), flat(s.finished_scores),
+                     flat(s.finished_flags), s.step, 1.0 / gnmt_length_penalty(s.step + 1, length_penalty),
+                     vocab=vocab, eos_id=eos_id)
+        new = BeamUpdate(*(x.reshape((batch, groups) + x.shape[1:]) for x in new))
         row_base = (jnp.arange(batch)[:, None, None] * beam_size
                     + jnp.arange(groups)[None, :, None] * group_beam)
         return _State(
             step=s.step + 1,
-            last_tokens=alive_token,
-            alive_seqs=alive_seqs,
-            alive_scores=alive_scores,
-            finished_seqs=finished_seqs,
-            finished_scores=finished_scores,
-            finished_flags=finished_flags,
-        ), reorder_cache(cache, (row_base + alive_parent).reshape(-1).astype(jnp.int32))
+            last_tokens=new.alive_tokens,
+            alive_seqs=new.alive_seqs,
+            alive_scores=new.alive_scores,
+            finished_seqs=new.finished_seqs,
+            finished_scores=new.finished_scores,
+            finished_flags=new.finished_flags,
+        ), reorder_cache(cache, (row_base + new.alive_parents).reshape(-1).astype(jnp.int32))
 
     s, _ = while_loop_in_blocks(not_done, step, (state, expand_to_beams(init_cache, beam_size)),
                                 block=steps_per_check)

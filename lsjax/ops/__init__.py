@@ -17,6 +17,7 @@ from lsjax.ops.backend import (
     use_backend,
 )
 from lsjax.ops.beam_topk import beam_topk, beam_topk_reference
+from lsjax.ops.beam_update import BeamUpdate, beam_update, beam_update_reference
 from lsjax.ops.bias_act_dropout import bias_act_dropout, bias_act_dropout_reference
 from lsjax.ops.bias_dropout_residual import (
     bias_dropout_residual,
@@ -46,6 +47,9 @@ __all__ = [
     "available_backends",
     "beam_topk",
     "beam_topk_reference",
+    "BeamUpdate",
+    "beam_update",
+    "beam_update_reference",
     "bias_act_dropout",
     "bias_act_dropout_reference",
     "bias_dropout_residual",
