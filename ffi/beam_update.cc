@@ -5,7 +5,6 @@
 //     -> alive_tokens s32 [B, k], alive_parents s32 [B, k], alive_scores f32 [B, k],
 //        alive_seqs, finished_seqs, finished_scores, finished_flags (aliased to the operands);
 //   attributes vocab, eos_id (int64).
-#include <cstring>
 #include <string>
 
 #include "csrc/beam_update.h"
@@ -25,9 +24,9 @@ bool Is(const Buf& b, DataType type, int64_t count) {
 }
 
 // Checks the buffers, copies each in-place operand into its result where XLA handed a different
-// buffer (copy(dst, src, bytes)), then runs run(args).
-template <typename Run, typename Copy>
-xffi::Error Launch(Run&& run, Copy&& copy, const Buf& cand_scores, const Buf& cand_idx, const Buf& alive_in,
+// buffer (on `stream` when not null), then runs run(args).
+template <typename Run>
+xffi::Error Launch(Run&& run, void* stream, const Buf& cand_scores, const Buf& cand_idx, const Buf& alive_in,
                    const Buf& finished_in, const Buf& scores_in, const Buf& flags_in, const Buf& step,
                    const Buf& inv_penalty, Res& tokens, Res& parents, Res& alive_scores, Res& alive, Res& finished,
                    Res& finished_scores, Res& finished_flags, int64_t vocab, int64_t eos_id, int64_t max_beam) {
@@ -47,12 +46,11 @@ xffi::Error Launch(Run&& run, Copy&& copy, const Buf& cand_scores, const Buf& ca
                   Is(*finished_flags, DataType::PRED, batch * k) && vocab >= 1;
   if (auto e = Expect(ok, kOp, "buffers do not match [batch, 2k] candidates and [batch, k(, max_len)] beams"); e.failure())
     return e;
-  for (auto [src, dst] : {std::pair{&alive_in, &alive}, std::pair{&finished_in, &finished},
-                          std::pair{&scores_in, &finished_scores}, std::pair{&flags_in, &finished_flags}}) {
-    if (src->untyped_data() != (*dst)->untyped_data()) {
-      if (auto e = copy((*dst)->untyped_data(), src->untyped_data(), src->size_bytes()); e.failure()) return e;
-    }
-  }
+  if (auto e = CopyIntoAliased({{&alive_in, &alive}, {&finished_in, &finished}, {&scores_in, &finished_scores},
+                                 {&flags_in, &finished_flags}},
+                                stream);
+      e.failure())
+    return e;
   const BeamUpdateArgs a{In<float>(cand_scores), In<int32_t>(cand_idx), Out<int32_t>(alive), Out<int32_t>(finished),
                          Out<float>(finished_scores), Out<bool>(finished_flags), In<int32_t>(step),
                          In<float>(inv_penalty), Out<int32_t>(tokens), Out<int32_t>(parents), Out<float>(alive_scores),
@@ -75,11 +73,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         BeamUpdateCpu(a);
         return xffi::Error::Success();
       };
-      auto copy = [](void* dst, const void* src, size_t bytes) {
-        std::memcpy(dst, src, bytes);
-        return xffi::Error::Success();
-      };
-      return Launch(run, copy, cs, ci, al, fi, fs, ff, step, pen, tok, par, asc, alo, fio, fso, ffo, vocab, eos_id,
+      return Launch(run, nullptr, cs, ci, al, fi, fs, ff, step, pen, tok, par, asc, alo, fio, fso, ffo, vocab, eos_id,
                     INT32_MAX);
     },
     BindBeamUpdate(xffi::Ffi::Bind()));
@@ -94,10 +88,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](cudaStream_t stream, Buf cs, Buf ci, Buf al, Buf fi, Buf fs, Buf ff, Buf step, Buf pen, Res tok, Res par,
        Res asc, Res alo, Res fio, Res fso, Res ffo, int64_t vocab, int64_t eos_id) {
       auto run = [&](const BeamUpdateArgs& a) { return CudaStatus(BeamUpdateCuda(a, stream), kOp); };
-      auto copy = [&](void* dst, const void* src, size_t bytes) {
-        return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream), kOp);
-      };
-      return Launch(run, copy, cs, ci, al, fi, fs, ff, step, pen, tok, par, asc, alo, fio, fso, ffo, vocab, eos_id,
+      return Launch(run, stream, cs, ci, al, fi, fs, ff, step, pen, tok, par, asc, alo, fio, fso, ffo, vocab, eos_id,
                     kBeamUpdateMaxBeam);
     },
     BindBeamUpdate(xffi::Ffi::Bind().Ctx<xffi::PlatformStream<cudaStream_t>>()),

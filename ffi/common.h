@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 #include <string>
 #include <utility>
 
@@ -99,5 +101,27 @@ inline xffi::Error CudaStatus(cudaError_t err, const char* op) {
   return xffi::Error::Internal(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
 }
 #endif
+
+// In-place ops alias results to operands, but XLA does not always hand an aliased result its
+// operand's buffer (inside a lax.scan over layers it has been seen to be a different buffer, holding
+// none of the operand). Copies each operand into its result where the two differ.
+using AliasedPair = std::pair<const xffi::AnyBuffer*, xffi::Result<xffi::AnyBuffer>*>;
+
+inline xffi::Error CopyIntoAliased(std::initializer_list<AliasedPair> pairs, void* stream = nullptr) {
+  for (auto [src, dst] : pairs) {
+    void* to = (*dst)->untyped_data();
+    if (src->untyped_data() == to) continue;
+#ifdef LSJAX_WITH_CUDA
+    if (stream != nullptr) {
+      const cudaError_t err = cudaMemcpyAsync(to, src->untyped_data(), src->size_bytes(), cudaMemcpyDeviceToDevice,
+                                              static_cast<cudaStream_t>(stream));
+      if (auto e = CudaStatus(err, "aliased result copy"); e.failure()) return e;
+      continue;
+    }
+#endif
+    std::memcpy(to, src->untyped_data(), src->size_bytes());
+  }
+  return xffi::Error::Success();
+}
 
 }  // namespace lsjax::ffi

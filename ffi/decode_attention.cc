@@ -4,7 +4,6 @@
 //   decode_self_attention (qkv [B, 3, H, D], k_cache [B, L, H, D], v_cache, key_src s32 [B, L], index s32 [])
 //     -> out [B, H, D], k_cache, v_cache (aliased to the operands; the new K/V written at index)
 // Attribute: scale (f32).
-#include <cstring>
 #include <string>
 #include <utility>
 
@@ -59,12 +58,10 @@ xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Bu
 }
 
 // decode_self_attention: qkv [batch, 3, heads, head_dim], the caches, key_src, index (int32 scalar)
-// -> out, the caches (aliased to the operands: the kernel reads and writes them through the results).
-// XLA does not always hand an aliased result the operand's buffer: inside a lax.scan over layers
-// (caches sliced from the scanned stack) the result has been seen to be a different buffer, holding
-// none of the cache. Then the operand is first copied into it with copy(dst, src, bytes).
-template <typename Types, typename Run, typename Copy>
-xffi::Error LaunchAppend(Run&& run, Copy&& copy, const Buf& qkv, const Buf& k_in, const Buf& v_in,
+// -> out, the caches (aliased to the operands: the kernel reads and writes them through the results;
+// CopyIntoAliased, on `stream` when not null, where XLA handed other buffers).
+template <typename Types, typename Run>
+xffi::Error LaunchAppend(Run&& run, void* stream, const Buf& qkv, const Buf& k_in, const Buf& v_in,
                          const Buf& key_src, const Buf& index, Res& out, Res& k_cache, Res& v_cache, float scale,
                          int64_t max_keys) {
   const auto qd = qkv.dimensions();
@@ -81,11 +78,7 @@ xffi::Error LaunchAppend(Run&& run, Copy&& copy, const Buf& qkv, const Buf& k_in
                       "the cache operands must match the cache results");
       e.failure())
     return e;
-  for (auto [src, dst] : {std::pair{&k_in, &k_cache}, std::pair{&v_in, &v_cache}}) {
-    if (src->untyped_data() != (*dst)->untyped_data()) {
-      if (auto e = copy((*dst)->untyped_data(), src->untyped_data(), src->size_bytes()); e.failure()) return e;
-    }
-  }
+  if (auto e = CopyIntoAliased({{&k_in, &k_cache}, {&v_in, &v_cache}}, stream); e.failure()) return e;
   const auto kd = k_cache->dimensions();
   return DispatchFloat<Types>(qkv.element_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -137,11 +130,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         DecodeAttentionCpu(a);
         return xffi::Error::Success();
       };
-      auto copy = [](void* dst, const void* src, size_t bytes) {
-        std::memcpy(dst, src, bytes);
-        return xffi::Error::Success();
-      };
-      return LaunchAppend<CpuTypes>(run, copy, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
+      return LaunchAppend<CpuTypes>(run, nullptr, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
                                     INT32_MAX);
     },
     BindDecodeSelfAttention(xffi::Ffi::Bind()));
@@ -167,10 +156,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     [](cudaStream_t stream, Buf qkv, Buf k_in, Buf v_in, Buf key_src, Buf index, Res out, Res k_cache,
        Res v_cache, float scale) {
       auto run = [&](const auto& a) { return CudaStatus(DecodeAttentionCuda(a, stream), kOp); };
-      auto copy = [&](void* dst, const void* src, size_t bytes) {
-        return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream), kOp);
-      };
-      return LaunchAppend<CudaTypes>(run, copy, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
+      return LaunchAppend<CudaTypes>(run, stream, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
                                      kDecodeAttentionMaxKeys);
     },
     BindDecodeSelfAttention(xffi::Ffi::Bind().Ctx<xffi::PlatformStream<cudaStream_t>>()),

@@ -146,18 +146,21 @@ def test_ffi_topk_backend_matches_xla():
     np.testing.assert_allclose(ours.scores, ref.scores, rtol=1e-5)
 
 
-@pytest.mark.skipif("cpu_ffi" not in available_backends(), reason="lsjax._ffi not built")
-@pytest.mark.parametrize("beam", [1, 3, 4, 5])
-def test_ffi_update_backend_equals_reference(beam):
-    """beam_topk and beam_update through the CPU FFI: the flax-style reference's tokens, steps and scores."""
-    max_len = 9
-    dec = toy_decoder(np.random.default_rng(beam), batch=3, vocab=13, max_len=max_len, eos_bias=2.0)
-    with use_backend("cpu_ffi"):
+def _assert_backend_matches_reference(backend, beam, vocab, max_len, eos_bias):
+    """beam_topk and beam_update on ``backend``: the flax-style reference's tokens, steps and scores."""
+    dec = toy_decoder(np.random.default_rng(beam), batch=4, vocab=vocab, max_len=max_len, eos_bias=eos_bias)
+    with use_backend(backend):
         ours = _run(beam_search, dec, beam_size=beam, max_len=max_len)
     seqs, scores, steps = _run(flax_beam_search.beam_search, dec, beam_size=beam, max_len=max_len)
     np.testing.assert_array_equal(ours.sequences, seqs)
     np.testing.assert_allclose(ours.scores, scores, rtol=1e-5)
     assert int(ours.num_steps) == int(steps)
+
+
+@pytest.mark.skipif("cpu_ffi" not in available_backends(), reason="lsjax._ffi not built")
+@pytest.mark.parametrize("beam", [1, 3, 4, 5])
+def test_cpu_ffi_backend_matches_reference(beam):
+    _assert_backend_matches_reference("cpu_ffi", beam, vocab=13, max_len=9, eos_bias=2.0)
 
 
 def test_rejects_bad_groups(rng):
@@ -179,12 +182,5 @@ def test_tiny_vocab_fewer_candidates_than_beams(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("beam", [1, 4, 5])
-def test_cuda_topk_backend_matches_reference(beam):
-    max_len = 12
-    dec = toy_decoder(np.random.default_rng(beam), batch=4, vocab=3001, max_len=max_len, eos_bias=4.0)
-    with use_backend("cuda"):
-        ours = _run(beam_search, dec, beam_size=beam, max_len=max_len)
-    seqs, scores, steps = _run(flax_beam_search.beam_search, dec, beam_size=beam, max_len=max_len)
-    np.testing.assert_array_equal(ours.sequences, seqs)
-    np.testing.assert_allclose(ours.scores, scores, rtol=1e-5)
-    assert int(ours.num_steps) == int(steps)
+def test_cuda_backend_matches_reference(beam):
+    _assert_backend_matches_reference("cuda", beam, vocab=3001, max_len=12, eos_bias=4.0)
