@@ -66,6 +66,7 @@ def gather_rows(tree, rows: jax.Array):
 
 class _State(NamedTuple):
     step: jax.Array  # int32 scalar: tokens generated so far
+    num_steps: jax.Array  # int32 scalar: steps taken while the search was not done
     last_tokens: jax.Array  # [batch, groups, group_beam]
     alive_seqs: jax.Array  # [batch, groups, group_beam, max_len]
     alive_scores: jax.Array  # [batch, groups, group_beam] sum of log-probs
@@ -147,6 +148,7 @@ def beam_search(
     first = jnp.zeros(shape, _F32).at[:, :, 1:].set(_NEG_INF)  # one live beam per group at start
     state = _State(
         step=jnp.array(0, jnp.int32),
+        num_steps=jnp.array(0, jnp.int32),
         last_tokens=jnp.full(shape, bos_id, jnp.int32),
         alive_seqs=jnp.zeros(shape + (max_len,), jnp.int32),
         alive_scores=first,
@@ -187,6 +189,7 @@ def beam_search(
                     + jnp.arange(groups)[None, :, None] * group_beam)
         return _State(
             step=s.step + 1,
+            num_steps=jnp.where(not_done(s), s.step + 1, s.num_steps),
             last_tokens=new.alive_tokens,
             alive_seqs=new.alive_seqs,
             alive_scores=new.alive_scores,
@@ -195,13 +198,19 @@ def beam_search(
             finished_flags=new.finished_flags,
         ), reorder_cache(cache, (row_base + new.alive_parents).reshape(-1).astype(jnp.int32))
 
+    # When the blocks end at max_len, a step after the stop can only follow an early stop: every
+    # (row, group) then holds k finished beams that no alive beam can beat (alive scores only fall,
+    # and a later eos candidate's score s <= 0 over a penalty <= that of max_len stays below
+    # best_alive), so further steps leave the finished beams as they are, and the alive ones are
+    # not read. No per-step select of the state is needed then.
+    blocks_end_at_max_len = steps_per_check >= 1 and max_len % steps_per_check == 0
     s, _ = while_loop_in_blocks(not_done, step, (state, expand_to_beams(init_cache, beam_size)),
-                                block=steps_per_check)
-    alive_scores = s.alive_scores / gnmt_length_penalty(s.step, length_penalty)
+                                block=steps_per_check, keep_stopped_state=not blocks_end_at_max_len)
+    alive_scores = s.alive_scores / gnmt_length_penalty(s.num_steps, length_penalty)
     seqs, scores = fill_with_alive(s.finished_seqs, s.finished_scores, s.finished_flags, s.alive_seqs, alive_scores)
     scores, order = jax.lax.top_k(scores.reshape(batch, beam_size), beam_size)
     seqs = jnp.take_along_axis(seqs.reshape(batch, beam_size, max_len), order[..., None], axis=1)
-    return BeamSearchOutput(seqs, scores, s.step)
+    return BeamSearchOutput(seqs, scores, s.num_steps)
 
 
 def fill_with_alive(finished_seqs, finished_scores, finished_flags, alive_seqs, alive_scores):

@@ -23,7 +23,8 @@ Scratch = TypeVar("Scratch")
 
 def while_loop_in_blocks(cond_fun: Callable[[State], jax.Array],
                          body_fun: Callable[[State, Scratch], tuple[State, Scratch]],
-                         init: tuple[State, Scratch], *, block: int) -> tuple[State, Scratch]:
+                         init: tuple[State, Scratch], *, block: int,
+                         keep_stopped_state: bool = True) -> tuple[State, Scratch]:
     """``lax.while_loop`` over ``(state, scratch)`` with the condition checked every ``block`` steps.
 
     The result's ``state`` equals that of ``lax.while_loop(cond_fun, body_fun, ...)``
@@ -40,6 +41,9 @@ def while_loop_in_blocks(cond_fun: Callable[[State], jax.Array],
       body_fun: ``(state, scratch) -> (state, scratch)``.
       init: ``(state, scratch)``.
       block: steps per condition check (>= 1; 1 is a plain ``lax.while_loop``).
+      keep_stopped_state: False skips the select, so the state also keeps the steps after the
+        stop (one select kernel a state leaf a step fewer): only for a body whose further steps
+        leave what the caller reads of the state unchanged.
     """
     if block < 1:
         raise ValueError(f"while_loop_in_blocks: block must be >= 1, got {block}")
@@ -49,6 +53,8 @@ def while_loop_in_blocks(cond_fun: Callable[[State], jax.Array],
     def step(_, carry):
         state, scratch = carry
         new_state, scratch = body_fun(state, scratch)
+        if not keep_stopped_state:
+            return new_state, scratch
         live = cond_fun(state)
         return jax.tree.map(lambda new, old: jnp.where(live, new, old), new_state, state), scratch
 
