@@ -128,7 +128,8 @@ def beam_search(
         the stop (also past ``max_len``) are computed and discarded: the results do
         not depend on it, but ``tokens_to_logits``'s cache must tolerate steps past
         its length (clamped indices, as XLA's and lsjax's decoders do). 1: check
-        every step.
+        every step. Fastest when it divides ``max_len``: the state then needs no
+        per-step select to discard those steps.
 
     Returns:
       :class:`BeamSearchOutput`. A row (group) with fewer than ``beam_size``
