@@ -70,7 +70,10 @@ class Decoder(nn.Module):
                     raise ValueError(f"decode steps take one token per row ([N, 1]), got shape {tuple(tgt.shape)}")
                 offset = cache_index = index.value
                 index.value = index.value + 1
-                rows.value = row_offsets = rows.value.at[:, cache_index].set(0)  # this step's key: own row
+                # This step's key: own row. A dynamic_update_slice (clamped like the K/V cache write),
+                # not a scatter, which adds a bounds-check kernel to every decode step.
+                own = jnp.zeros((tgt.shape[0], 1), jnp.int32)
+                rows.value = row_offsets = jax.lax.dynamic_update_slice(rows.value, own, (0, cache_index))
         x = self.embed(tgt, deterministic=deterministic, offset=offset)
         x = layer_stack(TransformerDecoderLayer, cfg, cfg.num_decoder_layers, x,
                         dict(memory=memory, memory_mask=memory_mask, cache_index=cache_index, row_offsets=row_offsets),
