@@ -101,6 +101,19 @@ def test_beam_search_checks_its_stop_once_per_block(rng):
         beam_search(f, cache, enc, beam_size=4, max_len=16, eos_id=EOS, steps_per_check=0)
 
 
+def test_blocks_ending_at_max_len_skip_the_state_select(rng):
+    """With steps_per_check dividing max_len, no per-step select keeps the stopped state."""
+    dec = toy_decoder(rng, batch=2, vocab=11, max_len=16)
+    f, cache, enc = dec
+
+    def selects(max_len):  # jnp.where lowers to selects or calls of a shared @_where function
+        run = jax.jit(lambda c, e: beam_search(f, c, e, beam_size=4, max_len=max_len, eos_id=EOS, steps_per_check=8))
+        text = run.lower(cache, enc).as_text()
+        return text.count("stablehlo.select") + text.count("call @_where")
+
+    assert selects(12) - selects(16) >= 8  # a select per state leaf (12 % 8 != 0 keeps them)
+
+
 def test_no_eos_runs_to_max_len(rng):
     dec = toy_decoder(rng, batch=2, vocab=7, max_len=5)
     f, cache, enc = dec
