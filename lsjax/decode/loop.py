@@ -28,8 +28,9 @@ def while_loop_in_blocks(cond_fun: Callable[[State], jax.Array],
     """``lax.while_loop`` over ``(state, scratch)`` with the condition checked every ``block`` steps.
 
     The result's ``state`` equals that of ``lax.while_loop(cond_fun, body_fun, ...)``
-    exactly: a step taken after ``cond_fun(state)`` turned False inside a block is
-    computed and discarded (``state`` kept by a select on the device). ``scratch``
+    exactly (unless ``keep_stopped_state`` is False): a step taken after ``cond_fun(state)``
+    turned False inside a block is computed and discarded (``state`` kept by a select on the
+    device). ``scratch``
     (e.g. a decoder's KV cache, not copied by a select) keeps every step's update,
     so ``body_fun`` may run up to ``block - 1`` times after the stop, also past the
     last step the condition allows: its scratch must tolerate that (XLA's
