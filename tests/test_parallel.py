@@ -102,7 +102,7 @@ def _total_bytes(tree) -> int:
 
 @pytest.fixture(scope="module")
 def reference():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     state, batch = _inputs(rng)
     (new_state, metrics), _ = _run(load_mesh_config("single"), jax.tree.map(jnp.copy, state), batch, CPUS[:1])
     return state, batch, new_state, metrics
@@ -114,8 +114,10 @@ def test_step_matches_single_device(mode, reference):
     cfg = load_mesh_config(mode)
     ((params, opt_state), metrics), hlo = _run(cfg, jax.tree.map(jnp.copy, state), batch)
     np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5)
+    # Adam's first step moves each param by about lr * g / (|g| + eps): for a gradient element
+    # near eps, reduction-order rounding of g (sharded sums) shows at up to ~1e-3 lr (atol).
     for got, want in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves(want_state)):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
 
     # Per-device memory of the outputs (the shards that device 0 holds).
     n = len(CPUS)
