@@ -70,8 +70,8 @@ template <typename T, int VEC>
 __device__ __forceinline__ void WeightedSum(const DecodeAttentionArgs<T>& a, const float* p, float* acc, int D,
                                             int groups, float inv, int64_t appended) {
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-  const int vecs = D / VEC, L = static_cast<int>(a.k_len);
-  const int32_t* src = a.key_src + b * L;
+  const int vecs = D / VEC, L = static_cast<int>(DecodeAttentionKeys(a, appended));
+  const int32_t* src = a.key_src + b * a.k_len;
   for (int task = threadIdx.x; task < vecs * groups; task += kThreads) {
     const int c = (task % vecs) * VEC, g = task / vecs;
     float o[VEC] = {};
@@ -122,13 +122,14 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
   __shared__ float part_o[kGroups][D];
   __shared__ float part_m[kGroups], part_l[kGroups];
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-  const int L = static_cast<int>(a.k_len), c = (threadIdx.x % LANES) * VEC, g = threadIdx.x / LANES;
+  const int c = (threadIdx.x % LANES) * VEC, g = threadIdx.x / LANES;
   const int64_t appended = AppendKey(a, b, h);
+  const int L = static_cast<int>(DecodeAttentionKeys(a, appended));
   float q[VEC];
   LoadFloats<T, VEC>(a.q + b * a.q_stride + h * D + c, q);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) q[i] *= a.scale;
-  const int32_t* src = a.key_src + b * L;
+  const int32_t* src = a.key_src + b * a.k_len;
   float m = -INFINITY, l = 0.f, o[VEC] = {};
   for (int j0 = 0; j0 < L; j0 += kGroups * kUnroll) {  // uniform trip count: every lane reaches the shuffles
     int32_t off[kUnroll];
@@ -205,15 +206,16 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
   extern __shared__ float smem[];
   __shared__ float red[32];
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
-  const int D = static_cast<int>(a.head_dim), L = static_cast<int>(a.k_len);
-  float* qs = smem;     // [D]
-  float* p = smem + D;  // [L]
-  float* acc = p + L;   // [groups, D]
+  const int D = static_cast<int>(a.head_dim);
+  float* qs = smem;          // [D]
+  float* p = smem + D;       // [k_len]
+  float* acc = p + a.k_len;  // [groups, D]
   const int64_t appended = AppendKey(a, b, h);
+  const int L = static_cast<int>(DecodeAttentionKeys(a, appended));
   const T* q = a.q + b * a.q_stride + h * a.head_dim;
   for (int d = threadIdx.x; d < D; d += kThreads) qs[d] = ToFloat(q[d]) * a.scale;
   __syncthreads();
-  const int32_t* src = a.key_src + b * L;
+  const int32_t* src = a.key_src + b * a.k_len;
   float mx = -FLT_MAX;
   for (int j = threadIdx.x; j < L; j += kThreads) {
     float s = -INFINITY;

@@ -11,7 +11,8 @@
 // k_new / v_new into the caches at key position t = *append_at (clamped to [0, k_len)), then
 // attends with key t read from row b itself (whatever key_src[b, t] offsets, unless masked; the
 // CUDA kernels read it from k_new / v_new). The caches are k / v themselves (k_cache == k,
-// v_cache == v): XLA aliases them to the results.
+// v_cache == v): XLA aliases them to the results. With `causal`, the keys after t (the cache not
+// yet written) are left out as if masked, so a decode step needs no per-step mask.
 //
 // CUDA: one block of 128 threads per (b, h); the keys' scores live
 // in shared memory (k_len <= kDecodeAttentionMaxKeys), then one pass over V.
@@ -47,6 +48,7 @@ struct DecodeAttentionArgs {
   T* k_cache = nullptr;
   T* v_cache = nullptr;
   const int32_t* append_at = nullptr;
+  bool causal = false;  // appending only: attend keys 0..t
 };
 
 constexpr int32_t kDecodeAttentionMasked = INT32_MIN;
@@ -57,6 +59,12 @@ LSJAX_HD int64_t DecodeAttentionAppendPosition(const int32_t* append_at, int64_t
   if (append_at == nullptr) return -1;
   const int64_t t = *append_at;
   return t < 0 ? 0 : (t >= k_len ? k_len - 1 : t);
+}
+
+// Keys a row can attend: all k_len, or 0..t with `causal` (t = the append position).
+template <typename Args>
+LSJAX_HD int64_t DecodeAttentionKeys(const Args& a, int64_t appended) {
+  return a.causal && appended >= 0 ? appended + 1 : a.k_len;
 }
 
 // The row holding key j of row b, whose key_src entry is `offset` (not kDecodeAttentionMasked):

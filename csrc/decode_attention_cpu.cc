@@ -23,6 +23,7 @@ void DecodeAttentionCpu(const DecodeAttentionArgs<T>& a) {
       std::copy_n(a.v_new + b * a.q_stride, row, a.v_cache + dst);
     }
   }
+  const int64_t keys = DecodeAttentionKeys(a, appended);
   std::vector<float> q(a.head_dim), p(a.k_len), acc(a.head_dim);
   for (int64_t b = 0; b < a.batch; ++b) {
     for (int64_t h = 0; h < a.heads; ++h) {
@@ -33,7 +34,7 @@ void DecodeAttentionCpu(const DecodeAttentionArgs<T>& a) {
         return base + (DecodeAttentionKeyRow(b, j, src[j], a.batch, appended) * a.k_len + j) * row + h * a.head_dim;
       };
       float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < a.k_len; ++j) {
+      for (int64_t j = 0; j < keys; ++j) {
         p[j] = -std::numeric_limits<float>::infinity();
         if (src[j] == kDecodeAttentionMasked) continue;
         const T* kp = key(a.k, j);
@@ -45,7 +46,7 @@ void DecodeAttentionCpu(const DecodeAttentionArgs<T>& a) {
       float sum = 0.f;
       std::fill(acc.begin(), acc.end(), 0.f);
       if (mx > -std::numeric_limits<float>::infinity()) {
-        for (int64_t j = 0; j < a.k_len; ++j) {
+        for (int64_t j = 0; j < keys; ++j) {
           if (p[j] == -std::numeric_limits<float>::infinity()) continue;
           const float e = std::exp(p[j] - mx);
           sum += e;

@@ -3,7 +3,7 @@
 //     -> out [B, H, D] in q's dtype
 //   decode_self_attention (qkv [B, 3, H, D], k_cache [B, L, H, D], v_cache, key_src s32 [B, L], index s32 [])
 //     -> out [B, H, D], k_cache, v_cache (aliased to the operands; the new K/V written at index)
-// Attribute: scale (f32).
+// Attributes: scale (f32); decode_self_attention also causal (bool: keys after index left out).
 #include <string>
 #include <utility>
 
@@ -63,7 +63,7 @@ xffi::Error Launch(Run&& run, const Buf& q, const Buf& k, const Buf& v, const Bu
 template <typename Types, typename Run>
 xffi::Error LaunchAppend(Run&& run, void* stream, const Buf& qkv, const Buf& k_in, const Buf& v_in,
                          const Buf& key_src, const Buf& index, Res& out, Res& k_cache, Res& v_cache, float scale,
-                         int64_t max_keys) {
+                         bool causal, int64_t max_keys) {
   const auto qd = qkv.dimensions();
   if (auto e = Expect(qd.size() == 4 && qd[1] == 3, kOp, "qkv must be [batch, 3, heads, head_dim]"); e.failure())
     return e;
@@ -92,6 +92,7 @@ xffi::Error LaunchAppend(Run&& run, void* stream, const Buf& qkv, const Buf& k_i
     a.k_cache = k;
     a.v_cache = v;
     a.append_at = In<int32_t>(index);
+    a.causal = causal;
     return run(a);
   });
 }
@@ -102,10 +103,10 @@ auto BindDecodeAttention(B b) {
   return BindBuffers<4, 1>(std::move(b)).template Attr<float>("scale");
 }
 
-// qkv, k_cache, v_cache, key_src, index -> out, k_cache, v_cache; scale.
+// qkv, k_cache, v_cache, key_src, index -> out, k_cache, v_cache; scale, causal.
 template <typename B>
 auto BindDecodeSelfAttention(B b) {
-  return BindBuffers<5, 3>(std::move(b)).template Attr<float>("scale");
+  return BindBuffers<5, 3>(std::move(b)).template Attr<float>("scale").template Attr<bool>("causal");
 }
 
 // ------------------------------------------------------------------- CPU --
@@ -125,13 +126,14 @@ LSJAX_FFI_TARGET_CPU("decode_attention", DecodeAttentionCpuHandler);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeSelfAttentionCpuHandler,
-    [](Buf qkv, Buf k_in, Buf v_in, Buf key_src, Buf index, Res out, Res k_cache, Res v_cache, float scale) {
+    [](Buf qkv, Buf k_in, Buf v_in, Buf key_src, Buf index, Res out, Res k_cache, Res v_cache, float scale,
+       bool causal) {
       auto run = [](const auto& a) {
         DecodeAttentionCpu(a);
         return xffi::Error::Success();
       };
       return LaunchAppend<CpuTypes>(run, nullptr, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
-                                    INT32_MAX);
+                                    causal, INT32_MAX);
     },
     BindDecodeSelfAttention(xffi::Ffi::Bind()));
 
@@ -154,10 +156,10 @@ LSJAX_FFI_TARGET_CUDA("decode_attention", DecodeAttentionCudaHandler);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     DecodeSelfAttentionCudaHandler,
     [](cudaStream_t stream, Buf qkv, Buf k_in, Buf v_in, Buf key_src, Buf index, Res out, Res k_cache,
-       Res v_cache, float scale) {
+       Res v_cache, float scale, bool causal) {
       auto run = [&](const auto& a) { return CudaStatus(DecodeAttentionCuda(a, stream), kOp); };
       return LaunchAppend<CudaTypes>(run, stream, qkv, k_in, v_in, key_src, index, out, k_cache, v_cache, scale,
-                                     kDecodeAttentionMaxKeys);
+                                     causal, kDecodeAttentionMaxKeys);
     },
     BindDecodeSelfAttention(xffi::Ffi::Bind().Ctx<xffi::PlatformStream<cudaStream_t>>()),
     {xffi::Traits::kCmdBufferCompatible});

@@ -57,16 +57,20 @@ def _compare(backend, rng, shape, dtype, mask_kind, rtol):
 def _compare_self(backend, rng, shape, dtype, mask_kind, rtol, index=None):
     """decode_self_attention on ``backend`` vs its reference: the output within rtol, the caches exactly.
     "prefix": keys up to the written index attended; "beam": that, read through random row offsets
-    (nonzero at the written key too: the kernel must read its own row there)."""
+    (nonzero at the written key too: the kernel must read its own row there); "causal" / "causal_beam":
+    the same keys left out by ``causal=True`` with no mask (the reference then takes the explicit mask,
+    so the two forms are checked against each other too)."""
     batch, k_len, heads, head_dim = shape
     qkv = normal(rng, (batch, 3, heads, head_dim), dtype)
     k, v = normal(rng, shape, dtype), normal(rng, shape, dtype)
     index = int(rng.integers(0, k_len)) if index is None else index
-    mask = jnp.asarray(np.broadcast_to(np.arange(k_len) <= index, (batch, k_len)))
-    offsets = _offsets(rng, batch, k_len) if mask_kind == "beam" else None
-    fn = lambda *a: decode_self_attention(*a, scale=head_dim ** -0.5, row_offsets=offsets)  # noqa: E731
+    mask = jnp.asarray(np.broadcast_to(np.arange(k_len) <= min(max(index, 0), k_len - 1), (batch, k_len)))
+    offsets = _offsets(rng, batch, k_len) if mask_kind.endswith("beam") else None
+    causal = mask_kind.startswith("causal")
+    fn = lambda *a: decode_self_attention(*a, scale=head_dim ** -0.5, row_offsets=offsets,  # noqa: E731
+                                          causal=causal)
     with ops.use_backend(backend):
-        out, k_out, v_out = jax.jit(fn)(qkv, k, v, jnp.int32(index), mask)
+        out, k_out, v_out = jax.jit(fn)(qkv, k, v, jnp.int32(index), None if causal else mask)
     ref_out, ref_k, ref_v = decode_self_attention_reference(qkv, k, v, jnp.int32(index), mask,
                                                             scale=head_dim ** -0.5, row_offsets=offsets)
     what = f"{backend} {shape} {jnp.dtype(dtype).name} mask={mask_kind} index={index}"
@@ -97,7 +101,7 @@ def test_cpu_ffi_matches_reference(rng, shape, dtype, mask_kind):
     _compare("cpu_ffi", rng, shape, dtype, mask_kind, 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)])
 
 
-@pytest.mark.parametrize("mask_kind", ["prefix", "beam"])
+@pytest.mark.parametrize("mask_kind", ["prefix", "beam", "causal", "causal_beam"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_self_attention_cpu_ffi_matches_reference(rng, shape, dtype, mask_kind):
@@ -114,6 +118,8 @@ def test_self_attention_writes_the_step_and_clamps_the_index(rng, index):
     np.testing.assert_array_equal(v_out, v.at[:, at].set(qkv[:, 2]))
     assert_close(out, decode_attention_reference(qkv[:, 0], k_out, v_out, scale=0.5), 1e-6, "reference")
     _compare_self("cpu_ffi", rng, (3, 7, 2, 4), jnp.float32, "beam", 1e-5, index=index)
+    _compare_self("cpu_ffi", rng, (3, 7, 2, 4), jnp.float32, "causal_beam", 1e-5, index=index)
+    _compare_self("xla", rng, (3, 7, 2, 4), jnp.float32, "causal_beam", 1e-6, index=index)
 
 
 def test_self_attention_updates_the_caches_in_place(rng):
@@ -299,7 +305,7 @@ def test_cuda_matches_reference(rng, shape, dtype, mask_kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mask_kind", ["prefix", "beam"])
+@pytest.mark.parametrize("mask_kind", ["prefix", "beam", "causal", "causal_beam"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_self_attention_cuda_matches_reference(rng, shape, dtype, mask_kind):

@@ -284,12 +284,12 @@ class MultiHeadAttention(nn.Module):
         batch, max_len = cached_k.value.shape[:2]
         if k.shape[1] != 1:
             raise ValueError(f"decode steps take one token per row, got q_len={k.shape[1]}")
-        filled = jnp.broadcast_to(jnp.arange(max_len) <= cache_index, (batch, max_len))
-        if one_kernel and max_len <= MAX_KEYS:
+        if one_kernel and max_len <= MAX_KEYS:  # causal: keys up to cache_index, no mask to build per step
             out, cached_k.value, cached_v.value = ops.decode_self_attention(
-                qkv[:, 0].astype(cached_k.value.dtype), cached_k.value, cached_v.value, cache_index, filled,
-                scale=scale, row_offsets=row_offsets)
+                qkv[:, 0].astype(cached_k.value.dtype), cached_k.value, cached_v.value, cache_index,
+                scale=scale, row_offsets=row_offsets, causal=True)
             return out[:, None].astype(q.dtype), None
+        filled = jnp.broadcast_to(jnp.arange(max_len) <= cache_index, (batch, max_len))
         start = (0, cache_index, 0, 0)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)

@@ -81,9 +81,14 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, key_mas
 
 def decode_self_attention_reference(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, index: jax.Array,
                                     key_mask: jax.Array | None = None, *, scale: float = 1.0,
-                                    row_offsets: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                                    row_offsets: jax.Array | None = None,
+                                    causal: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pure-JAX decode self-attention step; same contract as :func:`decode_self_attention`."""
-    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, k_cache.shape[1] - 1)
+    batch, k_len = k_cache.shape[:2]
+    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, k_len - 1)
+    if causal:
+        written = jnp.broadcast_to(jnp.arange(k_len) <= index, (batch, k_len))
+        key_mask = written if key_mask is None else key_mask & written
     k_cache = jax.lax.dynamic_update_slice(k_cache, qkv[:, None, 1], (0, index, 0, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, qkv[:, None, 2], (0, index, 0, 0))
     if row_offsets is not None:
@@ -160,7 +165,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
 
 def decode_self_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, index: jax.Array,
                           key_mask: jax.Array | None = None, *, scale: float = 1.0,
-                          row_offsets: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          row_offsets: jax.Array | None = None,
+                          causal: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One self-attention decode step: appends the step's key and value to the caches, then attends.
 
     Writes ``qkv[:, 1]`` / ``qkv[:, 2]`` into ``k_cache`` / ``v_cache`` at key position
@@ -178,6 +184,9 @@ def decode_self_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array
         ``lax.dynamic_update_slice`` clamps).
       key_mask, scale, row_offsets: as :func:`decode_attention` (the mask applies to the
         updated caches: attend key ``index`` by leaving it True).
+      causal: also leave out the keys after ``index`` (the cache not yet written), as the
+        mask ``arange(k_len) <= index`` would, without one: a decode loop then builds no
+        mask per step, and the kernels do not visit those keys.
 
     Returns:
       ``(out [batch, heads, head_dim], k_cache, v_cache)``.
@@ -194,9 +203,9 @@ def decode_self_attention(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array
     backend = _backend.get_backend()
     if backend == "xla":
         return decode_self_attention_reference(qkv, k_cache, v_cache, index, key_mask, scale=scale,
-                                               row_offsets=row_offsets)
+                                               row_offsets=row_offsets, causal=causal)
     key_src = _key_src(*k_cache.shape[:2], key_mask, row_offsets)
-    return _decode_self_attention(backend, scale, qkv, k_cache, v_cache, key_src, index)
+    return _decode_self_attention(backend, scale, bool(causal), qkv, k_cache, v_cache, key_src, index)
 
 
 def _mask_and_offsets(key_src: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -239,32 +248,32 @@ def _decode_attention_ffi(backend, scale, heads, q, k, v, key_src):
     return out.reshape(lead + (heads * head_dim,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _decode_self_attention(backend: str, scale: float, qkv, k_cache, v_cache, key_src, index):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _decode_self_attention(backend: str, scale: float, causal: bool, qkv, k_cache, v_cache, key_src, index):
     flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
-    out, k, v = _decode_self_attention_ffi(backend, scale, qkv.shape[2], flat(qkv), flat(k_cache), flat(v_cache),
-                                           key_src, index)
+    out, k, v = _decode_self_attention_ffi(backend, scale, causal, qkv.shape[2], flat(qkv), flat(k_cache),
+                                           flat(v_cache), key_src, index)
     return out.reshape(qkv.shape[:1] + qkv.shape[2:]), k.reshape(k_cache.shape), v.reshape(v_cache.shape)
 
 
-def _self_fwd(backend, scale, qkv, k_cache, v_cache, key_src, index):
-    outs = _decode_self_attention(backend, scale, qkv, k_cache, v_cache, key_src, index)
+def _self_fwd(backend, scale, causal, qkv, k_cache, v_cache, key_src, index):
+    outs = _decode_self_attention(backend, scale, causal, qkv, k_cache, v_cache, key_src, index)
     return outs, (qkv, k_cache, v_cache, key_src, index)
 
 
-def _self_bwd(backend, scale, residuals, g):
+def _self_bwd(backend, scale, causal, residuals, g):
     qkv, k_cache, v_cache, key_src, index = residuals
     mask, offsets = _mask_and_offsets(key_src)
-    _, vjp = jax.vjp(lambda *a: decode_self_attention_reference(*a, index, mask, scale=scale, row_offsets=offsets),
-                     qkv, k_cache, v_cache)
+    _, vjp = jax.vjp(lambda *a: decode_self_attention_reference(*a, index, mask, scale=scale, row_offsets=offsets,
+                                                                causal=causal), qkv, k_cache, v_cache)
     return (*vjp(g), None, None)
 
 
 _decode_self_attention.defvjp(_self_fwd, _self_bwd)
 
 
-@rowwise([ROWS, ROWS, ROWS, ROWS, PARAM], [ROWS, ROWS, ROWS], n_static=3)
-def _decode_self_attention_ffi(backend, scale, heads, qkv, k_cache, v_cache, key_src, index):
+@rowwise([ROWS, ROWS, ROWS, ROWS, PARAM], [ROWS, ROWS, ROWS], n_static=4)
+def _decode_self_attention_ffi(backend, scale, causal, heads, qkv, k_cache, v_cache, key_src, index):
     """Local call on flattened rows: qkv ``[..., 3 * heads * head_dim]``, caches ``[..., k_len * heads *
     head_dim]``, key_src ``[..., k_len]``, index ``[]`` -> (out ``[..., heads * head_dim]``, caches)."""
     lead = qkv.shape[:-1]
@@ -277,5 +286,5 @@ def _decode_self_attention_ffi(backend, scale, heads, qkv, k_cache, v_cache, key
         (jax.ShapeDtypeStruct((rows, heads, head_dim), qkv.dtype), cache, cache),
         input_output_aliases={1: 1, 2: 2})(
             qkv.reshape(rows, 3, heads, head_dim), k_cache.reshape(cache.shape), v_cache.reshape(cache.shape),
-            key_src.reshape(rows, k_len), index, scale=np.float32(scale))
+            key_src.reshape(rows, k_len), index, scale=np.float32(scale), causal=causal)
     return out.reshape(lead + (heads * head_dim,)), k.reshape(lead + (-1,)), v.reshape(lead + (-1,))
