@@ -12,9 +12,12 @@
 //   and k <= 8192 (fp32) in the forward, half of that in the backward.
 // * "generic" kernels: any k, one block per row (grid-stride), the row
 //   streamed twice from L2 (online max/sum, then the write).
-// Dropout: one Philox call per group of 4 consecutive elements in the vector
-// path (when the rng offset is a multiple of 4, the usual case), per element
-// otherwise (ApplyDropout, csrc/philox.h). The backward regenerates the mask
+// Dropout: one Philox call per group of 8 consecutive elements in the vector
+// path (when the rng offset is a multiple of 8, the usual case), per element
+// otherwise (DropoutKeepBits, csrc/philox.h). The register kernels issue the
+// row's loads first, then draw the keep bits (they need no data) while the
+// loads are in flight, then consume the row: the Philox work overlaps the
+// memory latency instead of adding to it. The backward regenerates the mask
 // and recomputes p from the scores and the saved row statistics.
 // Deterministic: no atomics.
 #include <algorithm>
@@ -75,10 +78,10 @@ __device__ __forceinline__ Origin ReadOrigin(const AttnSoftmaxGeometry& g) {
   return Origin{g.origin[0], g.origin[1], g.origin[2]};
 }
 
-// Validity of VEC consecutive columns starting at col (key padding + causal).
+// Validity of VEC consecutive columns starting at col (key padding + causal):
+// bit k for column col + k.
 template <int VEC>
-__device__ __forceinline__ void ValidVec(const AttnSoftmaxGeometry& g, const AttnRow& row,
-                                         int64_t col, bool (&valid)[VEC]) {
+__device__ __forceinline__ uint32_t ValidBits(const AttnSoftmaxGeometry& g, const AttnRow& row, int64_t col) {
   uint8_t keep[VEC];
   if (g.mask != nullptr) {
     const auto m = *reinterpret_cast<const cuda::Vec<uint8_t, VEC>*>(g.mask + row.b * g.k_len + col);
@@ -88,8 +91,55 @@ __device__ __forceinline__ void ValidVec(const AttnSoftmaxGeometry& g, const Att
 #pragma unroll
     for (int k = 0; k < VEC; ++k) keep[k] = 1;
   }
+  uint32_t valid = 0;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) valid[k] = keep[k] != 0 && col + k < row.limit;
+  for (int k = 0; k < VEC; ++k) valid |= static_cast<uint32_t>(keep[k] != 0 && col + k < row.limit) << k;
+  return valid;
+}
+
+// Bits of a register kernel's ITEMS * VEC elements, bit i * VEC + k for
+// element k of vector i: one or two registers.
+template <int VEC, int ITEMS>
+using RowMask = std::conditional_t<(VEC * ITEMS > 32), uint64_t, uint32_t>;
+
+template <int VEC, int ITEMS>
+__device__ __forceinline__ uint32_t VecBits(RowMask<VEC, ITEMS> bits, int i) {
+  return static_cast<uint32_t>(bits >> (i * VEC));
+}
+
+// Validity and keep bits of a register kernel's vectors (vector i at column
+// (i * tpr + t) * VEC), computed after the caller issued its loads of the row
+// and before it uses them. Inactive vectors get no bits; without dropout no
+// keep bits are drawn.
+template <int VEC, int ITEMS>
+__device__ __forceinline__ void RowBits(const AttnSoftmaxGeometry& g, const AttnRow& row, bool active, int nvec,
+                                        int tpr, int t, bool dropout, const DropoutRng& rng,
+                                        RowMask<VEC, ITEMS>& valid, RowMask<VEC, ITEMS>& keep) {
+  using M = RowMask<VEC, ITEMS>;
+  valid = keep = 0;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * tpr + t;
+    if (active && idx < nvec) valid |= M{ValidBits<VEC>(g, row, static_cast<int64_t>(idx) * VEC)} << (i * VEC);
+  }
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * tpr + t;
+    const uint64_t e = row.global_row * g.k_len + static_cast<uint64_t>(idx) * VEC;
+    if (dropout && active && idx < nvec) keep |= M{DropoutKeepBits<VEC>(rng, e)} << (i * VEC);
+  }
+}
+
+// An empty asm the compiler must assume rewrites v's words: values it derived
+// from v before are not reused after (no common subexpression kept alive in
+// registers); they are recomputed instead. No instructions.
+template <typename V>
+__device__ __forceinline__ void Opaque(V& v) {
+  if constexpr (sizeof(V) % 4 == 0) {
+    auto* w = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+    for (int j = 0; j < static_cast<int>(sizeof(V) / 4); ++j) asm("" : "+r"(w[j]));
+  }
 }
 
 // ---------------------------------------------------------------- forward --
@@ -107,23 +157,24 @@ __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) FwdRegister(At
   const AttnRow row = LocateRow(g, active ? r : 0, o.b0, o.h0, o.q0);
   const int64_t off = r * K;
   const float zscale = g.scale * kLog2e;  // work in log2 units: exp(z) = exp2(z * log2 e)
+  const bool dropout = g.rate > 0.f;
+  DropoutRng rng{};
+  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
   float z[ITEMS][VEC];
-  float m = -INFINITY;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * tpr + t;
-    if (active && idx < nvec) {
-      LoadFloats<T, VEC>(a.x + off + static_cast<int64_t>(idx) * VEC, z[i]);
-      bool valid[VEC];
-      ValidVec<VEC>(g, row, static_cast<int64_t>(idx) * VEC, valid);
+    if (active && idx < nvec) LoadFloats<T, VEC>(a.x + off + static_cast<int64_t>(idx) * VEC, z[i]);
+  }
+  RowMask<VEC, ITEMS> valid, keep;
+  RowBits<VEC, ITEMS>(g, row, active, nvec, tpr, t, dropout, rng, valid, keep);
+  float m = -INFINITY;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        z[i][k] = valid[k] ? z[i][k] * zscale : -INFINITY;
-        m = fmaxf(m, z[i][k]);
-      }
-    } else {
+  for (int i = 0; i < ITEMS; ++i) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[i][k] = -INFINITY;
+    for (int k = 0; k < VEC; ++k) {
+      z[i][k] = (VecBits<VEC, ITEMS>(valid, i) >> k) & 1u ? z[i][k] * zscale : -INFINITY;
+      m = fmaxf(m, z[i][k]);
     }
   }
   m = RowReduce<true>(m, tpr, smem);
@@ -139,16 +190,17 @@ __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) FwdRegister(At
   }
   s = RowReduce<false>(s, tpr, smem);
   const float inv = s > 0.f ? 1.f / s : 0.f;
-  const bool dropout = g.rate > 0.f;
-  DropoutRng rng{};
-  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
+  const float kept_inv = inv * rng.scale;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * tpr + t;
     if (active && idx < nvec) {
+      if (dropout) {
+        ApplyKeepBits<VEC>(VecBits<VEC, ITEMS>(keep, i), kept_inv, z[i]);
+      } else {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[i][k] *= inv;
-      if (dropout) ApplyDropout<VEC>(rng, row.global_row * K + static_cast<uint64_t>(idx) * VEC, z[i]);
+        for (int k = 0; k < VEC; ++k) z[i][k] *= inv;
+      }
       StoreFloats<T, VEC>(a.y + off + static_cast<int64_t>(idx) * VEC, z[i]);
     }
   }
@@ -225,22 +277,42 @@ __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) BwdRegister(At
   const bool dropout = g.rate > 0.f;
   DropoutRng rng{};
   if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
-  float p[ITEMS][VEC], gr[ITEMS][VEC];
-  float sum = 0.f;
+  // x and dy are loaded in their storage type (half the registers of fp32 for
+  // 16-bit types) and dy is dropped out again in the second pass: at 32
+  // elements per thread, fp32 copies did not fit the 80 registers next to the
+  // Philox work without spills.
+  using V = cuda::Vec<T, VEC>;
+  V x[ITEMS], dy[ITEMS];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * tpr + t;
     if (active && idx < nvec) {
       const int64_t col = static_cast<int64_t>(idx) * VEC;
-      LoadFloats<T, VEC>(a.x + off + col, p[i]);
-      LoadFloats<T, VEC>(a.dy + off + col, gr[i]);
-      bool valid[VEC];
-      ValidVec<VEC>(g, row, col, valid);
+      x[i] = *reinterpret_cast<const V*>(a.x + off + col);
+      dy[i] = *reinterpret_cast<const V*>(a.dy + off + col);
+    }
+  }
+  RowMask<VEC, ITEMS> valid, keep;
+  RowBits<VEC, ITEMS>(g, row, active, nvec, tpr, t, dropout, rng, valid, keep);
+  auto grad = [&](int i, float (&gr)[VEC]) {  // dropout(dy) of vector i
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) p[i][k] = valid[k] ? exp2f(p[i][k] * zscale - m) * inv : 0.f;
-      if (dropout) ApplyDropout<VEC>(rng, row.global_row * K + static_cast<uint64_t>(col), gr[i]);
+    for (int k = 0; k < VEC; ++k) gr[k] = ToFloat(dy[i].v[k]);
+    if (dropout) ApplyKeepBits<VEC>(VecBits<VEC, ITEMS>(keep, i), rng.scale, gr);
+  };
+  float p[ITEMS][VEC];
+  float sum = 0.f;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sum += gr[i][k] * p[i][k];
+  for (int i = 0; i < ITEMS; ++i) {
+    const int idx = i * tpr + t;
+    if (active && idx < nvec) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        p[i][k] = (VecBits<VEC, ITEMS>(valid, i) >> k) & 1u ? exp2f(ToFloat(x[i].v[k]) * zscale - m) * inv : 0.f;
+      }
+      float gr[VEC];
+      grad(i, gr);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += gr[k] * p[i][k];
     }
   }
   sum = RowReduce<false>(sum, tpr, smem);
@@ -248,9 +320,11 @@ __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) BwdRegister(At
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * tpr + t;
     if (active && idx < nvec) {
+      Opaque(dy[i]);  // convert and drop out again rather than keep fp32 copies
       float d[VEC];
+      grad(i, d);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) d[k] = g.scale * p[i][k] * (gr[i][k] - sum);
+      for (int k = 0; k < VEC; ++k) d[k] = g.scale * p[i][k] * (d[k] - sum);
       StoreFloats<T, VEC>(a.dx + off + static_cast<int64_t>(idx) * VEC, d);
     }
   }

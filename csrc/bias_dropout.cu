@@ -8,12 +8,14 @@
 // consecutive columns (16-byte accesses when cols and the pointers allow),
 // keeps their bias in registers, and walks rows with a grid stride, holding
 // kFwdRows / kBwdRows rows of loads in flight. Dropout draws one Philox call
-// per 4 consecutive elements (csrc/philox.h; element index offset + r *
-// row_stride + c, 4-aligned for VEC > 1 whenever offset and row_stride are,
+// per 8 consecutive elements (4 with VEC = 4; csrc/philox.h; element index
+// offset + r * row_stride + c, VEC-aligned whenever offset and row_stride are,
 // as for every shard lsjax's ops pass, whose width VEC divides; else one call
-// per element): ~12 instructions per element, about twice the rest of an
-// identity/relu pass; gelu adds ~16 (forward) and ~27 (backward), gelu_tanh a
-// little less (SASS counts, bf16).
+// per element) into keep bitmasks between issuing a pass's loads and using
+// them, so the Philox work runs while the loads are in flight. Before the
+// 16-bit keep chunks, Philox cost ~12 instructions per element, about twice
+// the rest of an identity/relu pass; gelu adds ~16 (forward) and ~27
+// (backward), gelu_tanh a little less (SASS counts, bf16).
 //
 // The forward gives each thread kFwdRows rows and launches blocks for all
 // rows: many short blocks, so blocks in their load phase overlap blocks in
@@ -90,6 +92,12 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
         if (a.residual) LoadFloats<T, VEC>(a.residual + r * a.cols + c0, res[u]);
       }
     }
+    uint32_t keep[kFwdRows];
+#pragma unroll
+    for (int u = 0; u < kFwdRows; ++u) {
+      const int64_t r = r0 + u * stride;
+      keep[u] = drop && r < a.rows ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0)) : 0u;
+    }
 #pragma unroll
     for (int u = 0; u < kFwdRows; ++u) {
       const int64_t r = r0 + u * stride;
@@ -97,7 +105,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
         const int64_t e = r * a.cols + c0;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) v[u][k] = Act::F(v[u][k] + b[k]);
-        if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0), v[u]);
+        if (drop) ApplyKeepBits<VEC>(keep[u], rng.scale, v[u]);
         if (a.residual) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) v[u][k] += res[u][k];
@@ -136,6 +144,12 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasD
         if constexpr (kSaved) LoadFloats<T, VEC>(a.saved + r * a.cols + c0, s[u]);
       }
     }
+    uint32_t keep[kBwdRows];
+#pragma unroll
+    for (int u = 0; u < kBwdRows; ++u) {
+      const int64_t r = r0 + u * stride;
+      keep[u] = drop && r < a.rows ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0)) : 0u;
+    }
 #pragma unroll
     for (int u = 0; u < kBwdRows; ++u) {
       const int64_t r = r0 + u * stride;
@@ -145,7 +159,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasD
 #pragma unroll
           for (int k = 0; k < VEC; ++k) g[u][k] = Act::G(s[u][k]) ? g[u][k] * scale : 0.f;
         } else {
-          if (drop) ApplyDropout<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0), g[u]);
+          if (drop) ApplyKeepBits<VEC>(keep[u], rng.scale, g[u]);
           if constexpr (Act::kNeedsInput) {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) g[u][k] *= Act::D(s[u][k] + b[k]);

@@ -7,9 +7,11 @@
 // With sinusoidal positions and hidden/2 a multiple of the vector width a
 // thread owns column vector c of the sin half and the same vector of the cos
 // half ("paired"): one sincosf (one range reduction) feeds two outputs.
-// Dropout draws one Philox call per 4 consecutive elements (4-aligned element
-// index), falling back to one call per element when misaligned (ApplyDropout,
-// csrc/philox.h).
+// Dropout draws one Philox call per 8 consecutive elements (8-aligned element
+// index), falling back to one call per element when misaligned
+// (DropoutKeepBits, csrc/philox.h). Each token's gathers are issued first; the
+// keep bits and the sinusoid (neither needs the gathered data) are computed
+// while they are in flight, and only then are the rows combined.
 //
 // Backward: deterministic segment sum, no atomics. The caller sorts the tokens
 // by key (stable), so each table row's tokens form one contiguous segment in
@@ -68,7 +70,10 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
     }
     for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; n < a.tokens; n += token_stride) {
       T* out = a.y + n * h + c;
+      // All per-token loads at once: the gathers then wait for one latency.
       const int32_t id = a.ids[n];
+      const int32_t pos = a.positions[n];
+      const uint64_t tok = DROPOUT ? static_cast<uint64_t>(a.token_index[n]) : 0u;
       float v[VEC], w[VEC];
       if (id == a.padding_id) {
 #pragma unroll
@@ -77,35 +82,37 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
         if constexpr (PAIRED) StoreFloats<T, VEC>(out + half, v);
         continue;
       }
-      const int32_t pos = a.positions[n];
       const T* row = a.table + ClampRow(id, a.vocab) * h + c;
+      float pv[VEC], pw[VEC];  // positional values of v's and w's columns
       LoadFloats<T, VEC>(row, v);
       if constexpr (PAIRED) LoadFloats<T, VEC>(row + half, w);
-      if constexpr (LEARNED) {
-        float pe[VEC];
-        LoadFloats<T, VEC>(a.pos_table + ClampRow(pos, a.max_positions) * h + c, pe);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = v[k] * a.scale + pe[k];
-      } else {
+      if constexpr (LEARNED) LoadFloats<T, VEC>(a.pos_table + ClampRow(pos, a.max_positions) * h + c, pv);
+      uint32_t keep_v = 0, keep_w = 0;
+      if constexpr (DROPOUT) {
+        const uint64_t e = tok * static_cast<uint64_t>(h) + c;
+        keep_v = DropoutKeepBits<VEC>(rng, e);
+        if constexpr (PAIRED) keep_w = DropoutKeepBits<VEC>(rng, e + half);
+      }
+      if constexpr (!LEARNED) {
         const float p = static_cast<float>(pos);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           if constexpr (PAIRED) {
-            float s, co;
-            sincosf(p * freq[k], &s, &co);
-            v[k] = v[k] * a.scale + s;
-            w[k] = w[k] * a.scale + co;
+            sincosf(p * freq[k], &pv[k], &pw[k]);
           } else {
             const int64_t j = c + k;
-            const float pe = j < half ? sinf(p * freq[k]) : (j < 2 * half ? cosf(p * freq[k]) : 0.f);
-            v[k] = v[k] * a.scale + pe;
+            pv[k] = j < half ? sinf(p * freq[k]) : (j < 2 * half ? cosf(p * freq[k]) : 0.f);
           }
         }
       }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        v[k] = v[k] * a.scale + pv[k];
+        if constexpr (PAIRED) w[k] = w[k] * a.scale + pw[k];
+      }
       if constexpr (DROPOUT) {
-        const uint64_t e = static_cast<uint64_t>(a.token_index[n]) * static_cast<uint64_t>(h) + c;
-        ApplyDropout<VEC>(rng, e, v);
-        if constexpr (PAIRED) ApplyDropout<VEC>(rng, e + half, w);
+        ApplyKeepBits<VEC>(keep_v, rng.scale, v);
+        if constexpr (PAIRED) ApplyKeepBits<VEC>(keep_w, rng.scale, w);
       }
       StoreFloats<T, VEC>(out, v);
       if constexpr (PAIRED) StoreFloats<T, VEC>(out + half, w);
@@ -129,12 +136,27 @@ __device__ __forceinline__ int64_t LowerBound(const int32_t* keys, int64_t n, in
   return lo;
 }
 
-template <typename T, int VEC, bool DROPOUT>
-__device__ __forceinline__ void LoadGrad(const EmbeddingBwdArgs<T>& a, const DropoutRng& rng, int64_t n, int64_t c,
-                                         float (&v)[VEC]) {
-  LoadFloats<T, VEC>(a.dy + n * a.hidden + c, v);
+// The dropped-out dy columns [c, c + VEC) of the ROWS tokens at sorted
+// positions [i, i + ROWS): all loads first, then the keep bits (while the loads
+// are in flight), then the mask.
+template <typename T, int VEC, int ROWS, bool DROPOUT>
+__device__ __forceinline__ void LoadGrads(const EmbeddingBwdArgs<T>& a, const DropoutRng& rng, int64_t i, int64_t c,
+                                          float (&v)[ROWS][VEC]) {
+  int64_t n[ROWS];
+#pragma unroll
+  for (int u = 0; u < ROWS; ++u) {
+    n[u] = a.order[i + u];
+    LoadFloats<T, VEC>(a.dy + n[u] * a.hidden + c, v[u]);
+  }
   if constexpr (DROPOUT) {
-    ApplyDropout<VEC>(rng, static_cast<uint64_t>(a.token_index[n]) * static_cast<uint64_t>(a.hidden) + c, v);
+    uint32_t keep[ROWS];
+#pragma unroll
+    for (int u = 0; u < ROWS; ++u) {
+      const uint64_t e = static_cast<uint64_t>(a.token_index[n[u]]) * static_cast<uint64_t>(a.hidden) + c;
+      keep[u] = DropoutKeepBits<VEC>(rng, e);
+    }
+#pragma unroll
+    for (int u = 0; u < ROWS; ++u) ApplyKeepBits<VEC>(keep[u], rng.scale, v[u]);
   }
 }
 
@@ -168,8 +190,7 @@ __global__ void __launch_bounds__(kBlock, 3) EmbBwd(EmbeddingBwdArgs<T> a, const
       constexpr int UNROLL = (DROPOUT && VEC >= 8) ? 2 : 4;
       for (; i + UNROLL <= hi; i += UNROLL) {
         float v[UNROLL][VEC];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) LoadGrad<T, VEC, DROPOUT>(a, rng, a.order[i + u], c, v[u]);
+        LoadGrads<T, VEC, UNROLL, DROPOUT>(a, rng, i, c, v);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
 #pragma unroll
@@ -177,10 +198,10 @@ __global__ void __launch_bounds__(kBlock, 3) EmbBwd(EmbeddingBwdArgs<T> a, const
         }
       }
       for (; i < hi; ++i) {
-        float v[VEC];
-        LoadGrad<T, VEC, DROPOUT>(a, rng, a.order[i], c, v);
+        float v[1][VEC];
+        LoadGrads<T, VEC, 1, DROPOUT>(a, rng, i, c, v);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] += v[k];
+        for (int k = 0; k < VEC; ++k) acc[k] += v[0][k];
       }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] *= a.factor;

@@ -261,7 +261,7 @@ def test_cuda_matches_reference(rng, shape, dtype, variant):
 
 @pytest.mark.gpu
 def test_cuda_dropout_offset_not_multiple_of_4(rng):
-    """The per-element Philox path (rng offset not 4-aligned) gives the reference mask too."""
+    """The per-element Philox path (rng offset not 8-aligned) gives the reference mask too."""
     from lsjax.ops import _philox
     import importlib
 

@@ -375,8 +375,8 @@ def test_cuda_masks_bit_identical(rng, shape, dtype):
 @pytest.mark.parametrize("shape, block", STRIDE_CASES + [((130, 4100), (3, 4, 100, 4096)),
                                                          ((70, 4106), (5, 2, 64, 4096))])
 def test_cuda_row_stride(rng, shape, block, dtype):
-    """Vectorised blocks with the 4-element Philox fast path (strides and
-    offsets multiples of 4) and the per-element fallback (not)."""
+    """Vectorised blocks with the 8- or 4-element Philox fast path (strides and
+    offsets multiples of the vector width) and the per-element fallback (not)."""
     _check_row_stride("cuda", rng, dtype, shape, block)
 
 

@@ -298,7 +298,7 @@ def test_cuda_masks_bit_identical(rng, shape, dtype):
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 2**32 - 2])
 @pytest.mark.parametrize("shape", [(16, 1024), (7, 36), (5, 7)])
 def test_cuda_mask_with_stream_offset(rng, offset, shape):
-    """Offsets that are not multiples of 4 make each 4-element group straddle two Philox calls."""
+    """Offsets that are not multiples of 8 make each 8-element group straddle two Philox calls."""
     x, b, _ = _inputs(rng, shape, jnp.bfloat16)
     r = jnp.zeros(shape, jnp.bfloat16)
     rng_op = _philox.rng_operand(_key(rng), offset=offset)

@@ -1,6 +1,7 @@
 """Bias + dropout (+ residual / activation), rate 0.1, bf16 and fp16:
 bias_dropout_residual at tokens {8192, 65536} x hidden {1024, 4096};
-bias_act_dropout (relu, gelu) at tokens {8192, 65536} x intermediate 4096."""
+bias_act_dropout (relu, gelu) at tokens {8192, 65536} x intermediate 4096; plus
+``bias_gelu_nodrop`` (rate 0) at 65536 x 4096, to show what the dropout RNG costs."""
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,8 @@ def cases() -> list[Case]:
                     bytes_fwd_bwd=3 * n + 2 * n,
                     grad_argnums=(0, 1),
                 ))
-            for act in ("relu", "gelu"):
+            acts = [("relu", RATE), ("gelu", RATE)] + ([("gelu", 0.0)] if tokens == 65536 else [])
+            for act, rate in acts:
                 hidden = 4096
                 n = tokens * hidden * jnp.dtype(dtype).itemsize
 
@@ -50,10 +52,11 @@ def cases() -> list[Case]:
                     return x, b
 
                 out.append(Case(
-                    op=f"bias_{act}_dropout", shape=f"{tokens}x{hidden}", dtype=name,
+                    op=f"bias_{act}_dropout" if rate else f"bias_{act}_nodrop", shape=f"{tokens}x{hidden}", dtype=name,
                     make_inputs=make,
-                    ours=lambda x, b, act=act: bias_act_dropout(x, b, activation=act, rate=RATE, key=key),
-                    ref=lambda x, b, act=act: bias_act_dropout_reference(x, b, activation=act, rate=RATE, key=key),
+                    ours=lambda x, b, act=act, rate=rate: bias_act_dropout(x, b, activation=act, rate=rate, key=key),
+                    ref=lambda x, b, act=act, rate=rate: bias_act_dropout_reference(x, b, activation=act, rate=rate,
+                                                                                   key=key),
                     # fwd: read x, write y; bwd: read dy and y (relu) or x
                     # (gelu), write dx.
                     bytes_fwd=2 * n,

@@ -2,11 +2,13 @@
 
 An op that drops elements takes a JAX PRNG ``key`` and turns it into the
 ``uint32[4]`` operand ``{k0, k1, off_lo, off_hi}`` with :func:`rng_operand`.
-Element ``e`` (flat row-major index into the op's output, plus the offset) is
-kept iff word ``(e + off) % 4`` of ``Philox(counter=(b_lo, b_hi, 0, 0),
-key=(k0, k1))``, ``b = (e + off) // 4``, is ``>= floor(rate * 2**32)``; kept
-elements are scaled by ``1 / (1 - rate)``. The backward passes regenerate the
-mask from the same operand, so no mask tensor is stored.
+Element ``e`` (flat row-major index into the op's output) draws the 16-bit
+chunk ``i % 8`` of ``Philox(counter=(b_lo, b_hi, 0, 0), key=(k0, k1))``,
+``i = e + off``, ``b = i // 8`` (chunk ``2 w + h`` is the low (h = 0) or high
+(h = 1) half of word ``w``); it is kept iff that chunk is ``>= floor(rate *
+2**16)``, and kept elements are scaled by ``1 / (1 - rate)``. One Philox call
+serves 8 elements; the rate resolution is ``2**-16``. The backward passes
+regenerate the mask from the same operand, so no mask tensor is stored.
 
 The kernels index a ``[rows, cols]`` block as ``e = r * row_stride + c``: with
 ``row_stride`` the global last dim ``H`` and the offset advanced by the block's
@@ -33,12 +35,12 @@ def rng_operand(key: jax.Array, offset: int = 0) -> jax.Array:
 
 
 def dropout_threshold(rate: float) -> np.uint32:
-    """``floor(float32(rate) * 2**32)`` clamped to uint32: keep iff bits >= threshold.
+    """``floor(float32(rate) * 2**16)`` clamped to 16 bits: keep iff bits >= threshold.
 
     The kernels receive the rate as a float32 attribute, so the rate is rounded
-    to float32 first (0.1 would otherwise give a different threshold).
+    to float32 first (as the kernels see it).
     """
-    return np.uint32(min(int(float(np.float32(rate)) * 4294967296.0), 0xFFFFFFFF))
+    return np.uint32(min(int(float(np.float32(rate)) * 65536.0), 0xFFFF))
 
 
 def _mulhilo(a: jax.Array, b: np.uint32) -> tuple[jax.Array, jax.Array]:
@@ -67,7 +69,7 @@ def philox4x32(c0: jax.Array, c1: jax.Array, k0: jax.Array, k1: jax.Array) -> tu
 
 
 def philox_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``uint32[shape]``: the random word of every flat element (see module doc)."""
+    """``uint32[shape]``: the 16 random bits of every flat element (see module doc)."""
     n = int(np.prod(shape, dtype=np.int64))
     k0, k1, off_lo, off_hi = rng[0], rng[1], rng[2], rng[3]
     # 64-bit element index e + off, kept as (lo, hi) uint32 words.
@@ -76,11 +78,12 @@ def philox_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         raise ValueError(f"dropout over {n} >= 2**32 elements in one op is not supported")
     lo = idx + off_lo
     hi = off_hi + (lo < idx).astype(_U32)
-    b_lo = (lo >> 2) | (hi << 30)
-    b_hi = hi >> 2
+    b_lo = (lo >> 3) | (hi << 29)
+    b_hi = hi >> 3
     words = philox4x32(b_lo, b_hi, k0, k1)
-    lane = lo & 3
-    out = jnp.where(lane == 0, words[0], jnp.where(lane == 1, words[1], jnp.where(lane == 2, words[2], words[3])))
+    w = (lo >> 1) & 3
+    word = jnp.where(w == 0, words[0], jnp.where(w == 1, words[1], jnp.where(w == 2, words[2], words[3])))
+    out = (word >> ((lo & 1) * 16)) & 0xFFFF
     return out.reshape(shape)
 
 

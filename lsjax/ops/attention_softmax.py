@@ -102,7 +102,8 @@ def attention_softmax(scores: jax.Array, *, key_padding_mask: jax.Array | None =
         Combined with the padding mask by AND.
       scale: Python float multiplied into the scores before the softmax.
       dropout_rate: Python float in ``[0, 1)``; kept probabilities are scaled
-        by ``1 / (1 - rate)``.
+        by ``1 / (1 - rate)``. Elements are dropped with probability
+        ``floor(rate * 2**16) / 2**16`` (16 random bits per element).
       key: JAX PRNG key for dropout. Dropout is applied only when ``key`` is
         given and ``dropout_rate > 0`` (``key=None`` means deterministic /
         evaluation mode). The mask is Philox4x32-10 over the flat row-major

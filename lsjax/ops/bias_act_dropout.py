@@ -12,8 +12,10 @@ under a ``jax.custom_vjp``. No mask is stored; what the backward reads besides
 * gelu / gelu_tanh: the pre-activation ``x`` (the preceding matmul's output) and
   the ``uint32[4]`` rng operand: the backward recomputes ``act'(x + bias)`` and
   regenerates the Philox mask (``csrc/philox.h``; element index = flat index
-  into the output). Regenerating costs ~12 instructions per element and no
-  bytes; a stored 1-bit mask would add 1/16 of a 16-bit tensor write and read
+  into the output; 16 random bits per element, so the drop probability is
+  ``floor(rate * 2**16) / 2**16``). Regenerating cost ~12 instructions per
+  element when each element took 32 bits (16 bits halve the Philox part) and
+  no bytes; a stored 1-bit mask would add 1/16 of a 16-bit tensor write and read
   to save those instructions, and a 1-byte mask half a tensor each way. With
   the cheap erfc (``csrc/bias_dropout.h``) the gelu backward is ~45
   instructions per element against the ~60 that an H100 issues in the time

@@ -46,7 +46,8 @@ def bias_dropout_residual(x: jax.Array, bias: jax.Array, residual: jax.Array, *,
     Returns:
       ``y`` of ``x``'s shape and dtype. Element ``e`` (flat row-major index) is
       dropped iff the Philox stream of ``key`` says so (``lsjax.ops._philox``),
-      identically on every backend. Gradients: ``dx = mask * dy / (1 - rate)``,
+      identically on every backend, with probability ``floor(rate * 2**16) /
+      2**16`` (16 random bits per element). Gradients: ``dx = mask * dy / (1 - rate)``,
       ``dbias = sum over rows of dx`` (float32, cast to ``bias.dtype``),
       ``dresidual = dy``.
     """

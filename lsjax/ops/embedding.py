@@ -186,6 +186,8 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
       padding_id: tokens equal to it give all-zero rows (no position added,
         no gradient) and do not advance the position count.
       rate: dropout rate in ``[0, 1)``; applied only when ``key`` is given.
+        Elements are dropped with probability ``floor(rate * 2**16) / 2**16``
+        (16 random bits per element).
       key: JAX PRNG key for dropout (Philox mask, element index = flat index
         into the ``[batch, seq, hidden]`` output; identical on every backend).
       offset: position of the first non-pad token (int or traced int scalar).
