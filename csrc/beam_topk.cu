@@ -50,11 +50,6 @@ __device__ __forceinline__ float FromOrd(uint32_t o) {
 __device__ __forceinline__ uint32_t Flip(int64_t i) { return 0xffffffffu - static_cast<uint32_t>(i); }
 __device__ __forceinline__ int64_t Unflip(uint64_t key) { return 0xffffffffu - static_cast<uint32_t>(key); }
 
-// Token key of pass 1 (0 = no token).
-__device__ __forceinline__ uint64_t TokenKey(float x, int64_t token) {
-  return static_cast<uint64_t>(Ord(x)) << 32 | Flip(token);
-}
-
 // Row key of pass 2 (hi == 0: no token).
 struct alignas(16) RowKey {
   uint64_t hi;  // Ord(v) << 32 | ~beam
@@ -111,6 +106,7 @@ __device__ void GroupTopK(const TopKScratch<Key>& s, KeyFn key, int active, int 
   GroupSync<THREADS>();
   if (tid < active && Real(head)) {
     int rank = 0;
+#pragma unroll 8
     for (int u = 0; u < active; ++u) rank += Greater(s.heads[u], head);
     if (rank == k - 1) *s.tau = head;
   }
@@ -128,6 +124,7 @@ __device__ void GroupTopK(const TopKScratch<Key>& s, KeyFn key, int active, int 
   for (int i = tid; i < n; i += THREADS) {
     const Key c = s.cand[i];
     int rank = 0;
+#pragma unroll 8
     for (int u = 0; u < n; ++u) rank += Greater(s.cand[u], c);
     if (rank < k) out(rank, c);
   }
@@ -197,9 +194,14 @@ __global__ void __launch_bounds__(128) ChunkKernel(BeamTopkArgs<T> a, BeamTopkWo
   uint64_t* scratch = reinterpret_cast<uint64_t*>(smem + warp * ChunkScratchBytes(k));
   const TopKScratch<uint64_t> sc{scratch, scratch + 32, scratch + 32 + k * kItems,
                                  reinterpret_cast<int*>(scratch + 33 + k * kItems)};
+  // Token keys Ord(x) << 32 | ~token (0 = no token); their high words computed once (GroupTopK reads
+  // every key twice).
+  uint32_t o[kItems];
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) o[e] = Ord(dead ? -INFINITY : v[e]);
   const auto key = [&](int e) {
     const int p = (e / VEC * 32 + lane) * VEC + e % VEC;
-    return p < len ? TokenKey(dead ? -INFINITY : v[e], t0 + p) : uint64_t{0};
+    return p < len ? static_cast<uint64_t>(o[e]) << 32 | Flip(t0 + p) : uint64_t{0};
   };
   uint64_t* out = w.lists + list * k;
   GroupTopK<32, kItems>(sc, key, 32, k, [&](int r, uint64_t c) { out[r] = c; });
