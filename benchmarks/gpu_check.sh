@@ -3,6 +3,7 @@
 # model-level benchmarks; logs and JSON go under $OUT.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh [--ops layer_norm,...|none] [--tests tests/test_x.py ...|none]
+#                                             ($OPS_ONLY: a regex over 'op shape dtype' of the op cases)
 #                                             [--bench layers,layers_cudnn,decode,train_step,...]
 #
 # Everything is packed into $OUT/results.tgz at the end.
@@ -22,6 +23,8 @@
 #                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each; + $TRAIN_STEP_ARGS,
 #                 e.g. "--dtypes bfloat16 --lsjax-overrides scan_layers=true")
+#   ncu           Nsight Compute on single op calls (benchmarks/ncu_case.py): $NCU_CASES = space-separated
+#                 module:shape:dtype[:kernel regex], e.g. "beam_topk:8x4x32000:bfloat16:Chunk|Merge"
 #   parallel      benchmarks/parallel.py (needs 2 GPUs; + $PARALLEL_ARGS)
 #   train_mesh    lsjax-train tiny-synthetic under each of $TRAIN_MESHES (default dp zero3 tp) on all GPUs
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
@@ -94,7 +97,7 @@ fi
 
 if [ "$OPS" != "none" ]; then
   echo "== op benchmarks"
-  $PY -m benchmarks.ops ${OPS:+--ops "$OPS"} --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
+  $PY -m benchmarks.ops ${OPS:+--ops "$OPS"} ${OPS_ONLY:+--only "$OPS_ONLY"} --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -132,6 +135,11 @@ for name in ${BENCH//,/ }; do
     train_step_base|train_step_big)
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" \
         ${TRAIN_STEP_ARGS:-} ;;
+    ncu) for c in ${NCU_CASES:-beam_topk:8x4x32000:bfloat16:Chunk|Merge}; do IFS=: read -r mod shape dtype regex <<< "$c"
+        bench "ncu_${mod}_${shape}_${dtype}" ncu --clock-control none ${regex:+-k "regex:$regex"} -c "${NCU_COUNT:-4}" \
+          --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+          --section SchedulerStats --section MemoryWorkloadAnalysis $PY -m benchmarks.ncu_case "$mod" "$shape" "$dtype"
+      done ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ${PARALLEL_ARGS:-} ;;
     train_mesh) for mesh in ${TRAIN_MESHES:-dp zero3 tp}; do  # the CLI on every GPU under a mesh config
         bench "train_mesh_$mesh" lsjax-train --config tiny-synthetic --mesh "configs/mesh/$mesh.yaml" \

@@ -1,6 +1,6 @@
 """Benchmark every fused op against its XLA reference in the same run.
 
-    python -m benchmarks.ops [--ops layer_norm,softmax] [--json out.json]
+    python -m benchmarks.ops [--ops layer_norm,softmax] [--only 'gelu.*65536'] [--json out.json]
 
 Prints ms, achieved GB/s, fraction of the measured copy bandwidth and the
 speed ratio (XLA time / ours) for fwd and fwd+bwd. Needs the "cuda" backend
@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import pkgutil
+import re
 import sys
 
 import jax
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ops", default="", help="comma-separated case modules (default: all)")
     parser.add_argument("--json", default="", help="write results here")
+    parser.add_argument("--only", default="", help="regex: only the cases whose 'op shape dtype' it matches")
     args = parser.parse_args(argv)
     from lsjax import ops
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         module = importlib.import_module(f"benchmarks.cases.{name}")
         for case in module.cases():
+            if args.only and not re.search(args.only, f"{case.op} {case.shape} {case.dtype}"):
+                continue
             for r in run_case(case, rng, copy_bw):
                 rows.append(r)
                 print(f"{r['op']:<22}{r['shape']:<14}{r['dtype']:<9}{r['mode']:<9}{r['ours_ms']:>9.4f}{r['xla_ms']:>9.4f}"
