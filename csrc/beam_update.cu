@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) BeamUpdateKernel(BeamUpdateArgs a) {
     token[t] = static_cast<int32_t>(idx % a.vocab);
     eos[t] = token[t] == a.eos_id && score[t] > -INFINITY;
     alive_keys[t] = eos[t] ? -INFINITY : score[t];
-    finished_keys[k + t] = eos[t] ? score[t] * *a.inv_penalty : -INFINITY;
+    finished_keys[k + t] = eos[t] ? score[t] * BeamUpdateInvPenalty(a, step) : -INFINITY;
   }
   if (t < k) {
     finished_keys[t] = a.finished_scores[b * k + t];

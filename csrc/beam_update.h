@@ -6,7 +6,8 @@
 //     token written at position `step` (if step < T);
 //   finished: the best k of the k finished entries then the 2k candidates, scored
 //     finished_scores / (eos ? score * inv_penalty : -inf), same order; a candidate brings its
-//     continued sequence and its eos flag.
+//     continued sequence and its eos flag; inv_penalty = entry min(step, penalties - 1) of a table
+//     (a scalar is a table of one), so a search can precompute it for every step.
 // Sequences are updated in place (alive_seqs / finished_seqs are also outputs). Framework-free.
 #pragma once
 
@@ -28,7 +29,7 @@ struct BeamUpdateArgs {
   float* finished_scores;    // [batch, k], in place
   bool* finished_flags;      // [batch, k], in place
   const int32_t* step;       // scalar: the position this step writes (device memory on CUDA)
-  const float* inv_penalty;  // scalar: 1 / the length penalty of step + 1 tokens (device memory on CUDA)
+  const float* inv_penalty;  // [penalties]: 1 / the length penalty of s + 1 tokens at s (device memory on CUDA)
   int32_t* alive_tokens;     // [batch, k]
   int32_t* alive_parents;    // [batch, k] in [0, k)
   float* alive_scores;       // [batch, k]
@@ -37,7 +38,13 @@ struct BeamUpdateArgs {
   int64_t max_len;
   int64_t vocab;
   int64_t eos_id;
+  int64_t penalties = 1;
 };
+
+// This step's 1 / length penalty: inv_penalty[step], clamped to the table.
+LSJAX_HD float BeamUpdateInvPenalty(const BeamUpdateArgs& a, int64_t step) {
+  return a.inv_penalty[step < 0 ? 0 : (step >= a.penalties ? a.penalties - 1 : step)];
+}
 
 // CUDA: one block per batch row; sequences move through shared memory in column tiles.
 constexpr int64_t kBeamUpdateMaxBeam = 32;

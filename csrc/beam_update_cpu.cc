@@ -9,7 +9,7 @@ namespace lsjax {
 
 void BeamUpdateCpu(const BeamUpdateArgs& a) {
   const int64_t k = a.k, n = 2 * k, T = a.max_len, step = *a.step;
-  const float inv_penalty = *a.inv_penalty;
+  const float inv_penalty = BeamUpdateInvPenalty(a, step);
   std::vector<float> alive_keys(n), finished_keys(3 * k);
   std::vector<int32_t> parent(n), token(n), keep(k), best(k), old_alive(k * T), old_finished(k * T);
   std::vector<bool> eos(n), old_flags(k);

@@ -1,7 +1,7 @@
 // XLA FFI handlers for the beam-search step bookkeeping (csrc/beam_update.h). Target:
 //   beam_update (cand_scores f32 [B, 2k], cand_idx s32 [B, 2k], alive_seqs s32 [B, k, T],
 //                finished_seqs s32 [B, k, T], finished_scores f32 [B, k], finished_flags pred [B, k],
-//                step s32 [], inv_penalty f32 [])
+//                step s32 [], inv_penalty f32 [] or [n]: entry min(step, n - 1))
 //     -> alive_tokens s32 [B, k], alive_parents s32 [B, k], alive_scores f32 [B, k],
 //        alive_seqs, finished_seqs, finished_scores, finished_flags (aliased to the operands);
 //   attributes vocab, eos_id (int64).
@@ -39,7 +39,8 @@ xffi::Error Launch(Run&& run, void* stream, const Buf& cand_scores, const Buf& c
   const bool ok = Is(cand_scores, DataType::F32, batch * 2 * k) && Is(cand_idx, DataType::S32, batch * 2 * k) &&
                   Is(alive_in, DataType::S32, batch * k * T) && Is(finished_in, DataType::S32, batch * k * T) &&
                   Is(scores_in, DataType::F32, batch * k) && Is(flags_in, DataType::PRED, batch * k) &&
-                  Is(step, DataType::S32, 1) && Is(inv_penalty, DataType::F32, 1) &&
+                  Is(step, DataType::S32, 1) && inv_penalty.element_type() == DataType::F32 &&
+                  inv_penalty.element_count() >= 1 &&
                   Is(*tokens, DataType::S32, batch * k) && Is(*parents, DataType::S32, batch * k) &&
                   Is(*alive_scores, DataType::F32, batch * k) && Is(*alive, DataType::S32, batch * k * T) &&
                   Is(*finished, DataType::S32, batch * k * T) && Is(*finished_scores, DataType::F32, batch * k) &&
@@ -51,10 +52,11 @@ xffi::Error Launch(Run&& run, void* stream, const Buf& cand_scores, const Buf& c
                                 stream);
       e.failure())
     return e;
-  const BeamUpdateArgs a{In<float>(cand_scores), In<int32_t>(cand_idx), Out<int32_t>(alive), Out<int32_t>(finished),
-                         Out<float>(finished_scores), Out<bool>(finished_flags), In<int32_t>(step),
-                         In<float>(inv_penalty), Out<int32_t>(tokens), Out<int32_t>(parents), Out<float>(alive_scores),
-                         batch, k, T, vocab, eos_id};
+  BeamUpdateArgs a{In<float>(cand_scores), In<int32_t>(cand_idx), Out<int32_t>(alive), Out<int32_t>(finished),
+                   Out<float>(finished_scores), Out<bool>(finished_flags), In<int32_t>(step),
+                   In<float>(inv_penalty), Out<int32_t>(tokens), Out<int32_t>(parents), Out<float>(alive_scores),
+                   batch, k, T, vocab, eos_id};
+  a.penalties = static_cast<int64_t>(inv_penalty.element_count());
   return run(a);
 }
 

@@ -158,6 +158,8 @@ def beam_search(
         finished_flags=jnp.zeros(shape, bool),
     )
     best_penalty = gnmt_length_penalty(max_len, length_penalty)
+    # 1 / the penalty of s + 1 tokens at step s, computed once (beam_update reads entry s).
+    inv_penalties = 1.0 / gnmt_length_penalty(jnp.arange(1, max_len + 1), length_penalty)
 
     def not_done(s: _State):
         # Log-probs only fall, so an alive beam's best reachable score is its
@@ -183,8 +185,7 @@ def beam_search(
         flat = lambda x: x.reshape((batch * groups,) + x.shape[2:])  # noqa: E731
         update = functools.partial(beam_update_reference, cand_ranks=rank) if diverse else beam_update
         new = update(true, idx, flat(s.alive_seqs), flat(s.finished_seqs), flat(s.finished_scores),
-                     flat(s.finished_flags), s.step, 1.0 / gnmt_length_penalty(s.step + 1, length_penalty),
-                     vocab=vocab, eos_id=eos_id)
+                     flat(s.finished_flags), s.step, inv_penalties, vocab=vocab, eos_id=eos_id)
         new = BeamUpdate(*(x.reshape((batch, groups) + x.shape[1:]) for x in new))
         row_base = (jnp.arange(batch)[:, None, None] * beam_size
                     + jnp.arange(groups)[None, :, None] * group_beam)

@@ -66,6 +66,8 @@ def beam_update_reference(cand_scores: jax.Array, cand_idx: jax.Array, alive_seq
     ranks = cand_scores if cand_ranks is None else cand_ranks
     _, keep = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, ranks), k)
     cand_seqs = _take(alive_seqs, parent).at[:, :, step].set(token, mode="drop")
+    if jnp.ndim(inv_penalty):  # a table over steps
+        inv_penalty = inv_penalty[jnp.clip(step, 0, inv_penalty.shape[0] - 1)]
     new_scores = jnp.where(is_eos, cand_scores * inv_penalty, _NEG_INF)
     all_scores = jnp.concatenate([finished_scores, new_scores], axis=1)
     _, best = jax.lax.top_k(all_scores, k)
@@ -92,7 +94,9 @@ def beam_update(cand_scores: jax.Array, cand_idx: jax.Array, alive_seqs: jax.Arr
       alive_seqs, finished_seqs: int32 ``[rows, k, max_len]``.
       finished_scores: float32 ``[rows, k]``, descending; finished_flags: bool ``[rows, k]``.
       step: int32 scalar, the position this step's tokens take (none is written at or past ``max_len``).
-      inv_penalty: float32 scalar, 1 / the length penalty of ``step + 1`` tokens.
+      inv_penalty: float32 scalar, 1 / the length penalty of ``step + 1`` tokens; or float32 ``[n]``,
+        that value for every step ``s`` at entry ``s`` (entry ``min(step, n - 1)`` is used), so that a
+        search computes the penalties once instead of a ``pow`` per step.
       vocab: static vocabulary size; eos_id: static end-of-sequence id.
 
     Returns:
@@ -129,9 +133,9 @@ def _check(cand_scores, cand_idx, alive_seqs, finished_seqs, finished_scores, fi
         check_shape(_OP, name, x, shape)
         if x.dtype != dtype:
             raise TypeError(f"{_OP}: {name} must be {jnp.dtype(dtype).name}, got {x.dtype}")
-    if jnp.shape(step) != () or jnp.shape(inv_penalty) != ():
-        raise ValueError(f"{_OP}: step and inv_penalty must be scalars, got shapes {jnp.shape(step)} and "
-                         f"{jnp.shape(inv_penalty)}")
+    if jnp.shape(step) != () or jnp.ndim(inv_penalty) > 1 or jnp.size(inv_penalty) == 0:
+        raise ValueError(f"{_OP}: step must be a scalar and inv_penalty a scalar or a non-empty [n] table, got "
+                         f"shapes {jnp.shape(step)} and {jnp.shape(inv_penalty)}")
     if vocab < 1:
         raise ValueError(f"{_OP}: vocab must be >= 1, got {vocab}")
 
