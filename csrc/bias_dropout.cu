@@ -12,10 +12,9 @@
 // offset + r * row_stride + c, VEC-aligned whenever offset and row_stride are,
 // as for every shard lsjax's ops pass, whose width VEC divides; else one call
 // per element) into keep bitmasks between issuing a pass's loads and using
-// them, so the Philox work runs while the loads are in flight. Before the
-// 16-bit keep chunks, Philox cost ~12 instructions per element, about twice
-// the rest of an identity/relu pass; gelu adds ~16 (forward) and ~27
-// (backward), gelu_tanh a little less (SASS counts, bf16).
+// them, so the Philox work runs while the loads are in flight. gelu adds ~16
+// instructions per element (forward) and ~27 (backward), gelu_tanh a little
+// less (SASS counts, bf16).
 //
 // The forward gives each thread kFwdRows rows and launches blocks for all
 // rows: many short blocks, so blocks in their load phase overlap blocks in
@@ -65,6 +64,18 @@ __device__ __forceinline__ DropoutRng LoadRng(const uint32_t* rng, float rate) {
 
 // ------------------------------------------------------------- kernels --
 
+// Keep bits of the ROWS rows r0, r0 + stride, ... at columns [c0, c0 + VEC) (0 for rows past
+// `rows` or without dropout): drawn after a pass issues its loads, before it uses them.
+template <int VEC, int ROWS>
+__device__ __forceinline__ void RowsKeepBits(const DropoutRng& rng, bool drop, int64_t r0, int64_t stride,
+                                             int64_t rows, int64_t row_stride, int64_t c0, uint32_t (&keep)[ROWS]) {
+#pragma unroll
+  for (int u = 0; u < ROWS; ++u) {
+    const int64_t r = r0 + u * stride;
+    keep[u] = drop && r < rows ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * row_stride + c0)) : 0u;
+  }
+}
+
 template <typename T, int VEC, typename Act>
 __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasDropoutFwdArgs<T> a) {
   const int64_t nvec = a.cols / VEC;
@@ -93,11 +104,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
       }
     }
     uint32_t keep[kFwdRows];
-#pragma unroll
-    for (int u = 0; u < kFwdRows; ++u) {
-      const int64_t r = r0 + u * stride;
-      keep[u] = drop && r < a.rows ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0)) : 0u;
-    }
+    RowsKeepBits<VEC>(rng, drop, r0, stride, a.rows, a.row_stride, c0, keep);
 #pragma unroll
     for (int u = 0; u < kFwdRows; ++u) {
       const int64_t r = r0 + u * stride;
@@ -145,11 +152,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasD
       }
     }
     uint32_t keep[kBwdRows];
-#pragma unroll
-    for (int u = 0; u < kBwdRows; ++u) {
-      const int64_t r = r0 + u * stride;
-      keep[u] = drop && r < a.rows ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0)) : 0u;
-    }
+    RowsKeepBits<VEC>(rng, drop, r0, stride, a.rows, a.row_stride, c0, keep);
 #pragma unroll
     for (int u = 0; u < kBwdRows; ++u) {
       const int64_t r = r0 + u * stride;
