@@ -17,6 +17,7 @@
 #                 with our decode projections as lsjax.ops.decode_dense and as XLA GEMMs (the default), no
 #                 top-k; decode_xla: the same rows
 #                 under each XLA option set of benchmarks.profile.XLA_OPTIONS, or those in $DECODE_XLA_OPTIONS, no top-k)
+#   ce_memory     benchmarks/cross_entropy_memory.py at 8192 x 32000 bf16 (compiled and measured peak memory)
 #   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
 #                 train step ($PROFILE_TRAIN: impl:dtype pairs, default "lsjax:bfloat16 plain:bfloat16") / the
 #                 batch-8 beam search ($PROFILE_DECODE: impl:options pairs, default "lsjax:default plain:default
@@ -24,7 +25,7 @@
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each; + $TRAIN_STEP_ARGS,
 #                 e.g. "--dtypes bfloat16 --lsjax-overrides scan_layers=true")
 #   ncu           Nsight Compute on single op calls (benchmarks/ncu_case.py): $NCU_CASES = space-separated
-#                 module:shape:dtype[:kernel regex], e.g. "beam_topk:8x4x32000:bfloat16:Chunk|Merge"
+#                 module:shape:dtype[:kernel regex[:op]], e.g. "beam_topk:8x4x32000:bfloat16:Chunk|Merge"
 #   parallel      benchmarks/parallel.py (needs 2 GPUs; + $PARALLEL_ARGS)
 #   train_mesh    lsjax-train tiny-synthetic under each of $TRAIN_MESHES (default dp zero3 tp) on all GPUs
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
@@ -115,6 +116,7 @@ for name in ${BENCH//,/ }; do
     layers_cudnn) bench layers_cudnn $PY -m benchmarks.layers --attention-impl fused,cudnn --dtypes bf16 \
                     --out "$OUT/layers_cudnn.json" ;;
     decode) bench decode $PY -m benchmarks.decode --out "$OUT/decode.json" ;;
+    ce_memory) bench ce_memory $PY -m benchmarks.cross_entropy_memory --tokens 8192 --vocab 32000 --dtype bfloat16 ;;
     decode_bar) bench decode_bar $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --steps-per-check 8,1 \
                   --out "$OUT/decode_bar.json" ;;
     decode_ln) bench decode_ln $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --layer-norm xla,fused --no-topk \
@@ -135,10 +137,11 @@ for name in ${BENCH//,/ }; do
     train_step_base|train_step_big)
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" \
         ${TRAIN_STEP_ARGS:-} ;;
-    ncu) for c in ${NCU_CASES:-beam_topk:8x4x32000:bfloat16:Chunk|Merge}; do IFS=: read -r mod shape dtype regex <<< "$c"
-        bench "ncu_${mod}_${shape}_${dtype}" ncu --clock-control none ${regex:+-k "regex:$regex"} -c "${NCU_COUNT:-4}" \
+    ncu) for c in ${NCU_CASES:-beam_topk:8x4x32000:bfloat16:Chunk|Merge}; do IFS=: read -r mod shape dtype regex op <<< "$c"
+        bench "ncu_${op:-$mod}_${shape}_${dtype}" ncu --clock-control none ${regex:+-k "regex:$regex"} -c "${NCU_COUNT:-4}" \
           --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-          --section SchedulerStats --section MemoryWorkloadAnalysis $PY -m benchmarks.ncu_case "$mod" "$shape" "$dtype"
+          --section SchedulerStats --section MemoryWorkloadAnalysis $PY -m benchmarks.ncu_case "$mod" "$shape" "$dtype" \
+          ${op:+--op "$op"}
       done ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ${PARALLEL_ARGS:-} ;;
     train_mesh) for mesh in ${TRAIN_MESHES:-dp zero3 tp}; do  # the CLI on every GPU under a mesh config

@@ -115,42 +115,65 @@ __device__ __forceinline__ float Softmax(float* p, int L, float mx, float* red) 
 // shuffles, so every lane of a group gets the same score. The kGroups = kThreads / LANES groups take
 // keys j = g, g + kGroups, ... in chunks of kUnroll keys, whose offsets, then K and V vectors, are
 // all loaded before any is used; each group keeps a running max, sum and partial output row (online
-// softmax), and the groups' partials are combined in shared memory in a fixed order.
+// softmax). The latency chain is two loads deep: the append position, q, the first chunk's offsets
+// and the fresh key/value vectors are loaded together, then the cached K and V (the appended key is
+// used from registers and written to the caches at the end). The groups' partials are combined by
+// shuffles within each warp, then across the warps in shared memory, in a fixed order.
 template <typename T, int VEC, int LANES>
 __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAttentionArgs<T> a) {
-  constexpr int D = VEC * LANES, kGroups = kThreads / LANES, kUnroll = 4;
-  __shared__ float part_o[kGroups][D];
-  __shared__ float part_m[kGroups], part_l[kGroups];
+  constexpr int D = VEC * LANES, kGroups = kThreads / LANES, kUnroll = 4, kWarps = kThreads / 32;
+  using V = Vec<T, VEC>;
+  __shared__ float part_o[kWarps][D];
+  __shared__ float part_m[kWarps], part_l[kWarps];
   const int64_t b = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
   const int c = (threadIdx.x % LANES) * VEC, g = threadIdx.x / LANES;
-  const int64_t appended = AppendKey(a, b, h);
+  const int32_t* src = a.key_src + b * a.k_len;
+  const int64_t row = b * a.q_stride + h * D + c;  // this lane's vector of q, k_new and v_new
+  const auto load_offsets = [&](int j0, int32_t(&off)[kUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * kGroups + g;
+      off[u] = j < a.k_len ? src[j] : kDecodeAttentionMasked;
+    }
+  };
+  const int64_t appended = DecodeAttentionAppendPosition(a.append_at, a.k_len);
+  const V qv = *reinterpret_cast<const V*>(a.q + row);
+  V k_fresh{}, v_fresh{};
+  if (a.k_new != nullptr) {
+    k_fresh = *reinterpret_cast<const V*>(a.k_new + row);
+    v_fresh = *reinterpret_cast<const V*>(a.v_new + row);
+  }
+  int32_t off[kUnroll];
+  load_offsets(0, off);
   const int L = static_cast<int>(DecodeAttentionKeys(a, appended));
   float q[VEC];
-  LoadFloats<T, VEC>(a.q + b * a.q_stride + h * D + c, q);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) q[i] *= a.scale;
-  const int32_t* src = a.key_src + b * a.k_len;
+  for (int i = 0; i < VEC; ++i) q[i] = ToFloat(qv.v[i]) * a.scale;
   float m = -INFINITY, l = 0.f, o[VEC] = {};
   for (int j0 = 0; j0 < L; j0 += kGroups * kUnroll) {  // uniform trip count: every lane reaches the shuffles
-    int32_t off[kUnroll];
+    if (j0 > 0) load_offsets(j0, off);
+    bool take[kUnroll];
+    V kv[kUnroll], vv[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int j = j0 + u * kGroups + g;
-      off[u] = j < L ? src[j] : kDecodeAttentionMasked;
-    }
-    Vec<T, VEC> kv[kUnroll], vv[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] == kDecodeAttentionMasked) continue;
-      const int j = j0 + u * kGroups + g;
-      kv[u] = *reinterpret_cast<const Vec<T, VEC>*>(KeyAt(a, a.k, a.k_new, b, h, j, off[u], appended) + c);
-      vv[u] = *reinterpret_cast<const Vec<T, VEC>*>(KeyAt(a, a.v, a.v_new, b, h, j, off[u], appended) + c);
+      take[u] = j < L && off[u] != kDecodeAttentionMasked;
+      if (!take[u]) continue;
+      if (j == appended) {
+        kv[u] = k_fresh;
+        vv[u] = v_fresh;
+      } else {
+        const int64_t r = DecodeAttentionKeyRow(b, j, off[u], a.batch, appended);
+        const int64_t at = ((r * a.k_len + j) * a.heads + h) * D + c;
+        kv[u] = *reinterpret_cast<const V*>(a.k + at);
+        vv[u] = *reinterpret_cast<const V*>(a.v + at);
+      }
     }
     float s[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       s[u] = 0.f;
-      if (off[u] != kDecodeAttentionMasked) {
+      if (take[u]) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) s[u] = fmaf(q[i], ToFloat(kv[u].v[i]), s[u]);
       }
@@ -160,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
     float chunk_max = m;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] != kDecodeAttentionMasked) chunk_max = fmaxf(chunk_max, s[u]);
+      if (take[u]) chunk_max = fmaxf(chunk_max, s[u]);
     }
     if (chunk_max == -INFINITY) continue;  // no attended key yet
     const float rescale = __expf(m - chunk_max);  // 0 while m is -inf
@@ -170,28 +193,49 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
     for (int i = 0; i < VEC; ++i) o[i] *= rescale;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] == kDecodeAttentionMasked) continue;
+      if (!take[u]) continue;
       const float p = __expf(s[u] - m);
       l += p;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) o[i] = fmaf(p, ToFloat(vv[u].v[i]), o[i]);
     }
   }
+  // The groups of a warp combine by shuffles (lanes LANES, 2 LANES, ... apart hold the same columns).
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) part_o[g][c + i] = o[i];
-  if (c == 0) {
-    part_m[g] = m;
-    part_l[g] = l;
+  for (int x = LANES; x < 32; x <<= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, x), l2 = __shfl_xor_sync(0xffffffffu, l, x);
+    const float mx = fmaxf(m, m2);
+    const float w1 = m == -INFINITY ? 0.f : __expf(m - mx), w2 = m2 == -INFINITY ? 0.f : __expf(m2 - mx);
+    l = l * w1 + l2 * w2;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] = o[i] * w1 + __shfl_xor_sync(0xffffffffu, o[i], x) * w2;
+    m = mx;
+  }
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 < LANES) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) part_o[warp][c + i] = o[i];
+    if (c == 0) {
+      part_m[warp] = m;
+      part_l[warp] = l;
+    }
+  }
+  if (appended >= 0 && g == 0) {  // the step's key and value into the caches (read from registers above)
+    const int64_t at = ((b * a.k_len + appended) * a.heads + h) * D + c;
+    *reinterpret_cast<V*>(a.k_cache + at) = k_fresh;
+    *reinterpret_cast<V*>(a.v_cache + at) = v_fresh;
   }
   __syncthreads();
   float mx = -INFINITY;
-  for (int x = 0; x < kGroups; ++x) mx = fmaxf(mx, part_m[x]);
+#pragma unroll
+  for (int x = 0; x < kWarps; ++x) mx = fmaxf(mx, part_m[x]);
   T* out = a.out + (b * a.heads + h) * D;
   for (int d = threadIdx.x; d < D; d += kThreads) {
     float sum = 0.f, acc = 0.f;
     if (mx != -INFINITY) {  // else no attended key: zeros
-      for (int x = 0; x < kGroups; ++x) {
-        const float w = __expf(part_m[x] - mx);
+#pragma unroll
+      for (int x = 0; x < kWarps; ++x) {
+        const float w = part_m[x] == -INFINITY ? 0.f : __expf(part_m[x] - mx);
         sum = fmaf(part_l[x], w, sum);
         acc = fmaf(part_o[x][d], w, acc);
       }

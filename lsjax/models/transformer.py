@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -70,10 +70,9 @@ class Decoder(nn.Module):
                     raise ValueError(f"decode steps take one token per row ([N, 1]), got shape {tuple(tgt.shape)}")
                 offset = cache_index = index.value
                 index.value = index.value + 1
-                # This step's key: own row. A dynamic_update_slice (clamped like the K/V cache write),
-                # not a scatter, which adds a bounds-check kernel to every decode step.
-                own = jnp.zeros((tgt.shape[0], 1), jnp.int32)
-                rows.value = row_offsets = jax.lax.dynamic_update_slice(rows.value, own, (0, cache_index))
+                # This step's key is read from its own row whatever the table says; the table's entry
+                # for it is 0 already (reorder_decode_cache leaves the entries not yet written at 0).
+                row_offsets = rows.value
         x = self.embed(tgt, deterministic=deterministic, offset=offset)
         x = layer_stack(TransformerDecoderLayer, cfg, cfg.num_decoder_layers, x,
                         dict(memory=memory, memory_mask=memory_mask, cache_index=cache_index, row_offsets=row_offsets),
@@ -178,19 +177,28 @@ TokensToLogits = Callable[[jax.Array, dict, dict], tuple[jax.Array, dict]]
 def reorder_decode_cache(cache: dict, rows: jax.Array) -> dict:
     """Beam reorder of a decode cache by cache indirection: new row ``r`` continues row ``rows[r]``.
 
-    Only the ``row_offsets`` table is reordered (:func:`lsjax.ops.decode_attention.reorder_row_offsets`);
-    the K/V caches stay where they were written, and each step writes its own key in place.
+    Only the ``row_offsets`` table is reordered (:func:`lsjax.ops.decode_attention.reorder_row_offsets`,
+    its entries past the ``cache_index`` beside it left 0 for the steps to come); the K/V caches stay
+    where they were written, and each step writes its own key in place.
     Pass it as ``lsjax.decode.beam_search(..., reorder_cache=reorder_decode_cache)``; the
     default, gathering every cache leaf, is also correct (the offsets then stay zero), only slower.
     """
-    def reorder(path, x):
-        if getattr(path[-1], "key", None) == "row_offsets":
-            return reorder_row_offsets(x, rows)
-        return x
+    found = False
 
-    if not any(getattr(p[-1], "key", None) == "row_offsets" for p, _ in jax.tree_util.tree_leaves_with_path(cache)):
+    def reorder(tree):
+        nonlocal found
+        if not isinstance(tree, Mapping):
+            return tree
+        new = {k: reorder(v) for k, v in tree.items()}
+        if "row_offsets" in new:
+            found = True
+            new["row_offsets"] = reorder_row_offsets(new["row_offsets"], rows, new["cache_index"])
+        return type(tree)(new)
+
+    reordered = reorder(cache)
+    if not found:
         raise ValueError("reorder_decode_cache: the cache has no 'row_offsets' table; use lsjax.decode.gather_rows")
-    return jax.tree_util.tree_map_with_path(reorder, cache)
+    return reordered
 
 
 def decode_params(params, dtype) -> dict:

@@ -27,6 +27,14 @@ _M0, _M1 = np.uint32(0xD2511F53), np.uint32(0xCD9E8D57)
 _W0, _W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
 
 
+def no_rng() -> np.ndarray:
+    """The ``uint32[4]`` rng operand of a call that draws no bits: a constant, so that XLA
+    launches no kernel for it in a decode loop (``jnp.zeros`` is a broadcast, which XLA does
+    not hoist out of a loop). Not inside a ``custom_partitioning`` body, which takes no
+    constants."""
+    return np.zeros((4,), np.uint32)
+
+
 def rng_operand(key: jax.Array, offset: int = 0) -> jax.Array:
     """``uint32[4]`` = (two words drawn from ``key``, 64-bit element ``offset``)."""
     words = jax.random.bits(key, (2,), _U32)

@@ -52,7 +52,7 @@ import numpy as np
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_rank, static_scale
-from lsjax.ops._philox import check_rate, dropout_mask, rng_operand
+from lsjax.ops._philox import check_rate, dropout_mask, no_rng, rng_operand
 from lsjax.ops._rowwise import PARAM, ROWS, STATS, TABLE, TABLE_SUM, DimShard, rowwise
 
 _F32 = jnp.float32
@@ -215,7 +215,7 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
     ids = jnp.asarray(ids).astype(_I32)
     pos = token_positions(ids, padding_id, offset)
     dropout = rate > 0 and key is not None
-    rng = rng_operand(key) if dropout else jnp.zeros((4,), jnp.uint32)
+    rng = rng_operand(key) if dropout else no_rng()
     learned = not isinstance(positions, str)
     pos_table = positions.astype(table.dtype) if learned else None
     static = (
