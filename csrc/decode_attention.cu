@@ -21,6 +21,9 @@ using cuda::ToFloat;
 using cuda::Vec;
 
 constexpr int kThreads = 128;
+// The lanes kernel's block: 2 keys per group of lanes and iteration, 64 keys in flight per block for
+// transformer-base heads (8 lanes of 8 values), few instructions between a step's loads and its output.
+constexpr int kLanesThreads = 256;
 
 // All threads of the block get the block-wide max (kMax) or sum of v; `red` has 32 floats.
 template <bool kMax>
@@ -112,7 +115,7 @@ __device__ __forceinline__ float Softmax(float* p, int L, float mx, float* red) 
 
 // Head sizes D = VEC * LANES with LANES in {4, 8, 16, 32}, in one pass over the cache: LANES threads
 // share a key (each holds one 16-byte vector of q, K and V) and sum the partial dot product with
-// shuffles, so every lane of a group gets the same score. The kGroups = kThreads / LANES groups take
+// shuffles, so every lane of a group gets the same score. The kGroups = kLanesThreads / LANES groups take
 // keys j = g, g + kGroups, ... in chunks of kUnroll keys, whose offsets, then K and V vectors, are
 // all loaded before any is used; each group keeps a running max, sum and partial output row (online
 // softmax). The latency chain is two loads deep: the append position, q, the first chunk's offsets
@@ -120,8 +123,8 @@ __device__ __forceinline__ float Softmax(float* p, int L, float mx, float* red) 
 // used from registers and written to the caches at the end). The groups' partials are combined by
 // shuffles within each warp, then across the warps in shared memory, in a fixed order.
 template <typename T, int VEC, int LANES>
-__global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAttentionArgs<T> a) {
-  constexpr int D = VEC * LANES, kGroups = kThreads / LANES, kUnroll = 4, kWarps = kThreads / 32;
+__global__ void __launch_bounds__(kLanesThreads) DecodeAttentionLanesKernel(DecodeAttentionArgs<T> a) {
+  constexpr int D = VEC * LANES, kGroups = kLanesThreads / LANES, kUnroll = 2, kWarps = kLanesThreads / 32;
   using V = Vec<T, VEC>;
   __shared__ float part_o[kWarps][D];
   __shared__ float part_m[kWarps], part_l[kWarps];
@@ -230,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionLanesKernel(DecodeAtt
 #pragma unroll
   for (int x = 0; x < kWarps; ++x) mx = fmaxf(mx, part_m[x]);
   T* out = a.out + (b * a.heads + h) * D;
-  for (int d = threadIdx.x; d < D; d += kThreads) {
+  for (int d = threadIdx.x; d < D; d += kLanesThreads) {
     float sum = 0.f, acc = 0.f;
     if (mx != -INFINITY) {  // else no attended key: zeros
 #pragma unroll
@@ -292,7 +295,7 @@ cudaError_t DecodeAttentionCuda(const DecodeAttentionArgs<T>& a, cudaStream_t st
   const int64_t lanes = vectorised ? a.head_dim / vec16 : 0;
   auto lanes_kernel = [&](auto n) {
     constexpr int kLanes = decltype(n)::value;
-    DecodeAttentionLanesKernel<T, vec16, kLanes><<<blocks, kThreads, 0, stream>>>(a);
+    DecodeAttentionLanesKernel<T, vec16, kLanes><<<blocks, kLanesThreads, 0, stream>>>(a);
   };
   switch (lanes) {
     case 4: lanes_kernel(Int<4>{}); break;

@@ -14,8 +14,9 @@
 // v_cache == v): XLA aliases them to the results. With `causal`, the keys after t (the cache not
 // yet written) are left out as if masked, so a decode step needs no per-step mask.
 //
-// CUDA: one block of 128 threads per (b, h); the keys' scores live
-// in shared memory (k_len <= kDecodeAttentionMaxKeys), then one pass over V.
+// CUDA: one block per (b, h): for head sizes of 4..32 16-byte vectors one pass with an online
+// softmax; otherwise the keys' scores live in shared memory (k_len <= kDecodeAttentionMaxKeys),
+// then one pass over V.
 #pragma once
 
 #include <cstdint>
