@@ -53,20 +53,18 @@ def source_rows(x: jax.Array, row_offsets: jax.Array) -> jax.Array:
     return x[rows, jnp.arange(k_len)[None, :]]
 
 
-def reorder_row_offsets(row_offsets: jax.Array, parents: jax.Array, written: jax.Array | int | None = None) -> jax.Array:
+def reorder_row_offsets(row_offsets: jax.Array, parents: jax.Array, written: jax.Array | int) -> jax.Array:
     """The offsets table after a beam reorder: new row ``r`` continues row ``parents[r]``.
 
-    ``row_offsets`` int32 ``[rows, k_len]``, ``parents`` int ``[rows]``. Row ``r`` then reads
-    every key where row ``parents[r]`` read it. A decode step reads its own key ``t`` from its
-    own row (whatever the table says there); later steps need ``row_offsets[:, t] == 0`` before
-    the first reorder after step ``t``. With ``written`` (int32 scalar, the number of keys
-    written so far) the entries from ``written`` on are left 0, so a table that starts at
-    zeros has that without a per-step write; without it, the caller sets the entry.
+    ``row_offsets`` int32 ``[rows, k_len]``, ``parents`` int ``[rows]``, ``written`` int32 scalar:
+    the number of keys written so far. Row ``r`` then reads every written key where row
+    ``parents[r]`` read it; the entries from ``written`` on stay 0. A decode step reads its own
+    key ``t`` from its own row (whatever the table says there), and later steps need
+    ``row_offsets[:, t] == 0`` before the first reorder after step ``t``: a table that starts
+    at zeros has that without a per-step write.
     """
     rows = jnp.arange(row_offsets.shape[0], dtype=jnp.int32)
     reordered = row_offsets[parents] + (parents.astype(jnp.int32) - rows)[:, None]
-    if written is None:
-        return reordered
     return jnp.where(jnp.arange(row_offsets.shape[1]) < written, reordered, 0)
 
 
