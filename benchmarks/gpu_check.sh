@@ -22,6 +22,9 @@
 #                 train step ($PROFILE_TRAIN: impl:dtype pairs, default "lsjax:bfloat16 plain:bfloat16") / the
 #                 batch-8 beam search ($PROFILE_DECODE: impl:options pairs, default "lsjax:default plain:default
 #                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
+#   profile_case  the same per-kernel table for op cases' fwd+bwd, ours and the XLA reference ($PROFILE_CASES:
+#                 space-separated module:shape:dtype[:op], default "embedding:256x256x1024:bfloat16")
+#   sass          SASS instruction counts of our kernels (cuobjdump; $SASS_KERNELS: a regex over the names)
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each; + $TRAIN_STEP_ARGS,
 #                 e.g. "--dtypes bfloat16 --lsjax-overrides scan_layers=true")
 #   ncu           Nsight Compute on single op calls (benchmarks/ncu_case.py): $NCU_CASES = space-separated
@@ -133,6 +136,11 @@ for name in ${BENCH//,/ }; do
         bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --xla-options $2 --top "${PROFILE_TOP:-40}" \
           --out "$OUT/profile_decode_$1_$2.json" --hlo "$OUT/profile_decode_$1_$2.hlo.txt"
       done ;;
+    profile_case) for c in ${PROFILE_CASES:-embedding:256x256x1024:bfloat16}; do for impl in lsjax plain; do
+        bench "profile_case_${impl}_${c//:/_}" $PY -m benchmarks.profile case --case "$c" --impl $impl \
+          --top "${PROFILE_TOP:-20}" --out "$OUT/profile_case_${impl}_${c//:/_}.json"
+      done; done ;;
+    sass) bench sass $PY -m benchmarks.sass_count "${SASS_KERNELS:-.}" ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;
     train_step_base|train_step_big)
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" \
@@ -140,7 +148,8 @@ for name in ${BENCH//,/ }; do
     ncu) for c in ${NCU_CASES:-beam_topk:8x4x32000:bfloat16:Chunk|Merge}; do IFS=: read -r mod shape dtype regex op <<< "$c"
         bench "ncu_${op:-$mod}_${shape}_${dtype}" ncu --clock-control none ${regex:+-k "regex:$regex"} -c "${NCU_COUNT:-4}" \
           --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-          --section SchedulerStats --section MemoryWorkloadAnalysis $PY -m benchmarks.ncu_case "$mod" "$shape" "$dtype" \
+          --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
+          --section ComputeWorkloadAnalysis $PY -m benchmarks.ncu_case "$mod" "$shape" "$dtype" \
           ${op:+--op "$op"}
       done ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ${PARALLEL_ARGS:-} ;;

@@ -5,7 +5,7 @@ different fresh random inputs (rotating buffers, so neither caches nor a
 single dispatch dominate); the per-op time is the median over repeats of the
 program's wall time (after ``block_until_ready``) divided by ``K``.
 
-fwd+bwd is timed as in a training step (see :func:`_fwd_bwd`): the cotangent
+fwd+bwd is timed as in a training step (see :func:`fwd_bwd`): the cotangent
 is a random input, not a constant, and it only exists once the forward's
 output does.
 """
@@ -52,7 +52,7 @@ def _scalar_loss(fn, argnums):
     return jax.grad(loss, argnums=tuple(argnums))
 
 
-def _fwd_bwd(fn, argnums):
+def fwd_bwd(fn, argnums):
     """fwd + bwd of ``fn(*args)`` for ``run(*args, cot)``, as in a training step.
 
     The cotangent ``cot`` (a tree like the output) is an input, so XLA can
@@ -72,7 +72,7 @@ def _fwd_bwd(fn, argnums):
     return run
 
 
-def _with_cotangent(fn, inputs: list[tuple], rng: np.random.Generator) -> list[tuple]:
+def with_cotangent(fn, inputs: list[tuple], rng: np.random.Generator) -> list[tuple]:
     """Each input tuple plus a random normal cotangent shaped like ``fn``'s output."""
     out = jax.eval_shape(fn, *inputs[0])
     return [(*ins, jax.tree.map(
@@ -142,7 +142,7 @@ def run_case(case: Case, rng: np.random.Generator, copy_bw: float) -> list[dict]
         if mode == "fwd":
             wrap, args = (lambda f: f), inputs
         else:
-            wrap, args = (lambda f: _fwd_bwd(f, case.grad_argnums)), _with_cotangent(case.ref, inputs, rng)
+            wrap, args = (lambda f: fwd_bwd(f, case.grad_argnums)), with_cotangent(case.ref, inputs, rng)
         with ops.use_backend("xla"):
             t_ref = time_fn(wrap(case.ref), args)
         t_ours = time_fn(wrap(case.ours), args)

@@ -2,10 +2,12 @@
 
     python -m benchmarks.profile train  [--model transformer-base] [--dtype bfloat16] [--impl lsjax|plain]
     python -m benchmarks.profile decode [--batch 8] [--dtype bfloat16] [--impl lsjax|plain]
+    python -m benchmarks.profile case --case embedding:256x256x1024:bfloat16[:op] [--impl lsjax|plain] [--mode fwd]
     ... [--steps 5] [--top 40] [--xla-options default|while|cublas|while+cublas] [--out profile.json] [--smoke]
 
-Compiles one program (the ``benchmarks.train_step`` step, or the ``benchmarks.decode`` beam
-search), runs it twice to warm up, then traces ``--steps`` calls (each blocked on, as the
+Compiles one program (the ``benchmarks.train_step`` step, the ``benchmarks.decode`` beam
+search, or one ``benchmarks/cases`` op case's fwd+bwd as ``benchmarks.ops`` times it, ``--impl
+plain`` being its XLA reference), runs it twice to warm up, then traces ``--steps`` calls (each blocked on, as the
 benchmarks time them) with ``jax.profiler.trace`` and reads the XSpace back with
 ``jax.profiler.ProfileData`` (no TensorBoard needed). Reported per call:
 
@@ -168,6 +170,26 @@ def _decode_program(args, options) -> tuple[Callable, list[tuple], Callable]:
     return fn, calls, lambda: fn.lower(*calls[0])
 
 
+def _case_program(args, options) -> tuple[Callable, list[tuple], Callable]:
+    import importlib
+
+    from benchmarks import harness
+
+    module, shape, dtype, *op = args.case.split(":")
+    cases = [c for c in importlib.import_module(f"benchmarks.cases.{module}").cases()
+             if c.shape == shape and c.dtype == dtype and c.op in (op or [c.op])]
+    if not cases:
+        raise SystemExit(f"no case {args.case}: give module:shape:dtype[:op] of benchmarks/cases")
+    case, rng = cases[0], np.random.default_rng(0)
+    fn = case.ours if args.impl == "lsjax" else case.ref
+    inputs = [case.make_inputs(rng) for _ in range(2)]
+    if args.mode == "fwd+bwd":
+        fn, inputs = harness.fwd_bwd(fn, case.grad_argnums), harness.with_cotangent(case.ref, inputs, rng)
+    prog = jax.jit(fn, compiler_options=options)
+    calls = [inputs[i % len(inputs)] for i in range(args.steps)]
+    return prog, calls, lambda: prog.lower(*calls[0])
+
+
 def table(result: dict) -> str:
     """Markdown summary of :func:`summarize`'s result."""
     r = result
@@ -183,13 +205,15 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("program", choices=("train", "decode"))
+    parser.add_argument("program", choices=("train", "decode", "case"))
     parser.add_argument("--impl", choices=("lsjax", "plain"), default="lsjax")
     parser.add_argument("--model", default="transformer-base", help="train: model config")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-sentences", type=int, default=128, help="train: sentences per batch")
     parser.add_argument("--length", type=int, default=64, help="train: source and target positions")
     parser.add_argument("--batch", type=int, default=8, help="decode: batch (beam 4, 64 forced steps)")
+    parser.add_argument("--case", default="embedding:256x256x1024:bfloat16", help="case: module:shape:dtype[:op]")
+    parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd", help="case: what is traced")
     parser.add_argument("--steps", type=int, default=5, help="traced calls")
     parser.add_argument("--top", type=int, default=40, help="kernels listed")
     parser.add_argument("--xla-options", choices=tuple(XLA_OPTIONS), default="default")
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.model, args.batch_sentences, args.length, args.batch, args.steps = "transformer-tiny", 4, 8, 1, 3
     options = XLA_OPTIONS[args.xla_options]
-    build = _train_program if args.program == "train" else _decode_program
+    build = {"train": _train_program, "decode": _decode_program, "case": _case_program}[args.program]
     with ops.use_backend("cpu_ffi") if args.smoke else contextlib.nullcontext():
         fn, calls, lower = build(args, options)
         events, wall = profile(fn, calls)
@@ -211,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
               "device": jax.devices()[0].device_kind, **summarize(events, len(calls), wall, args.top)}
     if args.program == "train":
         result.update(model=args.model, batch=args.batch_sentences, length=args.length)
+    elif args.program == "case":
+        result.update(case=args.case, mode=args.mode)
     else:
         result.update(batch=args.batch, beam=4, decode_steps=64)
     print(f"{args.program} {args.impl} {args.dtype} on {result['device']}, XLA options {args.xla_options}")

@@ -25,6 +25,7 @@
 
 #include "csrc/attention_softmax.h"
 #include "csrc/cuda_common.cuh"
+#include "csrc/fast_math.h"
 #include "csrc/philox.h"
 
 namespace lsjax {
@@ -78,23 +79,37 @@ __device__ __forceinline__ Origin ReadOrigin(const AttnSoftmaxGeometry& g) {
   return Origin{g.origin[0], g.origin[1], g.origin[2]};
 }
 
+// Bit k (k < 4) set iff byte k of w is nonzero: bit 7 of each byte by a carry
+// trick, then the four bits gathered by one multiply (their products land on
+// distinct bits, so nothing carries into bits 21-24).
+__device__ __forceinline__ uint32_t NonzeroBytes4(uint32_t w) {
+  const uint32_t top = (((w & 0x7F7F7F7Fu) + 0x7F7F7F7Fu) | w) & 0x80808080u;
+  return ((top >> 7) * 0x00204081u) >> 21 & 0xFu;
+}
+
 // Validity of VEC consecutive columns starting at col (key padding + causal):
-// bit k for column col + k.
+// bit k for column col + k. The causal limit is one mask per vector; the
+// key-padding bytes are tested four at a time (VEC % 4 == 0), not one by one.
 template <int VEC>
 __device__ __forceinline__ uint32_t ValidBits(const AttnSoftmaxGeometry& g, const AttnRow& row, int64_t col) {
-  uint8_t keep[VEC];
-  if (g.mask != nullptr) {
-    const auto m = *reinterpret_cast<const cuda::Vec<uint8_t, VEC>*>(g.mask + row.b * g.k_len + col);
+  constexpr uint32_t kAll = VEC == 32 ? 0xFFFFFFFFu : (1u << VEC) - 1u;
+  const int64_t room = row.limit - col;  // columns before the causal limit
+  uint32_t valid = room >= VEC ? kAll : (room <= 0 ? 0u : (1u << room) - 1u);
+  if (g.mask == nullptr) return valid;
+  const uint8_t* m = g.mask + row.b * g.k_len + col;
+  if constexpr (VEC % 4 == 0) {
+    const auto words = *reinterpret_cast<const cuda::Vec<uint32_t, VEC / 4>*>(m);
+    uint32_t bytes = 0;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) keep[k] = m.v[k];
+    for (int j = 0; j < VEC / 4; ++j) bytes |= NonzeroBytes4(words.v[j]) << (4 * j);
+    return valid & bytes;
   } else {
+    const auto bytes = *reinterpret_cast<const cuda::Vec<uint8_t, VEC>*>(m);
+    uint32_t nonzero = 0;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) keep[k] = 1;
+    for (int k = 0; k < VEC; ++k) nonzero |= static_cast<uint32_t>(bytes.v[k] != 0) << k;
+    return valid & nonzero;
   }
-  uint32_t valid = 0;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) valid |= static_cast<uint32_t>(keep[k] != 0 && col + k < row.limit) << k;
-  return valid;
 }
 
 // Bits of a register kernel's ITEMS * VEC elements, bit i * VEC + k for
@@ -184,7 +199,7 @@ __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) FwdRegister(At
   for (int i = 0; i < ITEMS; ++i) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      z[i][k] = exp2f(z[i][k] - m);
+      z[i][k] = Exp2(z[i][k] - m);
       s += z[i][k];
     }
   }
@@ -234,19 +249,19 @@ __global__ void __launch_bounds__(kBlock) FwdGeneric(AttnSoftmaxFwdArgs<T> a) {
       const float z = load(c);
       if (z == -INFINITY) continue;
       if (z > m) {
-        s = s * exp2f(m - z) + 1.f;
+        s = s * Exp2(m - z) + 1.f;
         m = z;
       } else {
-        s += exp2f(z - m);
+        s += Exp2(z - m);
       }
     }
     float row_m = RowReduce<true>(m, kBlock, smem);
     if (row_m == -INFINITY) row_m = 0.f;
-    s = m == -INFINITY ? 0.f : s * exp2f(m - row_m);
+    s = m == -INFINITY ? 0.f : s * Exp2(m - row_m);
     s = RowReduce<false>(s, kBlock, smem);
     const float inv = s > 0.f ? 1.f / s : 0.f;
     for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
-      float p = exp2f(load(c) - row_m) * inv;
+      float p = Exp2(load(c) - row_m) * inv;
       if (dropout) p = rng.Keep(row.global_row * K + c) ? p * rng.scale : 0.f;
       a.y[off + c] = FromFloat<T>(p);
     }
@@ -307,7 +322,7 @@ __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) BwdRegister(At
     if (active && idx < nvec) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        p[i][k] = (VecBits<VEC, ITEMS>(valid, i) >> k) & 1u ? exp2f(ToFloat(x[i].v[k]) * zscale - m) * inv : 0.f;
+        p[i][k] = (VecBits<VEC, ITEMS>(valid, i) >> k) & 1u ? Exp2(ToFloat(x[i].v[k]) * zscale - m) * inv : 0.f;
       }
       float gr[VEC];
       grad(i, gr);
@@ -347,7 +362,7 @@ __global__ void __launch_bounds__(kBlock) BwdGeneric(AttnSoftmaxBwdArgs<T> a) {
     const float m = a.row_max[r], inv = a.row_inv[r];
     auto prob = [&](int64_t c) {
       const bool valid = c < row.limit && (mask == nullptr || mask[c] != 0);
-      return valid ? exp2f(ToFloat(a.x[off + c]) * zscale - m) * inv : 0.f;
+      return valid ? Exp2(ToFloat(a.x[off + c]) * zscale - m) * inv : 0.f;
     };
     auto grad = [&](int64_t c) {
       const float d = ToFloat(a.dy[off + c]);

@@ -23,6 +23,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "csrc/fast_math.h"
+
 #ifdef LSJAX_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -41,27 +43,6 @@ enum class Activation : int32_t { kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh
 // Whether an int32 attribute names an Activation.
 constexpr bool KnownActivation(int32_t code) {
   return code >= static_cast<int32_t>(Activation::kIdentity) && code <= static_cast<int32_t>(Activation::kGeluTanh);
-}
-
-// 2^v and 1 / v: single hardware instructions on the GPU (ex2.approx, ~2 ulp;
-// rcp.approx, ~1 ulp; subnormal results flushed to 0), libm on the CPU.
-LSJAX_ACT_HD float Exp2(float v) {
-#if defined(__CUDA_ARCH__)
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-#else
-  return std::exp2(v);
-#endif
-}
-LSJAX_ACT_HD float Rcp(float v) {
-#if defined(__CUDA_ARCH__)
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-#else
-  return 1.f / v;
-#endif
 }
 
 // Element-wise activations and their derivatives (float32), shared by the CPU
