@@ -54,9 +54,12 @@ constexpr int MinBlocks(int elements) { return elements <= 32 ? 3 : 2; }
 template <bool kMax>
 __device__ __forceinline__ float RowReduce(float v, int tpr, float* smem) {
   const int width = tpr < 32 ? tpr : 32;
-  for (int o = width / 2; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = kMax ? fmaxf(v, other) : v + other;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {  // unrolled: width is uniform, each step a predicate
+    if (o < width) {
+      const float other = __shfl_xor_sync(0xffffffffu, v, o);
+      v = kMax ? fmaxf(v, other) : v + other;
+    }
   }
   if (tpr <= 32) return v;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -64,9 +67,12 @@ __device__ __forceinline__ float RowReduce(float v, int tpr, float* smem) {
   __syncthreads();  // the previous reduction's reads of smem are done
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  const int first = warp / wpr * wpr;
+  const int first = warp & ~(wpr - 1);
   float r = smem[first];
-  for (int w = 1; w < wpr; ++w) r = kMax ? fmaxf(r, smem[first + w]) : r + smem[first + w];
+#pragma unroll
+  for (int w = 1; w < kBlock / 32; ++w) {
+    if (w < wpr) r = kMax ? fmaxf(r, smem[first + w]) : r + smem[first + w];
+  }
   return r;
 }
 
@@ -79,37 +85,33 @@ __device__ __forceinline__ Origin ReadOrigin(const AttnSoftmaxGeometry& g) {
   return Origin{g.origin[0], g.origin[1], g.origin[2]};
 }
 
-// Bit k (k < 4) set iff byte k of w is nonzero: bit 7 of each byte by a carry
-// trick, then the four bits gathered by one multiply (their products land on
-// distinct bits, so nothing carries into bits 21-24).
-__device__ __forceinline__ uint32_t NonzeroBytes4(uint32_t w) {
-  const uint32_t top = (((w & 0x7F7F7F7Fu) + 0x7F7F7F7Fu) | w) & 0x80808080u;
-  return ((top >> 7) * 0x00204081u) >> 21 & 0xFu;
-}
+// Bit k (k < 4) = bit 0 of byte k of w: the key-padding mask is XLA PRED,
+// whose bytes are 0 or 1. One multiply gathers the four bits into bits 24-27
+// (byte k's bit lands at 8k + 7i + 3 for the multiplier's byte i: distinct
+// positions, so nothing carries, and i = 3 - k puts it at 24 + k).
+__device__ __forceinline__ uint32_t PredBits4(uint32_t w) { return (w * 0x01020408u) >> 24; }
 
-// Validity of VEC consecutive columns starting at col (key padding + causal):
-// bit k for column col + k. The causal limit is one mask per vector; the
-// key-padding bytes are tested four at a time (VEC % 4 == 0), not one by one.
+// Validity of VEC consecutive columns starting at col of a register-kernel row
+// (k_len fits int32 there): bit k for column col + k. The causal limit is one
+// mask per vector; mask_row (the row's key-padding mask, or nullptr) is read
+// four bytes at a time when VEC % 4 == 0.
 template <int VEC>
-__device__ __forceinline__ uint32_t ValidBits(const AttnSoftmaxGeometry& g, const AttnRow& row, int64_t col) {
+__device__ __forceinline__ uint32_t ValidBits(const uint8_t* mask_row, int limit, int col) {
   constexpr uint32_t kAll = VEC == 32 ? 0xFFFFFFFFu : (1u << VEC) - 1u;
-  const int64_t room = row.limit - col;  // columns before the causal limit
-  uint32_t valid = room >= VEC ? kAll : (room <= 0 ? 0u : (1u << room) - 1u);
-  if (g.mask == nullptr) return valid;
-  const uint8_t* m = g.mask + row.b * g.k_len + col;
+  const int room = limit - col;  // columns before the causal limit
+  const uint32_t valid = room >= VEC ? kAll : (room <= 0 ? 0u : (1u << room) - 1u);
+  if (mask_row == nullptr) return valid;
+  uint32_t keep = 0;
   if constexpr (VEC % 4 == 0) {
-    const auto words = *reinterpret_cast<const cuda::Vec<uint32_t, VEC / 4>*>(m);
-    uint32_t bytes = 0;
+    const auto words = *reinterpret_cast<const cuda::Vec<uint32_t, VEC / 4>*>(mask_row + col);
 #pragma unroll
-    for (int j = 0; j < VEC / 4; ++j) bytes |= NonzeroBytes4(words.v[j]) << (4 * j);
-    return valid & bytes;
+    for (int j = 0; j < VEC / 4; ++j) keep |= PredBits4(words.v[j]) << (4 * j);
   } else {
-    const auto bytes = *reinterpret_cast<const cuda::Vec<uint8_t, VEC>*>(m);
-    uint32_t nonzero = 0;
+    const auto bytes = *reinterpret_cast<const cuda::Vec<uint8_t, VEC>*>(mask_row + col);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) nonzero |= static_cast<uint32_t>(bytes.v[k] != 0) << k;
-    return valid & nonzero;
+    for (int k = 0; k < VEC; ++k) keep |= static_cast<uint32_t>(bytes.v[k] != 0) << k;
   }
+  return valid & keep;
 }
 
 // Bits of a register kernel's ITEMS * VEC elements, bit i * VEC + k for
@@ -132,10 +134,12 @@ __device__ __forceinline__ void RowBits(const AttnSoftmaxGeometry& g, const Attn
                                         RowMask<VEC, ITEMS>& valid, RowMask<VEC, ITEMS>& keep) {
   using M = RowMask<VEC, ITEMS>;
   valid = keep = 0;
+  const uint8_t* mask_row = g.mask == nullptr ? nullptr : g.mask + row.b * g.k_len;
+  const int limit = static_cast<int>(row.limit);
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * tpr + t;
-    if (active && idx < nvec) valid |= M{ValidBits<VEC>(g, row, static_cast<int64_t>(idx) * VEC)} << (i * VEC);
+    if (active && idx < nvec) valid |= M{ValidBits<VEC>(mask_row, limit, idx * VEC)} << (i * VEC);
   }
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
@@ -157,30 +161,44 @@ __device__ __forceinline__ void Opaque(V& v) {
   }
 }
 
+// A register kernel thread's row slot: tpr (a power of two) consecutive
+// threads share row r; t is the thread's rank in it. Shifts, not divisions.
+struct RowSlot {
+  int t;
+  int64_t r;
+  bool active;
+  __device__ __forceinline__ RowSlot(const AttnSoftmaxGeometry& g, int tpr) {
+    const int shift = __ffs(tpr) - 1;
+    t = threadIdx.x & (tpr - 1);
+    r = static_cast<int64_t>(blockIdx.x) * (kBlock >> shift) + (threadIdx.x >> shift);
+    active = r < g.rows();
+  }
+};
+
 // ---------------------------------------------------------------- forward --
 
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) FwdRegister(AttnSoftmaxFwdArgs<T> a, int tpr) {
   __shared__ float smem[kBlock / 32];
   const AttnSoftmaxGeometry& g = a.g;
-  const int slot = threadIdx.x / tpr, t = threadIdx.x % tpr;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlock / tpr) + slot;
-  const bool active = r < g.rows();
-  const int64_t K = g.k_len;
+  const RowSlot rs(g, tpr);
+  const int t = rs.t;
+  const int64_t r = rs.r, K = g.k_len, off = r * K;
+  const bool active = rs.active;
   const int nvec = static_cast<int>(K / VEC);
-  const Origin o = ReadOrigin(g);
-  const AttnRow row = LocateRow(g, active ? r : 0, o.b0, o.h0, o.q0);
-  const int64_t off = r * K;
-  const float zscale = g.scale * kLog2e;  // work in log2 units: exp(z) = exp2(z * log2 e)
-  const bool dropout = g.rate > 0.f;
-  DropoutRng rng{};
-  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
   float z[ITEMS][VEC];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * tpr + t;
     if (active && idx < nvec) LoadFloats<T, VEC>(a.x + off + static_cast<int64_t>(idx) * VEC, z[i]);
   }
+  // Only now what the loads do not need (row position, rng), while they are in flight.
+  const Origin o = ReadOrigin(g);
+  const AttnRow row = LocateRow(g, active ? r : 0, o.b0, o.h0, o.q0);
+  const float zscale = g.scale * kLog2e;  // work in log2 units: exp(z) = exp2(z * log2 e)
+  const bool dropout = g.rate > 0.f;
+  DropoutRng rng{};
+  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
   RowMask<VEC, ITEMS> valid, keep;
   RowBits<VEC, ITEMS>(g, row, active, nvec, tpr, t, dropout, rng, valid, keep);
   float m = -INFINITY;
@@ -278,20 +296,11 @@ template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) BwdRegister(AttnSoftmaxBwdArgs<T> a, int tpr) {
   __shared__ float smem[kBlock / 32];
   const AttnSoftmaxGeometry& g = a.g;
-  const int slot = threadIdx.x / tpr, t = threadIdx.x % tpr;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlock / tpr) + slot;
-  const bool active = r < g.rows();
-  const int64_t K = g.k_len;
+  const RowSlot rs(g, tpr);
+  const int t = rs.t;
+  const int64_t r = rs.r, K = g.k_len, off = r * K;
+  const bool active = rs.active;
   const int nvec = static_cast<int>(K / VEC);
-  const Origin o = ReadOrigin(g);
-  const AttnRow row = LocateRow(g, active ? r : 0, o.b0, o.h0, o.q0);
-  const int64_t off = r * K;
-  const float zscale = g.scale * kLog2e;
-  const float m = active ? a.row_max[r] : 0.f;
-  const float inv = active ? a.row_inv[r] : 0.f;
-  const bool dropout = g.rate > 0.f;
-  DropoutRng rng{};
-  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
   // x and dy are loaded in their storage type (half the registers of fp32 for
   // 16-bit types) and dy is dropped out again in the second pass: at 32
   // elements per thread, fp32 copies did not fit the 80 registers next to the
@@ -307,6 +316,15 @@ __global__ void __launch_bounds__(kBlock, MinBlocks(VEC * ITEMS)) BwdRegister(At
       dy[i] = *reinterpret_cast<const V*>(a.dy + off + col);
     }
   }
+  // Only now what the loads do not need (row statistics, position, rng), while they are in flight.
+  const float m = active ? a.row_max[r] : 0.f;
+  const float inv = active ? a.row_inv[r] : 0.f;
+  const Origin o = ReadOrigin(g);
+  const AttnRow row = LocateRow(g, active ? r : 0, o.b0, o.h0, o.q0);
+  const float zscale = g.scale * kLog2e;
+  const bool dropout = g.rate > 0.f;
+  DropoutRng rng{};
+  if (dropout) rng = MakeDropoutRng(g.rng, g.rate);
   RowMask<VEC, ITEMS> valid, keep;
   RowBits<VEC, ITEMS>(g, row, active, nvec, tpr, t, dropout, rng, valid, keep);
   auto grad = [&](int i, float (&gr)[VEC]) {  // dropout(dy) of vector i

@@ -262,7 +262,7 @@ cudaError_t BiasDropoutFwdCuda(const BiasDropoutFwdArgs<T>& a, cudaStream_t stre
   const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, a.bias), a.cols);
   const int64_t grid_y = std::min<int64_t>(CeilDiv(a.rows, plan.block.y * kFwdRows), 65535);
   const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
-  bool known = DispatchActivation(a.act, [&](auto act) {
+  bool known = DispatchActivation<T>(a.act, [&](auto act) {
     DispatchVec<T>(plan.vec, [&](auto vec) {
       BiasDropoutFwdKernel<T, decltype(vec)::value, decltype(act)><<<grid, plan.block, 0, stream>>>(a);
     });
@@ -280,7 +280,7 @@ cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stre
   }
   float* partial = a.dbias ? a.partials : nullptr;
   int64_t grid_y = 0;
-  bool known = DispatchActivation(a.act, [&](auto act) {
+  bool known = DispatchActivation<T>(a.act, [&](auto act) {
     using Act = decltype(act);
     const void* ptrs[] = {a.dy, a.dx, Act::kGradFromOutput || Act::kNeedsInput ? a.saved : nullptr};
     const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, Act::kNeedsInput ? a.bias : nullptr), a.cols);

@@ -54,12 +54,12 @@ void Bwd(const BiasDropoutBwdArgs<T>& a) {
 
 template <typename T>
 void BiasDropoutFwdCpu(const BiasDropoutFwdArgs<T>& a) {
-  DispatchActivation(a.act, [&](auto act) { Fwd<T, decltype(act)>(a); });
+  DispatchActivation<T>(a.act, [&](auto act) { Fwd<T, decltype(act)>(a); });
 }
 
 template <typename T>
 void BiasDropoutBwdCpu(const BiasDropoutBwdArgs<T>& a) {
-  DispatchActivation(a.act, [&](auto act) { Bwd<T, decltype(act)>(a); });
+  DispatchActivation<T>(a.act, [&](auto act) { Bwd<T, decltype(act)>(a); });
 }
 
 #define LSJAX_INSTANTIATE(T)                                           \

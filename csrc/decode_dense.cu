@@ -336,7 +336,7 @@ cudaError_t DecodeDenseCuda(const DecodeDenseArgs<T>& a, cudaStream_t stream) {
       default: launch(act, bn_c, Int<4>{}); break;
     }
   };
-  const bool known = DispatchActivation(a.act, [&](auto act) {
+  const bool known = DispatchActivation<T>(a.act, [&](auto act) {
     if (bn == 16) {
       by_mt(act, Int<16>{});
     } else {

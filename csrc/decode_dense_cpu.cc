@@ -14,7 +14,7 @@ using cpu::ToFloat;
 template <typename T>
 void DecodeDenseCpu(const DecodeDenseArgs<T>& a) {
   std::vector<float> row(a.k), acc(a.n);
-  DispatchActivation(a.act, [&](auto act) {
+  DispatchActivation<T>(a.act, [&](auto act) {
     using Act = decltype(act);
     for (int64_t m = 0; m < a.rows; ++m) {
       const T* x = a.x + m * a.k;

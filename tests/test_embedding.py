@@ -156,6 +156,20 @@ def test_sinusoid_layout_matches_fairseq():
     assert odd.shape == (3, 7) and not np.any(np.asarray(odd[:, 6]))
 
 
+@pytest.mark.parametrize("rows", [1000, 70000])  # uint16 keys (2 radix passes) / int32 keys
+def test_stable_sort_by_key(rng, rows):
+    from lsjax.ops.embedding import _EXCLUDED, _stable_sort_by_key
+
+    keys = rng.integers(0, rows, 4096).astype(np.int32)
+    keys[rng.random(4096) < 0.1] = _EXCLUDED  # tokens without a gradient row sort last
+    sorted_keys, order = jax.jit(_stable_sort_by_key, static_argnums=1)(jnp.asarray(keys), rows)
+    expected = np.argsort(keys, kind="stable")
+    np.testing.assert_array_equal(np.asarray(order), expected)
+    valid = keys[expected] < rows
+    np.testing.assert_array_equal(np.asarray(sorted_keys)[valid], keys[expected][valid])
+    assert (np.asarray(sorted_keys)[~valid] >= rows).all()
+
+
 def test_reference_gradients(rng):
     ids, table, pos_table = _inputs(rng, (2, 5, 7, 6), jnp.float32)
     f = lambda t, p: embedding_reference(ids, t, positions=p, padding_id=PAD)

@@ -265,14 +265,28 @@ def _segment_sum_local(factor, rate, backend, dy, keys, tok, rng, like):
     ``like`` (the table) only gives the row count, dtype and, under a mesh, the
     gradient's sharding; keys outside ``[0, rows)`` are skipped.
     """
-    flat = keys.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(_I32)
+    sorted_keys, order = _stable_sort_by_key(keys.reshape(-1), like.shape[0])
     # segment_starts: the CUDA kernel's int32 [rows + 1] workspace, dropped.
     out = (jax.ShapeDtypeStruct((like.shape[0], dy.shape[-1]), dy.dtype),
            jax.ShapeDtypeStruct((like.shape[0] + 1,), _I32))
     grad, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
-        dy, flat[order], order, tok, rng, factor=np.float32(factor), rate=np.float32(rate))
+        dy, sorted_keys, order, tok, rng, factor=np.float32(factor), rate=np.float32(rate))
     return grad
+
+
+def _stable_sort_by_key(keys: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """int32 ``(keys[order], order)``, ``order`` the stable ascending argsort of int32 ``keys >= 0``.
+
+    With ``rows <= 65535`` (vocabularies up to 64k) the keys are sorted as uint16, every key
+    ``>= rows`` (skipped by the kernel) as 65535: XLA's radix sort then makes 2 passes over
+    the data instead of 4.
+    """
+    iota = jnp.arange(keys.size, dtype=_I32)
+    if rows <= np.iinfo(np.uint16).max:
+        short = jnp.minimum(keys, np.iinfo(np.uint16).max).astype(jnp.uint16)
+        sorted_short, order = jax.lax.sort((short, iota), num_keys=1, is_stable=True)
+        return sorted_short.astype(_I32), order
+    return jax.lax.sort((keys, iota), num_keys=1, is_stable=True)
 
 
 def _segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, dy, keys, tok, rng, like):
