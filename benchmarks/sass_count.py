@@ -30,8 +30,13 @@ def _tool(name: str) -> str:
 
 
 def kernels(so_path: str) -> dict[str, list[str]]:
-    """Mangled kernel name -> its SASS instruction opcodes, in order."""
-    sass = subprocess.run([_tool("cuobjdump"), "-sass", so_path], capture_output=True, text=True, check=True).stdout
+    """Mangled kernel name -> its SASS instruction opcodes, in order (every cubin of the file)."""
+    return parse_sass(subprocess.run([_tool("cuobjdump"), "-sass", so_path], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def parse_sass(sass: str) -> dict[str, list[str]]:
+    """``cuobjdump -sass`` text -> {mangled kernel name: opcodes in order} (predicates dropped)."""
     out: dict[str, list[str]] = {}
     current = None
     for line in sass.splitlines():

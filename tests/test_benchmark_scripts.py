@@ -48,6 +48,36 @@ def test_profile_smoke(tmp_path):
     assert sum(c["kernels"] for c in r["categories"].values()) == pytest.approx(r["kernels"])
 
 
+def test_profile_case_smoke(tmp_path):
+    """benchmarks.profile case: one op case's fwd+bwd, ours (cpu_ffi under --smoke) or the XLA reference."""
+    from benchmarks import profile
+
+    for impl in ("lsjax", "plain"):
+        out = tmp_path / f"case_{impl}.json"
+        profile.main(["case", "--smoke", "--case", "embedding:128x64x512:bfloat16", "--impl", impl, "--top", "3",
+                      "--out", str(out)])
+        r = json.loads(out.read_text())
+        assert (r["program"], r["case"], r["mode"], r["calls"]) == ("case", "embedding:128x64x512:bfloat16",
+                                                                     "fwd+bwd", 3)
+        assert r["kernels"] > 0 and r["busy_ms"] > 0
+    with pytest.raises(SystemExit, match="no case"):
+        profile.main(["case", "--smoke", "--case", "embedding:1x1x1:bfloat16"])
+
+
+def test_sass_count_parses_cuobjdump_text():
+    from benchmarks.sass_count import parse_sass
+
+    text = """
+\t\tFunction : _Z3fooPf
+        /*0000*/                   LDC R1, c[0x0][0x28] ;          /* 0x00000a00ff017b82 */
+        /*0010*/              @!P0 IMAD.WIDE.U32 R2, R3, 0x4, RZ ; /* 0x000000040302a825 */
+        /*0020*/                   EXIT ;                          /* 0x000000000000794d */
+\t\tFunction : _Z3barv
+        /*0000*/                   BRA 0x0 ;                       /* 0xfffffff000007947 */
+"""
+    assert parse_sass(text) == {"_Z3fooPf": ["LDC", "IMAD.WIDE.U32", "EXIT"], "_Z3barv": ["BRA"]}
+
+
 def test_profile_categories_and_busy_time():
     from benchmarks.profile import _union_ns, category
 
