@@ -28,7 +28,8 @@
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each; + $TRAIN_STEP_ARGS,
 #                 e.g. "--dtypes bfloat16 --lsjax-overrides scan_layers=true")
 #   ncu           Nsight Compute on single op calls (benchmarks/ncu_case.py): $NCU_CASES = space-separated
-#                 module:shape:dtype[:kernel regex[:op]], e.g. "beam_topk:8x4x32000:bfloat16:Chunk|Merge"
+#                 module:shape:dtype[:kernel regex[:op[:grad]]], e.g. "beam_topk:8x4x32000:bfloat16:Chunk|Merge"
+#                 (a sixth field, any word, profiles the case's fwd+bwd: "layer_norm:8192x512:bfloat16:LnBwd::grad")
 #   parallel      benchmarks/parallel.py (needs 2 GPUs; + $PARALLEL_ARGS)
 #   train_mesh    lsjax-train tiny-synthetic under each of $TRAIN_MESHES (default dp zero3 tp) on all GPUs
 #   multi30k      benchmarks/convergence.sh lsjax      (needs .data/multi30k: pass it in `carry`)
@@ -145,12 +146,12 @@ for name in ${BENCH//,/ }; do
     train_step_base|train_step_big)
       bench "$name" $PY -m benchmarks.train_step --models "transformer-${name#train_step_}" --out "$OUT/$name.json" \
         ${TRAIN_STEP_ARGS:-} ;;
-    ncu) for c in ${NCU_CASES:-beam_topk:8x4x32000:bfloat16:Chunk|Merge}; do IFS=: read -r mod shape dtype regex op <<< "$c"
-        bench "ncu_${op:-$mod}_${shape}_${dtype}" ncu --clock-control none ${regex:+-k "regex:$regex"} -c "${NCU_COUNT:-4}" \
+    ncu) for c in ${NCU_CASES:-beam_topk:8x4x32000:bfloat16:Chunk|Merge}; do IFS=: read -r mod shape dtype regex op grad <<< "$c"
+        bench "ncu_${op:-$mod}_${shape}_${dtype}${grad:+_grad}" ncu --clock-control none ${regex:+-k "regex:$regex"} -c "${NCU_COUNT:-4}" \
           --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
           --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
           --section ComputeWorkloadAnalysis $PY -m benchmarks.ncu_case "$mod" "$shape" "$dtype" \
-          ${op:+--op "$op"}
+          ${op:+--op "$op"} ${grad:+--grad}
       done ;;
     parallel) bench parallel $PY -m benchmarks.parallel --out "$OUT/parallel.json" ${PARALLEL_ARGS:-} ;;
     train_mesh) for mesh in ${TRAIN_MESHES:-dp zero3 tp}; do  # the CLI on every GPU under a mesh config
