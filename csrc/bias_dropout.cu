@@ -6,24 +6,25 @@
 //
 // Layout: a 2-D grid over (column vectors, rows). Each thread owns VEC
 // consecutive columns (16-byte accesses when cols and the pointers allow),
-// keeps their bias in registers, and walks rows with a grid stride, holding
-// kFwdRows / kBwdRows rows of loads in flight. Dropout draws one Philox call
-// per 8 consecutive elements (4 with VEC = 4; csrc/philox.h; element index
-// offset + r * row_stride + c, VEC-aligned whenever offset and row_stride are,
-// as for every shard lsjax's ops pass, whose width VEC divides; else one call
-// per element) into keep bitmasks between issuing a pass's loads and using
-// them, so the Philox work runs while the loads are in flight. gelu adds ~12
-// instructions per element (forward) and ~23 (backward) with the 16-bit
-// types' erfc fit, ~4 more with float32's (SASS counts); gelu_tanh a little less.
+// keeps their bias in registers, and walks rows with a grid stride. Dropout
+// draws one Philox call per 8 consecutive elements (4 with VEC = 4;
+// csrc/philox.h; element index offset + r * row_stride + c, VEC-aligned
+// whenever offset and row_stride are, as for every shard lsjax's ops pass,
+// whose width VEC divides; else one call per element) into keep bitmasks while
+// the row's loads are in flight. gelu adds ~12 instructions per element
+// (forward) and ~23 (backward) with the 16-bit types' erfc fit, ~4 more with
+// float32's (SASS counts); gelu_tanh a little less.
 //
-// The forward gives each thread kFwdRows rows and launches blocks for all
-// rows: many short blocks, so blocks in their load phase overlap blocks in
-// their Philox phase (one long pass per thread puts the whole GPU in the same
-// phase at once when the tensor fills about one wave). The backward is one
-// wave of kMinBlocks blocks per SM, which bounds its dbias partial rows.
-//
-// Registers are capped so that kMinBlocks blocks fit on an SM (without the cap
-// the compiler took 100-170 registers: one or two blocks, 12-25% occupancy).
+// Both passes are one wave of kMinBlocks blocks per SM (the backward's also
+// bounds its dbias partial rows); each thread keeps kStages rows of loads in
+// flight through its own shared-memory slots (cp.async, StagedRows): row
+// r + kStages * stride is requested as row r is stored, so loads stay in
+// flight while the thread runs the Philox rounds and the activation, at no
+// register cost. (Rows held in registers instead capped the forward at 2 rows,
+// 32 bytes in flight per thread, and only while the thread waited: gelu at
+// 65536x4096 reached 67% of copy bandwidth.) Registers are capped so that
+// kMinBlocks blocks fit on an SM (without a cap the compiler took 100-170
+// registers: one or two blocks, 12-25% occupancy).
 //
 // relu's backward reads y and draws no random bits (csrc/bias_dropout.h).
 //
@@ -47,9 +48,8 @@ using cuda::NextPow2;
 using cuda::StoreFloats;
 
 constexpr int kBlock = 256;    // threads per block
-constexpr int kMinBlocks = 3;  // blocks per SM the registers must allow: <= 80 per thread (no spills)
-constexpr int kFwdRows = 2;    // rows per thread of the forward
-constexpr int kBwdRows = 2;    // rows in flight per thread of the backward
+constexpr int kMinBlocks = 4;  // blocks per SM, one wave: <= 64 registers per thread (no spills)
+constexpr int kStages = 4;     // rows of loads in flight per thread (shared-memory slots)
 constexpr int kMaxVec = 8;     // 16 bytes of 16-bit elements
 
 using cuda::Int;
@@ -64,17 +64,41 @@ __device__ __forceinline__ DropoutRng LoadRng(const uint32_t* rng, float rate) {
 
 // ------------------------------------------------------------- kernels --
 
-// Keep bits of the ROWS rows r0, r0 + stride, ... at columns [c0, c0 + VEC) (0 for rows past
-// `rows` or without dropout): drawn after a pass issues its loads, before it uses them.
-template <int VEC, int ROWS>
-__device__ __forceinline__ void RowsKeepBits(const DropoutRng& rng, bool drop, int64_t r0, int64_t stride,
-                                             int64_t rows, int64_t row_stride, int64_t c0, uint32_t (&keep)[ROWS]) {
+// Walks rows r0, r0 + stride, ... < rows of the [rows, cols] inputs a and b
+// (b nullable) at columns [c0, c0 + VEC), kStages rows of loads in flight
+// through the thread's shared-memory slots (cp.async; tid indexes the slots):
+// row r + kStages * stride is requested once row r is consumed. Per row:
+// keep = early(r), work that needs no data (the dropout bits), runs while the
+// loads are in flight; then late(r, keep, va, vb) gets the row's values in
+// float32 (vb unset without b). No barriers.
+template <typename T, int VEC, typename Early, typename Late>
+__device__ __forceinline__ void StagedRows(const T* a, const T* b, int64_t rows, int64_t cols, int64_t c0, int64_t r0,
+                                           int64_t stride, int tid, Early&& early, Late&& late) {
+  using V = cuda::Vec<T, VEC>;
+  __shared__ V sa[kStages][kBlock], sb[kStages][kBlock];
+  auto stage = [&](int s, int64_t r) {  // one commit group per row, empty past the end
+    if (r < rows) {
+      cuda::CopyVecAsync<T, VEC>(&sa[s][tid], a + r * cols + c0);
+      if (b) cuda::CopyVecAsync<T, VEC>(&sb[s][tid], b + r * cols + c0);
+    }
+    cuda::CopyAsyncCommit();
+  };
 #pragma unroll
-  for (int u = 0; u < ROWS; ++u) {
-    const int64_t r = r0 + u * stride;
-    keep[u] = drop && r < rows ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * row_stride + c0)) : 0u;
+  for (int s = 0; s < kStages; ++s) stage(s, r0 + s * stride);
+  int s = 0;
+  for (int64_t r = r0; r < rows; r += stride) {
+    const uint32_t keep = early(r);
+    cuda::CopyAsyncWait<kStages - 1>();  // row r's group, the oldest, has landed
+    float va[VEC], vb[VEC];
+    LoadFloats<T, VEC>(sa[s][tid].v, va);
+    if (b) LoadFloats<T, VEC>(sb[s][tid].v, vb);
+    late(r, keep, va, vb);
+    stage(s, r + kStages * stride);  // after late's stores: the slot's values are consumed
+    s = s + 1 == kStages ? 0 : s + 1;
   }
 }
+
+__device__ __forceinline__ int ThreadInBlock() { return threadIdx.y * blockDim.x + threadIdx.x; }
 
 template <typename T, int VEC, typename Act>
 __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasDropoutFwdArgs<T> a) {
@@ -82,6 +106,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= nvec) return;  // no barriers below
   const int64_t c0 = cv * VEC;
+  const bool drop = a.rate > 0.f;
+  const DropoutRng rng = LoadRng(a.rng, a.rate);
   float b[VEC];
   if (a.bias) {
     LoadFloats<float, VEC>(a.bias + c0, b);
@@ -89,38 +115,20 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
 #pragma unroll
     for (int k = 0; k < VEC; ++k) b[k] = 0.f;
   }
-  const bool drop = a.rate > 0.f;
-  const DropoutRng rng = LoadRng(a.rng, a.rate);
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r0 < a.rows;
-       r0 += stride * kFwdRows) {
-    float v[kFwdRows][VEC], res[kFwdRows][VEC];
+  StagedRows<T, VEC>(
+      a.x, a.residual, a.rows, a.cols, c0, static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y,
+      static_cast<int64_t>(gridDim.y) * blockDim.y, ThreadInBlock(),
+      [&](int64_t r) { return drop ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0)) : 0u; },
+      [&](int64_t r, uint32_t keep, float (&v)[VEC], const float (&res)[VEC]) {
 #pragma unroll
-    for (int u = 0; u < kFwdRows; ++u) {
-      const int64_t r = r0 + u * stride;
-      if (r < a.rows) {
-        LoadFloats<T, VEC>(a.x + r * a.cols + c0, v[u]);
-        if (a.residual) LoadFloats<T, VEC>(a.residual + r * a.cols + c0, res[u]);
-      }
-    }
-    uint32_t keep[kFwdRows];
-    RowsKeepBits<VEC>(rng, drop, r0, stride, a.rows, a.row_stride, c0, keep);
-#pragma unroll
-    for (int u = 0; u < kFwdRows; ++u) {
-      const int64_t r = r0 + u * stride;
-      if (r < a.rows) {
-        const int64_t e = r * a.cols + c0;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[u][k] = Act::F(v[u][k] + b[k]);
-        if (drop) ApplyKeepBits<VEC>(keep[u], rng.scale, v[u]);
+        for (int k = 0; k < VEC; ++k) v[k] = Act::F(v[k] + b[k]);
+        if (drop) ApplyKeepBits<VEC>(keep, rng.scale, v);
         if (a.residual) {
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) v[u][k] += res[u][k];
+          for (int k = 0; k < VEC; ++k) v[k] += res[k];
         }
-        StoreFloats<T, VEC>(a.y + e, v[u]);
-      }
-    }
-  }
+        StoreFloats<T, VEC>(a.y + r * a.cols + c0, v);
+      });
 }
 
 // partial: [gridDim.y, cols] float32, or nullptr without dbias.
@@ -139,40 +147,27 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasD
   const bool drop = a.rate > 0.f && !Act::kGradFromOutput;
   const DropoutRng rng = LoadRng(a.rng, drop ? a.rate : 0.f);
   const float scale = DropoutScale(a.rate);
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; active && r0 < a.rows;
-       r0 += stride * kBwdRows) {
-    float g[kBwdRows][VEC], s[kBwdRows][VEC];
+  if (active) {
+    StagedRows<T, VEC>(
+        a.dy, kSaved ? a.saved : nullptr, a.rows, a.cols, c0,
+        static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y, static_cast<int64_t>(gridDim.y) * blockDim.y,
+        ThreadInBlock(),
+        [&](int64_t r) { return drop ? DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(r * a.row_stride + c0)) : 0u; },
+        [&](int64_t r, uint32_t keep, float (&g)[VEC], const float (&saved)[VEC]) {
+          if constexpr (Act::kGradFromOutput) {
 #pragma unroll
-    for (int u = 0; u < kBwdRows; ++u) {
-      const int64_t r = r0 + u * stride;
-      if (r < a.rows) {
-        LoadFloats<T, VEC>(a.dy + r * a.cols + c0, g[u]);
-        if constexpr (kSaved) LoadFloats<T, VEC>(a.saved + r * a.cols + c0, s[u]);
-      }
-    }
-    uint32_t keep[kBwdRows];
-    RowsKeepBits<VEC>(rng, drop, r0, stride, a.rows, a.row_stride, c0, keep);
+            for (int k = 0; k < VEC; ++k) g[k] = Act::G(saved[k]) ? g[k] * scale : 0.f;
+          } else {
+            if (drop) ApplyKeepBits<VEC>(keep, rng.scale, g);
+            if constexpr (Act::kNeedsInput) {
 #pragma unroll
-    for (int u = 0; u < kBwdRows; ++u) {
-      const int64_t r = r0 + u * stride;
-      if (r < a.rows) {
-        const int64_t e = r * a.cols + c0;
-        if constexpr (Act::kGradFromOutput) {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) g[u][k] = Act::G(s[u][k]) ? g[u][k] * scale : 0.f;
-        } else {
-          if (drop) ApplyKeepBits<VEC>(keep[u], rng.scale, g[u]);
-          if constexpr (Act::kNeedsInput) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) g[u][k] *= Act::D(s[u][k] + b[k]);
+              for (int k = 0; k < VEC; ++k) g[k] *= Act::D(saved[k] + b[k]);
+            }
           }
-        }
-        StoreFloats<T, VEC>(a.dx + e, g[u]);
+          StoreFloats<T, VEC>(a.dx + r * a.cols + c0, g);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] += g[u][k];
-      }
-    }
+          for (int k = 0; k < VEC; ++k) acc[k] += g[k];
+        });
   }
   if (partial == nullptr) return;  // uniform over the block
   if (blockDim.y > 1) {            // uniform: reduce the row lanes, lane 0 first
@@ -228,13 +223,10 @@ Plan MakePlan(int vec, int64_t cols) {
   return plan;
 }
 
-// Row blocks of the backward: enough to fill the GPU (kMinBlocks per SM), at
-// least 32 rows each so the partial rows stay small next to the data, and at
-// most one per kBwdRows rows of each thread. Never more than the workspace's
-// BiasDropoutDbiasPartials(rows).
-int64_t BwdGridY(const Plan& plan, int64_t rows) {
+// Row blocks: one wave of kMinBlocks blocks per SM, at most one per row of each thread.
+int64_t GridY(const Plan& plan, int64_t rows) {
   const int64_t fill = std::max<int64_t>(1, kMinBlocks * cuda::NumSMs() / plan.grid_x);
-  return std::max<int64_t>(1, std::min({CeilDiv(rows, plan.block.y * kBwdRows), fill, BiasDropoutDbiasPartials(rows)}));
+  return std::max<int64_t>(1, std::min(CeilDiv(rows, plan.block.y), fill));
 }
 
 template <typename T, typename F>
@@ -260,8 +252,7 @@ cudaError_t BiasDropoutFwdCuda(const BiasDropoutFwdArgs<T>& a, cudaStream_t stre
   if (a.rows == 0 || a.cols == 0) return cudaSuccess;
   const void* ptrs[] = {a.x, a.residual, a.y};
   const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, a.bias), a.cols);
-  const int64_t grid_y = std::min<int64_t>(CeilDiv(a.rows, plan.block.y * kFwdRows), 65535);
-  const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
+  const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(GridY(plan, a.rows)));
   bool known = DispatchActivation<T>(a.act, [&](auto act) {
     DispatchVec<T>(plan.vec, [&](auto vec) {
       BiasDropoutFwdKernel<T, decltype(vec)::value, decltype(act)><<<grid, plan.block, 0, stream>>>(a);
@@ -284,7 +275,7 @@ cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stre
     using Act = decltype(act);
     const void* ptrs[] = {a.dy, a.dx, Act::kGradFromOutput || Act::kNeedsInput ? a.saved : nullptr};
     const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, Act::kNeedsInput ? a.bias : nullptr), a.cols);
-    grid_y = BwdGridY(plan, a.rows);  // <= BiasDropoutDbiasPartials: fits a.partials
+    grid_y = std::min(GridY(plan, a.rows), BiasDropoutDbiasPartials(a.rows));  // fits a.partials (>= 32 rows each)
     const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
     DispatchVec<T>(plan.vec, [&](auto vec) {
       BiasDropoutBwdKernel<T, decltype(vec)::value, Act><<<grid, plan.block, 0, stream>>>(a, partial);

@@ -81,6 +81,45 @@ __device__ __forceinline__ void RowSum2(float& a, float& b, float* smem) {
   }
 }
 
+// Asynchronous global -> shared copies (cp.async, sm_80+): a thread keeps
+// several loads in flight without holding them in registers. Groups of copies
+// complete in commit order; CopyAsyncWait<N>() waits until at most N of the
+// thread's committed groups are still pending, after which the thread reads
+// what it copied (other threads' copies need a barrier too).
+__device__ __forceinline__ unsigned SmemAddr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// BYTES (4, 8 or 16) bytes src -> dst, or BYTES zero bytes when !valid (src is then not read).
+template <int BYTES>
+__device__ __forceinline__ void CopyAsync(void* dst, const void* src, bool valid = true) {
+  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (BYTES == 16) {  // .cg: bypass L1 (16 bytes only)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(SmemAddr(dst)), "l"(src), "n"(BYTES),
+                 "r"(valid ? BYTES : 0) : "memory");
+  }
+}
+__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void CopyAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// VEC elements src -> dst: CopyAsync when they are 4, 8 or 16 bytes, else a
+// plain load and store (2-byte vectors: complete before CopyAsyncWait).
+template <typename T, int VEC>
+__device__ __forceinline__ void CopyVecAsync(Vec<T, VEC>* dst, const T* src) {
+  constexpr int kBytes = sizeof(Vec<T, VEC>);
+  if constexpr (kBytes % 4 == 0) {
+    CopyAsync<kBytes>(dst, src);
+  } else {
+    *dst = *reinterpret_cast<const Vec<T, VEC>*>(src);
+  }
+}
+
 template <int N>
 using Int = std::integral_constant<int, N>;
 
@@ -133,6 +172,14 @@ inline int NextPow2(int64_t v) {
   int p = 1;
   while (p < v) p <<= 1;
   return p;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory (above 48 KiB
+// that needs an opt-in per kernel). Cheap: a host-side attribute set.
+template <typename... Params>
+cudaError_t AllowDynamicSmem(void (*kernel)(Params...), size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 // Programmatic dependent launch (PDL, sm_90+). A kernel started by LaunchDependent may begin while

@@ -24,6 +24,7 @@ using cuda::FromFloat;
 using cuda::Int;
 using cuda::LoadFloats;
 using cuda::ToFloat;
+using cuda::SmemAddr;
 using cuda::Vec;
 using cuda::WarpSum;
 
@@ -31,21 +32,6 @@ constexpr int kWarps = 16;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kStagedElems = 32768;  // staged row elements per chunk: MP * KC <= this (64 KiB of T)
 constexpr int kMinBlocksBn16 = 64;   // fewer blocks of 16 columns than this: use blocks of 8
-
-__device__ __forceinline__ unsigned SmemAddr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, or 16 zero bytes when !valid (src is then not read).
-__device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 // A fragment (16 x 16, row-major in shared memory): lane l gives row l % 16, columns (l / 16) * 8.
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
@@ -100,7 +86,7 @@ __device__ __forceinline__ void LoadW(const DecodeDenseArgs<T>& a, T* ws, int kc
       const int kk = p / H, h = p % H;
       const int64_t n = n0 + h * 8;
       const bool valid = kk < ch.len && n < a.n;
-      CpAsync16(ws + (h * kc + kk) * 8, valid ? a.kernel + (ch.k0 + kk) * a.n + n : a.kernel, valid);
+      cuda::CopyAsync<16>(ws + (h * kc + kk) * 8, valid ? a.kernel + (ch.k0 + kk) * a.n + n : a.kernel, valid);
     }
   } else {
     for (int p = threadIdx.x; p < ch.len16 * BN; p += kThreads) {
@@ -110,7 +96,7 @@ __device__ __forceinline__ void LoadW(const DecodeDenseArgs<T>& a, T* ws, int kc
           kk < ch.len && n < a.n ? a.kernel[(ch.k0 + kk) * a.n + n] : FromFloat<T>(0.f);
     }
   }
-  CpAsyncCommit();
+  cuda::CopyAsyncCommit();
 }
 
 // Layer-norm statistics of every row: warp w takes rows w, w + kWarps, ... (RPW of them), lanes V columns
@@ -255,9 +241,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       StageRows<T, 1, MP>(a, as, sa, ch, mean, rstd);
     }
     if (c + 1 < chunks) {
-      CpAsyncWait<1>();
+      cuda::CopyAsyncWait<1>();
     } else {
-      CpAsyncWait<0>();
+      cuda::CopyAsyncWait<0>();
     }
     __syncthreads();
     const T* ws = wbuf + (c % 2) * kc * BN;

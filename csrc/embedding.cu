@@ -6,7 +6,8 @@
 // gathered with 16-byte loads, math is float32 in registers, one 16-byte store.
 // With sinusoidal positions and hidden/2 a multiple of the vector width a
 // thread owns column vector c of the sin half and the same vector of the cos
-// half ("paired"): one sincosf (one range reduction) feeds two outputs.
+// half ("paired"): one SinCos (one range reduction, csrc/fast_math.h) feeds
+// two outputs.
 // Dropout draws one Philox call per 8 consecutive elements (8-aligned element
 // index), falling back to one call per element when misaligned
 // (DropoutKeepBits, csrc/philox.h). Each token's gathers are issued first; the
@@ -26,6 +27,7 @@
 
 #include "csrc/cuda_common.cuh"
 #include "csrc/embedding.h"
+#include "csrc/fast_math.h"
 #include "csrc/philox.h"
 
 namespace lsjax {
@@ -97,11 +99,14 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
         const float p = static_cast<float>(pos);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
+          float sin_pf, cos_pf;
+          SinCos(p * freq[k], &sin_pf, &cos_pf);
           if constexpr (PAIRED) {
-            sincosf(p * freq[k], &pv[k], &pw[k]);
+            pv[k] = sin_pf;
+            pw[k] = cos_pf;
           } else {
             const int64_t j = c + k;
-            pv[k] = j < half ? sinf(p * freq[k]) : (j < 2 * half ? cosf(p * freq[k]) : 0.f);
+            pv[k] = j < half ? sin_pf : (j < 2 * half ? cos_pf : 0.f);
           }
         }
       }

@@ -8,6 +8,9 @@
 // block holds 256 / threads_per_row rows. Otherwise the "generic" kernels work on
 // any size with one block per row and re-read the row (L1/L2 resident).
 //
+// The register backward keeps kBwdStages rows of loads in flight per thread
+// through shared memory (cp.async; see LnBwdRegister).
+//
 // Backward column sums (dscale, dbias) are deterministic: each block of a
 // persistent grid (<= kLayerNormBwdMaxPartials blocks) accumulates its rows in
 // registers, combines its row groups in shared memory in a fixed order, writes
@@ -34,9 +37,7 @@ constexpr int kBlock = 256;        // threads per block, all kernels
 constexpr int kMaxRowsPerBlock = kBlock / 32;
 constexpr int kMaxItemsFwd = 8;    // vectors per thread held in registers
 constexpr int kMaxItemsBwd = 4;
-// A backward block holds several rows only when threads_per_row < kBlock, i.e.
-// when cols / vec <= 256 (items target 2): at most 2048 16-bit columns.
-constexpr int kCombineCols = 4096;
+constexpr int kBwdStages = 3;      // rows of loads in flight per thread of the register backward
 
 // ---------------------------------------------------------------- forward --
 
@@ -135,12 +136,60 @@ __global__ void __launch_bounds__(kBlock) LnFwdGeneric(LayerNormFwdArgs<T> a) {
 
 // --------------------------------------------------------------- backward --
 
+// Shared memory of LnBwdRegister: kBwdStages rows of loads in flight per
+// thread, [stage][item][thread] vectors of z, dy (and dz_out), then
+// [stage][thread] mean and rstd; reused for the row groups' combine at the end.
 template <typename T, int VEC, int ITEMS>
-__global__ void __launch_bounds__(kBlock)
+size_t LnBwdSmemBytes(int threads, bool dz_out, int64_t cols, int rows_per_block) {
+  const size_t vecs = static_cast<size_t>(kBwdStages) * ITEMS * threads * (dz_out ? 3 : 2);
+  const size_t ring = vecs * sizeof(cuda::Vec<T, VEC>) + 2 * kBwdStages * threads * sizeof(float);
+  const size_t combine = rows_per_block > 1 ? 2 * cols * sizeof(float) : 0;
+  return std::max(ring, combine);
+}
+
+// Each row group (threadIdx.y) walks rows grid-stride; the row's z, dy
+// (dz_out), mean and rstd arrive through the thread's shared-memory slots
+// (cp.async), requested kBwdStages rows ahead, so a row's loads are in flight
+// during the rows before it (the kernel is otherwise a chain of load, row sum,
+// store per row). The row's values are read from the slots in both passes;
+// only scale and the column sums stay in registers.
+template <typename T, int VEC, int ITEMS>
+__global__ void __launch_bounds__(kBlock, ITEMS <= 2 ? 3 : 1)
     LnBwdRegister(LayerNormBwdArgs<T> a, float* partial_dscale, float* partial_dbias) {
+  using V = cuda::Vec<T, VEC>;
   __shared__ float smem[kMaxRowsPerBlock * 64];
+  extern __shared__ __align__(16) unsigned char ring[];
   const int nvec = static_cast<int>(a.cols / VEC);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int threads = blockDim.x * blockDim.y;
+  const int per_input = kBwdStages * ITEMS * threads;
+  V* const sz = reinterpret_cast<V*>(ring);
+  V* const sdy = sz + per_input;
+  V* const sdo = sdy + per_input;  // with dz_out only
+  float* const sstat = reinterpret_cast<float*>(sdo + (a.dz_out ? per_input : 0));
+  auto slot = [&](int s, int i) { return (s * ITEMS + i) * threads + tid; };
+  auto stage = [&](int s, int64_t row) {  // one commit group per row, empty past the end
+    if (row < a.rows) {
+      const int64_t off = row * a.cols;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int idx = i * blockDim.x + threadIdx.x;
+        if (idx < nvec) {
+          cuda::CopyVecAsync<T, VEC>(sz + slot(s, i), a.z + off + idx * VEC);
+          cuda::CopyVecAsync<T, VEC>(sdy + slot(s, i), a.dy + off + idx * VEC);
+          if (a.dz_out) cuda::CopyVecAsync<T, VEC>(sdo + slot(s, i), a.dz_out + off + idx * VEC);
+        }
+      }
+      cuda::CopyAsync<4>(sstat + (2 * s) * threads + tid, a.mean + row);
+      cuda::CopyAsync<4>(sstat + (2 * s + 1) * threads + tid, a.rstd + row);
+    }
+    cuda::CopyAsyncCommit();
+  };
   float sc[ITEMS][VEC], dsc[ITEMS][VEC], dbi[ITEMS][VEC];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+#pragma unroll
+  for (int s = 0; s < kBwdStages; ++s) stage(s, first + s * stride);
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * blockDim.x + threadIdx.x;
@@ -148,29 +197,33 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dsc[i][k] = dbi[i][k] = 0.f;
   }
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  int s = 0;
+  // Uniform over the block (RowSum2 has barriers when a row spans several warps).
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows; base += stride) {
     const int64_t row = base + threadIdx.y;
     const bool active = row < a.rows;
-    const int64_t off = row * a.cols;
-    const float mean = active ? a.mean[row] : 0.f;
-    const float rstd = active ? a.rstd[row] : 0.f;
-    float xhat[ITEMS][VEC], dy[ITEMS][VEC];
+    cuda::CopyAsyncWait<kBwdStages - 1>();  // this row's group, the oldest, has landed
+    const float mean = sstat[(2 * s) * threads + tid], rstd = sstat[(2 * s + 1) * threads + tid];
+    auto xhat_dy = [&](int i, float (&xhat)[VEC], float (&dy)[VEC]) {
+      LoadFloats<T, VEC>(sz[slot(s, i)].v, xhat);
+      LoadFloats<T, VEC>(sdy[slot(s, i)].v, dy);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) xhat[k] = (xhat[k] - mean) * rstd;
+    };
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int idx = i * blockDim.x + threadIdx.x;
       if (active && idx < nvec) {
-        LoadFloats<T, VEC>(a.z + off + idx * VEC, xhat[i]);
-        LoadFloats<T, VEC>(a.dy + off + idx * VEC, dy[i]);
+        float xhat[VEC], dy[VEC];
+        xhat_dy(i, xhat, dy);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          xhat[i][k] = (xhat[i][k] - mean) * rstd;
-          const float g = dy[i][k] * sc[i][k];
+          const float g = dy[k] * sc[i][k];
           sum_g += g;
-          sum_gx += g * xhat[i][k];
-          dsc[i][k] += dy[i][k] * xhat[i][k];
-          dbi[i][k] += dy[i][k];
+          sum_gx += g * xhat[k];
+          dsc[i][k] += dy[k] * xhat[k];
+          dbi[i][k] += dy[k];
         }
       }
     }
@@ -180,20 +233,21 @@ __global__ void __launch_bounds__(kBlock)
     for (int i = 0; i < ITEMS; ++i) {
       const int idx = i * blockDim.x + threadIdx.x;
       if (active && idx < nvec) {
-        float d[VEC];
+        float xhat[VEC], dy[VEC], d[VEC];
+        xhat_dy(i, xhat, dy);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          d[k] = rstd * (dy[i][k] * sc[i][k] - mean_g - xhat[i][k] * mean_gx);
-        }
+        for (int k = 0; k < VEC; ++k) d[k] = rstd * (dy[k] * sc[i][k] - mean_g - xhat[k] * mean_gx);
         if (a.dz_out) {
           float extra[VEC];
-          LoadFloats<T, VEC>(a.dz_out + off + idx * VEC, extra);
+          LoadFloats<T, VEC>(sdo[slot(s, i)].v, extra);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) d[k] += extra[k];
         }
-        StoreFloats<T, VEC>(a.dz + off + idx * VEC, d);
+        StoreFloats<T, VEC>(a.dz + row * a.cols + idx * VEC, d);
       }
     }
+    stage(s, row + kBwdStages * stride);  // after the stores: the slots' values are consumed
+    s = s + 1 == kBwdStages ? 0 : s + 1;
   }
   float* out_dscale = partial_dscale + static_cast<int64_t>(blockIdx.x) * a.cols;
   float* out_dbias = partial_dbias + static_cast<int64_t>(blockIdx.x) * a.cols;
@@ -208,11 +262,13 @@ __global__ void __launch_bounds__(kBlock)
     }
     return;
   }
-  // Several row groups (only when cols <= kCombineCols): add them up in
-  // shared memory, group 0 first, then write the block's partial row.
-  __shared__ float combine[2 * kCombineCols];
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  for (int c = tid; c < 2 * a.cols; c += kBlock) combine[c] = 0.f;
+  // Several row groups (threads_per_row < kBlock: cols / vec <= 256, at most 2048
+  // 16-bit columns, so 2 * cols floats fit the ring): add them up in
+  // shared memory (the ring's, every slot consumed), group 0 first, then write
+  // the block's partial row.
+  float* const combine = reinterpret_cast<float*>(ring);
+  __syncthreads();
+  for (int c = tid; c < 2 * a.cols; c += threads) combine[c] = 0.f;
   for (int group = 0; group < blockDim.y; ++group) {
     __syncthreads();
     if (threadIdx.y == group) {
@@ -230,7 +286,7 @@ __global__ void __launch_bounds__(kBlock)
     }
   }
   __syncthreads();
-  for (int c = tid; c < a.cols; c += kBlock) {
+  for (int c = tid; c < a.cols; c += threads) {
     out_dscale[c] = combine[c];
     out_dbias[c] = combine[a.cols + c];
   }
@@ -360,10 +416,16 @@ cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream) 
     LnBwdGeneric<T><<<grid, kBlock, 0, stream>>>(a, partial_dscale, partial_dbias);
   } else {
     const dim3 block(plan.threads_per_row, plan.rows_per_block);
+    cudaError_t err = cudaSuccess;
     cuda::DispatchVecItems<T, kMaxItemsBwd>(plan.vec, plan.items, [&](auto vec, auto items) {
-      LnBwdRegister<T, decltype(vec)::value, decltype(items)::value>
-          <<<grid, block, 0, stream>>>(a, partial_dscale, partial_dbias);
+      constexpr int kVecN = decltype(vec)::value, kItems = decltype(items)::value;
+      const size_t smem = LnBwdSmemBytes<T, kVecN, kItems>(kBlock, a.dz_out != nullptr, a.cols, plan.rows_per_block);
+      err = cuda::AllowDynamicSmem(LnBwdRegister<T, kVecN, kItems>, smem);
+      if (err == cudaSuccess) {
+        LnBwdRegister<T, kVecN, kItems><<<grid, block, smem, stream>>>(a, partial_dscale, partial_dbias);
+      }
     });
+    if (err != cudaSuccess) return err;
   }
   return cuda::LaunchColumnSums(a.partials, capacity, grid, a.cols, a.dscale, a.dbias, stream);
 }
