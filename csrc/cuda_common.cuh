@@ -182,6 +182,19 @@ cudaError_t AllowDynamicSmem(void (*kernel)(Params...), size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
+// Blocks of `threads` threads with `smem` dynamic shared memory bytes that one
+// SM holds at once (registers, shared memory and launch bounds counted); at
+// least 1, so a failed query still gives a valid grid.
+template <typename... Params>
+int ResidentBlocksPerSM(void (*kernel)(Params...), int threads, size_t smem) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the launch that follows reports its own errors
+    return 1;
+  }
+  return blocks > 0 ? blocks : 1;
+}
+
 // Programmatic dependent launch (PDL, sm_90+). A kernel started by LaunchDependent may begin while
 // the kernel before it in the stream is still running (when that one triggered its dependents, as
 // the kernels below do): it must call WaitForPrerequisites() before it touches global memory.

@@ -368,12 +368,16 @@ Plan BwdPlan(const LayerNormBwdArgs<T>& a) {
   return MakePlan<T>(a.cols, 2, kMaxItemsBwd, ptrs, 5);
 }
 
-// Persistent grid for the backward: one partial row per block.
-int64_t BwdGrid(const Plan& plan, int64_t rows) {
-  // At least 32 rows per block, so the partials stay few next to the data.
-  const int64_t blocks_needed = CeilDiv(rows, std::max(plan.rows_per_block, 32));
-  const int64_t fill = 4 * cuda::NumSMs();  // 1024 threads per SM
-  return std::max<int64_t>(1, std::min({blocks_needed, fill, kLayerNormBwdMaxPartials}));
+// Persistent grid for the backward, one wave of `resident_per_sm` blocks per
+// SM (one partial row per block): each row group walks the same number of rows
+// (at least 16 rows per block, so the partials stay few next to the data).
+// At 8192 x 512 that is 3 rows per warp over 342 blocks, where a grid of
+// 256 blocks x 4 rows per warp left the schedulers waiting on each warp's
+// dependent row chain.
+int64_t BwdGrid(const Plan& plan, int64_t rows, int resident_per_sm) {
+  const int64_t fill = static_cast<int64_t>(std::max(resident_per_sm, 1)) * cuda::NumSMs();
+  const int64_t rows_per_group = std::max(CeilDiv(rows, plan.rows_per_block * fill), CeilDiv(16, plan.rows_per_block));
+  return std::max<int64_t>(1, std::min(CeilDiv(rows, plan.rows_per_block * rows_per_group), kLayerNormBwdMaxPartials));
 }
 
 }  // namespace
@@ -406,27 +410,29 @@ cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream) 
   // a.partials: float32 [2, min(rows, kLayerNormBwdMaxPartials), cols]; the
   // first `grid` rows of each half are used.
   const Plan plan = BwdPlan(a);
-  const int64_t grid = BwdGrid(plan, a.rows);
   const int64_t capacity = std::min<int64_t>(a.rows, kLayerNormBwdMaxPartials);
   float* partial_dscale = a.partials;
   float* partial_dbias = a.partials + capacity * a.cols;
+  int64_t grid = 0;
+  cudaError_t err = cudaSuccess;
   if (plan.items == 0) {
+    grid = BwdGrid(plan, a.rows, cuda::ResidentBlocksPerSM(LnBwdGeneric<T>, kBlock, 0));
     cudaMemsetAsync(partial_dscale, 0, grid * a.cols * sizeof(float), stream);
     cudaMemsetAsync(partial_dbias, 0, grid * a.cols * sizeof(float), stream);
     LnBwdGeneric<T><<<grid, kBlock, 0, stream>>>(a, partial_dscale, partial_dbias);
   } else {
     const dim3 block(plan.threads_per_row, plan.rows_per_block);
-    cudaError_t err = cudaSuccess;
     cuda::DispatchVecItems<T, kMaxItemsBwd>(plan.vec, plan.items, [&](auto vec, auto items) {
       constexpr int kVecN = decltype(vec)::value, kItems = decltype(items)::value;
+      const auto kernel = LnBwdRegister<T, kVecN, kItems>;
       const size_t smem = LnBwdSmemBytes<T, kVecN, kItems>(kBlock, a.dz_out != nullptr, a.cols, plan.rows_per_block);
-      err = cuda::AllowDynamicSmem(LnBwdRegister<T, kVecN, kItems>, smem);
-      if (err == cudaSuccess) {
-        LnBwdRegister<T, kVecN, kItems><<<grid, block, smem, stream>>>(a, partial_dscale, partial_dbias);
-      }
+      err = cuda::AllowDynamicSmem(kernel, smem);
+      if (err != cudaSuccess) return;
+      grid = BwdGrid(plan, a.rows, cuda::ResidentBlocksPerSM(kernel, kBlock, smem));
+      kernel<<<grid, block, smem, stream>>>(a, partial_dscale, partial_dbias);
     });
-    if (err != cudaSuccess) return err;
   }
+  if (err != cudaSuccess) return err;
   return cuda::LaunchColumnSums(a.partials, capacity, grid, a.cols, a.dscale, a.dbias, stream);
 }
 
