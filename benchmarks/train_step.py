@@ -26,7 +26,8 @@ token batches (``batch`` sentences, ``src_len``/``tgt_len`` positions, lengths d
 [len/2, len], pad id 0), the model config's vocabulary (32000 for base/big).
 
 Reported per row: step ms, the median over the timed steps, each step timed on its own
-with ``jax.block_until_ready`` after warm-up; target tokens/s = mean non-pad ``tgt_out``
+with ``jax.block_until_ready`` after warm-up (``dispatch_ms``: the median time until the step
+call returns, i.e. the host's share of it); target tokens/s = mean non-pad ``tgt_out``
 tokens per timed step / median step time; pipelined ms, the same steps dispatched back to
 back as a training loop runs them (lsjax-train blocks only to log), the median over windows of
 5 steps of window time / 5, and the speedup on it (``speedup_pipelined``); compile seconds of ``jit(...).lower(...).compile()``
@@ -59,6 +60,7 @@ import optax
 import yaml
 
 from benchmarks.flax_reference import RefTransformer
+from benchmarks.profile import XLA_OPTIONS
 from lsjax import ops, optim
 from lsjax.data import BOS_ID, EOS_ID, PAD_ID
 from lsjax.models import load_model_config
@@ -92,6 +94,7 @@ class Variant:
     compilation_cache: str | None = None
     platform: str | None = None  # JAX_PLATFORMS of the subprocess (None: JAX's default)
     lsjax_overrides: tuple[str, ...] = ()  # model config key=value overrides of the lsjax side
+    xla_options: str = "default"  # named XLA option set (benchmarks.profile.XLA_OPTIONS) of the step's jit
 
 
 def make_batches(v: Variant, vocab: int, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -176,7 +179,7 @@ def _measure(v: Variant) -> dict:
     # Compile against abstract inputs first, so the GEMM autotuner's scratch buffers are not
     # counted on top of the state in the device's peak memory.
     t0 = time.perf_counter()
-    lowered = jax.jit(step_fn, donate_argnums=0).lower(jax.eval_shape(init), jax.eval_shape(lambda: host_batches[0]))
+    lowered = jax.jit(step_fn, donate_argnums=0, compiler_options=XLA_OPTIONS[v.xla_options]).lower(jax.eval_shape(init), jax.eval_shape(lambda: host_batches[0]))
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -184,13 +187,15 @@ def _measure(v: Variant) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     bytes_per_param = optim.state_bytes_per_param(state.params, state.params, state.opt_state)
 
-    times = []
+    times, dispatch_times = [], []
     for i, batch in enumerate(batches):
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
+        dispatched = time.perf_counter()
         jax.block_until_ready((state, metrics))
         if i >= v.warmup:
             times.append(time.perf_counter() - start)
+            dispatch_times.append(dispatched - start)
     # Pipelined, as a training loop runs: the timed batches again, dispatched back to back in
     # windows of PIPELINE_WINDOW steps, blocking once per window (the host queues the next step
     # while the device runs this one).
@@ -213,6 +218,7 @@ def _measure(v: Variant) -> dict:
         "param_dtype": jnp.dtype(jax.tree.leaves(state.params)[0].dtype).name,
         "tgt_tokens_per_step": tokens / v.steps, "tgt_tokens_per_s": tokens / v.steps / float(np.median(times)),
         "step_ms": 1e3 * float(np.median(times)), "step_ms_min": 1e3 * min(times),
+        "dispatch_ms": 1e3 * float(np.median(dispatch_times)),
         "step_ms_pipelined": 1e3 * float(np.median(window_times)) if window_times else None,
         "tgt_tokens_per_s_pipelined": tokens / v.steps / float(np.median(window_times)) if window_times else None,
         "lower_s": t1 - t0, "compile_s": t2 - t0, "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
@@ -257,18 +263,21 @@ def _mib(b: int | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the result rows."""
-    lines = ["| model | dtype | impl | params M | tgt tok/s | step ms | speedup | pipelined ms | speedup "
+    lines = ["| model | dtype | impl | params M | tgt tok/s | step ms | dispatch ms | speedup | pipelined ms | speedup "
              "| peak MiB | compiled MiB | bytes/param | compile s | skipped |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        backend = f" ({', '.join([r['lsjax_backend'], *r.get('lsjax_overrides', [])])})" if r.get("lsjax_backend") else ""
+        notes = [r["lsjax_backend"], *r.get("lsjax_overrides", [])] if r.get("lsjax_backend") else []
+        notes += [f"xla: {r['xla_options']}"] if r.get("xla_options", "default") != "default" else []
+        backend = f" ({', '.join(notes)})" if notes else ""
         head = f"| {r['model']} | {r['dtype']} | {r['impl']}{backend} |"
         if "error" in r:
-            lines.append(f"{head} error: {r['error'].replace('|', '/')} |" + " |" * 10)
+            lines.append(f"{head} error: {r['error'].replace('|', '/')} |" + " |" * 11)
             continue
         speedup, piped = (f"{r[k]:.2f}x" if k in r else "" for k in ("speedup", "speedup_pipelined"))
         piped_ms = f"{r['step_ms_pipelined']:.2f}" if r.get("step_ms_pipelined") else "n/a"
-        lines.append(f"{head} {r['params_M']:.1f} | {r['tgt_tokens_per_s']:,.0f} | {r['step_ms']:.2f} | {speedup} "
+        lines.append(f"{head} {r['params_M']:.1f} | {r['tgt_tokens_per_s']:,.0f} | {r['step_ms']:.2f} "
+                     f"| {r['dispatch_ms']:.2f} | {speedup} "
                      f"| {piped_ms} | {piped} "
                      f"| {_mib(r['peak_bytes_in_use'])} | {_mib(r['compiled_peak_bytes'])} "
                      f"| {r['bytes_per_param']:.2f} | {r['compile_s']:.1f} | {r['skipped_steps']} |")
@@ -294,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="transformer-tiny, tiny batch, few steps, on CPU (backend cpu_ffi unless --backend)")
     parser.add_argument("--lsjax-overrides", default="",
                         help="comma-separated model config key=value overrides of the lsjax side, e.g. "
-                             "scan_layers=true (a scanned stack: ~15x fewer param/state arrays per call)")
+                             "scan_layers=true (a scanned stack: ~15x fewer param/state arrays per call); "
+                             "';' separates sets, one lsjax variant each, e.g. ';scan_layers=true'")
+    parser.add_argument("--lsjax-xla-options", default="default",
+                        help="comma-separated XLA option sets of benchmarks.profile.XLA_OPTIONS for the lsjax side, "
+                             "one lsjax variant each (same-run comparison), e.g. default,nosplitk")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its row
     args = parser.parse_args(argv)
     if args.variant:
@@ -308,21 +321,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train step, {args.batch} sentences x {args.src_len} src / {args.tgt_len} tgt positions, "
           f"{args.steps} timed steps after {args.warmup}; lsjax backend: {args.backend or 'default'}; "
           f"compilation cache: {args.compilation_cache or 'off'}", flush=True)
+    override_sets = [tuple(o for o in group.split(",") if o) for group in args.lsjax_overrides.split(";")]
+    lsjax_sides = [(o, x) for o in override_sets for x in args.lsjax_xla_options.split(",")]
+    variants = [Variant(model, jnp.dtype(dtype).name, impl, args.batch, args.src_len, args.tgt_len, args.steps,
+                        args.warmup, args.backend, args.compilation_cache, "cpu" if args.smoke else None,
+                        overrides, xla_options)
+                for model in args.models.split(",") for dtype in args.dtypes.split(",") for impl in IMPLS
+                for overrides, xla_options in (lsjax_sides if impl == "lsjax" else [((), "default")])]
     rows, start = [], time.perf_counter()
-    for model in args.models.split(","):
-        for dtype in args.dtypes.split(","):
-            for impl in IMPLS:
-                v = Variant(model, jnp.dtype(dtype).name, impl, args.batch, args.src_len, args.tgt_len,
-                            args.steps, args.warmup, args.backend, args.compilation_cache,
-                            "cpu" if args.smoke else None,
-                            tuple(o for o in args.lsjax_overrides.split(",") if o) if impl == "lsjax" else ())
-                row = run_variant(v, args.timeout)
-                rows.append(row)
-                add_speedups(rows)
-                print(f"[{time.perf_counter() - start:6.0f} s] " + table([row]).splitlines()[-1], flush=True)
-                if args.out:
-                    with open(args.out, "w") as f:
-                        json.dump({"rows": rows}, f, indent=1)
+    for v in variants:
+        row = run_variant(v, args.timeout)
+        rows.append(row)
+        add_speedups(rows)
+        print(f"[{time.perf_counter() - start:6.0f} s] " + table([row]).splitlines()[-1], flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
     device = next((r["device"] for r in rows if "device" in r), "unknown")
     print(f"\ndevice: {device}; tokens/s counts non-pad target tokens; speedup = lsjax / plain tokens/s; "
           f"skipped: non-finite steps skipped of {args.warmup + args.steps}\n")
