@@ -44,11 +44,14 @@ from lsjax.decode import WHILE_LOOP_GRAPHS
 
 # Named XLA compile-option sets (``jax.jit(..., compiler_options=...)``): XLA's defaults; command
 # buffers extended to the while loop; cuBLAS for every GEMM instead of Triton (split-K) fusions;
-# Triton GEMMs without split-K (no separate reduction kernel, the epilogue can fuse into the GEMM).
+# Triton GEMMs without split-K (no separate reduction kernel, the epilogue can fuse into the GEMM);
+# no command buffers (every thunk launched from the host); command buffers from 1 thunk on.
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
 XLA_OPTIONS = {"default": None, "while": WHILE_LOOP_GRAPHS, "cublas": CUBLAS_GEMMS,
                "while+cublas": {**WHILE_LOOP_GRAPHS, **CUBLAS_GEMMS},
-               "nosplitk": {"xla_gpu_experimental_force_split_k": 1}}
+               "nosplitk": {"xla_gpu_experimental_force_split_k": 1},
+               "nographs": {"xla_gpu_enable_command_buffer": ""},
+               "graphs_min1": {"xla_gpu_graph_min_graph_size": 1}}
 _CATEGORIES = (  # first match wins; matched against the kernel name
     ("lsjax", re.compile(r"lsjax")),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm\d+_.*(tensorop|wgmma)|dot", re.I)),

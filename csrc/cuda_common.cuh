@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 namespace lsjax::cuda {
@@ -184,15 +187,23 @@ cudaError_t AllowDynamicSmem(void (*kernel)(Params...), size_t bytes) {
 
 // Blocks of `threads` threads with `smem` dynamic shared memory bytes that one
 // SM holds at once (registers, shared memory and launch bounds counted); at
-// least 1, so a failed query still gives a valid grid.
+// least 1, so a failed query still gives a valid grid. Cached per kernel,
+// shape and device: the launch paths call it every time.
 template <typename... Params>
 int ResidentBlocksPerSM(void (*kernel)(Params...), int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  int device = 0;
+  cudaGetDevice(&device);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem, device);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
   int blocks = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
     cudaGetLastError();  // clear it: the launch that follows reports its own errors
     return 1;
   }
-  return blocks > 0 ? blocks : 1;
+  return cache[key] = blocks > 0 ? blocks : 1;
 }
 
 // Programmatic dependent launch (PDL, sm_90+). A kernel started by LaunchDependent may begin while

@@ -16,11 +16,17 @@
 //
 // Backward: deterministic segment sum, no atomics. The caller sorts the tokens
 // by key (stable), so each table row's tokens form one contiguous segment in
-// ascending token order. A first kernel finds every row's segment start (one
-// thread per row, binary search); then one (block row, threadIdx.y) per table
-// row sums the segment's dy rows in that order in
-// float32 registers (2-4 rows' loads in flight), then writes the whole row once:
-// unused rows get zeros, so the gradient needs no memset.
+// ascending token order. SegmentStarts finds every row's segment start (one
+// thread per row, binary search). EmbBwdChunks splits the sorted tokens into
+// chunks of `chunk` (<= 64): one block per chunk walks its tokens in order,
+// kBwdStages dy rows in flight per thread, and sums each run of equal keys in
+// float32; a segment inside one chunk is written to grad there, a segment cut
+// by chunk boundaries leaves one float32 partial per chunk it touches. Then
+// EmbBwdRows, one thread group per table row, writes the rest: zeros for rows
+// without tokens, and each cut segment's partials added in chunk order. Every
+// token is read once however the tokens spread over rows (one frequent token's
+// long segment is split across chunks, not summed by one thread), and every
+// grad element is written once: the gradient needs no memset.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -141,76 +147,133 @@ __device__ __forceinline__ int64_t LowerBound(const int32_t* keys, int64_t n, in
   return lo;
 }
 
-// The dropped-out dy columns [c, c + VEC) of the ROWS tokens at sorted
-// positions [i, i + ROWS): all loads first, then the keep bits (while the loads
-// are in flight), then the mask.
-template <typename T, int VEC, int ROWS, bool DROPOUT>
-__device__ __forceinline__ void LoadGrads(const EmbeddingBwdArgs<T>& a, const DropoutRng& rng, int64_t i, int64_t c,
-                                          float (&v)[ROWS][VEC]) {
-  int64_t n[ROWS];
-#pragma unroll
-  for (int u = 0; u < ROWS; ++u) {
-    n[u] = a.order[i + u];
-    LoadFloats<T, VEC>(a.dy + n[u] * a.hidden + c, v[u]);
-  }
-  if constexpr (DROPOUT) {
-    uint32_t keep[ROWS];
-#pragma unroll
-    for (int u = 0; u < ROWS; ++u) {
-      const uint64_t e = static_cast<uint64_t>(a.token_index[n[u]]) * static_cast<uint64_t>(a.hidden) + c;
-      keep[u] = DropoutKeepBits<VEC>(rng, e);
-    }
-#pragma unroll
-    for (int u = 0; u < ROWS; ++u) ApplyKeepBits<VEC>(keep[u], rng.scale, v[u]);
-  }
-}
-
 // seg[r] = number of keys < r for r in [0, rows]: row r's segment is
-// [seg[r], seg[r + 1]). One thread per row, so the binary searches' latency
-// overlaps across the whole grid instead of serialising in EmbBwd.
+// [seg[r], seg[r + 1]), and seg[rows] counts the tokens that have a row.
+// One thread per row, so the binary searches' latency overlaps across the grid.
 __global__ void __launch_bounds__(kBlock) SegmentStarts(const int32_t* keys, int64_t tokens, int64_t rows,
                                                          int32_t* seg) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r <= rows) seg[r] = static_cast<int32_t>(LowerBound(keys, tokens, r));
 }
 
+constexpr int kMaxChunk = 64;  // sorted tokens per chunk (the caller's chunk is at most this)
+constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
+
+// Block q walks chunk q's sorted tokens [q * chunk, min(q * chunk + chunk,
+// seg[rows])) in order, one column vector per thread, and sums each run of
+// equal keys in float32 registers. A run that is its row's whole segment is
+// written to grad; a run cut by the chunk's start goes to partial row 2q, one
+// cut by its end (only) to partial row 2q + 1, for EmbBwdRows to finish. The
+// chunk's keys, token order and dropout token indices are read once into
+// shared memory; dy rows arrive through the thread's cp.async slots,
+// kBwdStages tokens ahead, and each token's keep bits are drawn while its row
+// is in flight.
 template <typename T, int VEC, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock, 3) EmbBwd(EmbeddingBwdArgs<T> a, const int32_t* seg) {
+__global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a, const int32_t* seg) {
+  using V = cuda::Vec<T, VEC>;
+  __shared__ int32_t s_key[kMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk (-1: none)
+  __shared__ int32_t s_token[kMaxChunk];
+  __shared__ uint32_t s_index[kMaxChunk];  // token_index of each token (dropout)
+  __shared__ V ring[kBwdStages][kBlock];
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
+  const int64_t n_valid = seg[a.rows];
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
-  const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < a.rows; r += row_stride) {
-    const int64_t lo = seg[r], hi = seg[r + 1];
+  for (int64_t q = blockIdx.x; q * a.chunk < n_valid; q += gridDim.x) {
+    const int64_t begin = q * a.chunk;
+    const int len = static_cast<int>(n_valid - begin < a.chunk ? n_valid - begin : a.chunk);
+    __syncthreads();  // the previous chunk's reads of the shared arrays are done
+    for (int t = threadIdx.x; t < len + 2; t += blockDim.x) {
+      const int64_t i = begin - 1 + t;
+      s_key[t] = i >= 0 && i < n_valid ? a.keys[i] : -1;
+    }
+    for (int t = threadIdx.x; t < len; t += blockDim.x) {
+      const int32_t n = a.order[begin + t];
+      s_token[t] = n;
+      if constexpr (DROPOUT) s_index[t] = static_cast<uint32_t>(a.token_index[n]);
+    }
+    __syncthreads();
+    const bool cut_at_start = s_key[0] == s_key[1];
+    const bool cut_at_end = s_key[len] == s_key[len + 1];
     for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
       const int64_t c = cv * VEC;
+      auto stage = [&](int slot, int p) {  // one commit group per token, empty past the end
+        if (p < len) cuda::CopyVecAsync<T, VEC>(&ring[slot][threadIdx.x], a.dy + s_token[p] * h + c);
+        cuda::CopyAsyncCommit();
+      };
+#pragma unroll
+      for (int p = 0; p < kBwdStages; ++p) stage(p, p);
       float acc[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
-      int64_t i = lo;
-      // UNROLL rows in flight (fewer with 8-wide dropout, to stay in 80
-      // registers without spills); summed in ascending segment order, as the
-      // CPU twin does.
-      constexpr int UNROLL = (DROPOUT && VEC >= 8) ? 2 : 4;
-      for (; i + UNROLL <= hi; i += UNROLL) {
-        float v[UNROLL][VEC];
-        LoadGrads<T, VEC, UNROLL, DROPOUT>(a, rng, i, c, v);
+      int run_start = 0, slot = 0;
+      for (int p = 0; p < len; ++p) {
+        uint32_t keep = 0;
+        if constexpr (DROPOUT) keep = DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(s_index[p]) * h + c);
+        cuda::CopyAsyncWait<kBwdStages - 1>();  // token p's group, the oldest, has landed
+        float v[VEC];
+        LoadFloats<T, VEC>(ring[slot][threadIdx.x].v, v);
+        stage(slot, p + kBwdStages);
+        slot = slot + 1 == kBwdStages ? 0 : slot + 1;
+        if constexpr (DROPOUT) ApplyKeepBits<VEC>(keep, rng.scale, v);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
+        for (int k = 0; k < VEC; ++k) acc[k] += v[k];
+        if (p + 1 < len && s_key[p + 2] == s_key[p + 1]) continue;  // the run goes on
+        if (run_start == 0 && cut_at_start) {
+          StoreFloats<float, VEC>(a.partials + (2 * q) * h + c, acc);
+        } else if (p + 1 == len && cut_at_end) {
+          StoreFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc);
+        } else {
 #pragma unroll
-          for (int u = 0; u < UNROLL; ++u) acc[k] += v[u][k];
+          for (int k = 0; k < VEC; ++k) acc[k] *= a.factor;
+          StoreFloats<T, VEC>(a.grad + static_cast<int64_t>(s_key[p + 1]) * h + c, acc);
         }
-      }
-      for (; i < hi; ++i) {
-        float v[1][VEC];
-        LoadGrads<T, VEC, 1, DROPOUT>(a, rng, i, c, v);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] += v[0][k];
+        for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+        run_start = p + 1;
       }
+    }
+  }
+}
+
+constexpr int kRowsPerGroup = 8;  // table rows per EmbBwdRows thread group and iteration
+
+// The rows EmbBwdChunks did not write: zeros for rows without tokens, and for
+// a segment cut by chunk boundaries, its partial in its first chunk (2q + 1)
+// then those of the following chunks it reaches (2q), in order. Each thread
+// group (threadIdx.y) takes kRowsPerGroup consecutive rows at a time and reads
+// their segment starts at once (most rows need nothing: one latency for all).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kBlock) EmbBwdRows(EmbeddingBwdArgs<T> a, const int32_t* seg) {
+  const int64_t h = a.hidden;
+  const int64_t ncv = h / VEC;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y * kRowsPerGroup;
+  for (int64_t r0 = (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * kRowsPerGroup; r0 < a.rows;
+       r0 += stride) {
+    int64_t starts[kRowsPerGroup + 1];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] *= a.factor;
-      StoreFloats<T, VEC>(a.grad + r * h + c, acc);
+    for (int u = 0; u <= kRowsPerGroup; ++u) starts[u] = seg[r0 + u <= a.rows ? r0 + u : a.rows];
+#pragma unroll
+    for (int u = 0; u < kRowsPerGroup; ++u) {
+      const int64_t r = r0 + u, lo = starts[u], hi = starts[u + 1];
+      const int64_t q0 = lo / a.chunk, q1 = lo < hi ? (hi - 1) / a.chunk : q0;
+      if (r >= a.rows || (lo < hi && q0 == q1)) continue;
+      for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
+        const int64_t c = cv * VEC;
+        float acc[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+        for (int64_t q = q0; q < q1 + (lo < hi); ++q) {
+          float v[VEC];
+          LoadFloats<float, VEC>(a.partials + (q == q0 ? 2 * q + 1 : 2 * q) * h + c, v);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[k] += v[k];
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] *= a.factor;
+        StoreFloats<T, VEC>(a.grad + r * h + c, acc);
+      }
     }
   }
 }
@@ -278,6 +341,7 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) {
   if (a.rows == 0 || a.hidden == 0) return cudaSuccess;
+  if (a.chunk < 1 || a.chunk > kMaxChunk) return cudaErrorInvalidValue;
   int32_t* seg = a.segment_starts;
   SegmentStarts<<<static_cast<unsigned>(CeilDiv(a.rows + 1, kBlock)), kBlock, 0, stream>>>(a.keys, a.tokens,
                                                                                          a.rows, seg);
@@ -285,11 +349,18 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
   const bool vectorisable = a.hidden % kVec == 0 && cuda::Aligned(a.dy, 16) && cuda::Aligned(a.grad, 16);
   const int vec = vectorisable ? kVec : 1;
   const int tx = ColumnThreads(a.hidden / vec);
-  const dim3 block(tx, kBlock / tx);
-  const int64_t grid = Grid(a.rows, kBlock / tx);
+  const dim3 rows_block(tx, kBlock / tx);
+  const int64_t rows_grid = Grid(CeilDiv(a.rows, kRowsPerGroup), kBlock / tx);
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto d) {
-    EmbBwd<T, decltype(v)::value, decltype(d)::value><<<grid, block, 0, stream>>>(a, seg);
+    constexpr int kV = decltype(v)::value;
+    const auto chunks = EmbBwdChunks<T, kV, decltype(d)::value>;
+    if (a.tokens > 0) {
+      const int64_t chunks_grid = std::min<int64_t>(CeilDiv(a.tokens, a.chunk),
+                                                    cuda::ResidentBlocksPerSM(chunks, tx, 0) * cuda::NumSMs());
+      chunks<<<chunks_grid, tx, 0, stream>>>(a, seg);
+    }
+    EmbBwdRows<T, kV><<<rows_grid, rows_block, 0, stream>>>(a, seg);
   };
   auto by_dropout = [&](auto v) {
     if (dropout) {

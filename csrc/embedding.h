@@ -52,6 +52,8 @@ struct EmbeddingBwdArgs {
   const uint32_t* rng;         // uint32[4]; read only when rate > 0
   T* grad;                     // [rows, hidden], every element written
   int32_t* segment_starts;     // CUDA only: workspace int32 [rows + 1]
+  float* partials;             // CUDA only: workspace float32 [2 * ceil(tokens / chunk), hidden]
+  int64_t chunk;               // CUDA only: sorted tokens per block, in [1, 64]
   int64_t tokens;
   int64_t hidden;
   int64_t rows;
@@ -67,7 +69,8 @@ void EmbeddingBwdCpu(const EmbeddingBwdArgs<T>& a);
 #ifdef LSJAX_WITH_CUDA
 template <typename T>
 cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream);
-// a.segment_starts (an extra XLA output) holds each table row's first sorted token.
+// a.segment_starts and a.partials (extra XLA outputs) are workspace: each table
+// row's first sorted token, and the partial sums of segments cut by chunks.
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream);
 #endif

@@ -2,11 +2,12 @@
 // dtype, call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
 //   embedding_fwd         (ids, positions, token_index, rng, table)            -> y
 //   embedding_learned_fwd (ids, positions, token_index, rng, table, pos_table) -> y
-//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> (grad, segment_starts: int32 [rows + 1] CUDA workspace)
+//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> (grad, segment_starts: int32 [rows + 1],
+//                         partials: float32 [2 * ceil(tokens / chunk), H]; both CUDA workspace)
 // ids, positions, token_index, keys, order: int32 [...] (same element count:
 // tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
 // pos_table: [max_positions, H], y/dy: [..., H], grad: [rows, H], all of one
-// float dtype. Attributes: fwd scale, rate, padding_id; bwd factor, rate.
+// float dtype. Attributes: fwd scale, rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
 #include <type_traits>
 
 #include "csrc/embedding.h"
@@ -86,7 +87,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
-                Res segment_starts, float factor, float rate) {
+                Res segment_starts, Res partials, float factor, float rate, int32_t chunk) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
   if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
@@ -106,6 +107,13 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                       op, "segment_starts must be int32 [rows + 1]");
       e.failure())
     return e;
+  if (auto e = Expect(chunk >= 1 && chunk <= 64, op, "chunk must be in [1, 64]"); e.failure()) return e;
+  if (auto e = Expect(partials->element_type() == xffi::DataType::F32 && partials->dimensions().size() == 2 &&
+                          partials->dimensions()[0] == 2 * ((tokens + chunk - 1) / chunk) &&
+                          partials->dimensions()[1] == hidden,
+                      op, "partials must be float32 [2 * ceil(tokens / chunk), hidden]");
+      e.failure())
+    return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool dropout = rate > 0.f;
@@ -116,6 +124,8 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                           dropout ? In<uint32_t>(rng) : nullptr,
                           Out<T>(grad),
                           Out<int32_t>(segment_starts),
+                          Out<float>(partials),
+                          chunk,
                           tokens,
                           hidden,
                           grad->dimensions()[0],
@@ -175,10 +185,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
-    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res segment_starts, float factor,
-       float rate) {
+    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res segment_starts, Res partials,
+       float factor, float rate, int32_t chunk) {
       return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, segment_starts,
-                           factor, rate);
+                           partials, factor, rate, chunk);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -188,8 +198,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
+        .Ret<Buf>()
         .Attr<float>("factor")
-        .Attr<float>("rate"));
+        .Attr<float>("rate")
+        .Attr<int32_t>("chunk"));
 
 LSJAX_FFI_TARGET_CPU("embedding_fwd", EmbeddingFwdCpuHandler);
 LSJAX_FFI_TARGET_CPU("embedding_learned_fwd", EmbeddingLearnedFwdCpuHandler);
@@ -251,9 +263,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
     [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res segment_starts,
-       float factor, float rate) {
+       Res partials, float factor, float rate, int32_t chunk) {
       return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad,
-                            segment_starts, factor, rate);
+                            segment_starts, partials, factor, rate, chunk);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
@@ -264,8 +276,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
+        .Ret<Buf>()
         .Attr<float>("factor")
-        .Attr<float>("rate"),
+        .Attr<float>("rate")
+        .Attr<int32_t>("chunk"),
     {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("embedding_fwd", EmbeddingFwdCudaHandler);

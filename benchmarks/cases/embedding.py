@@ -1,4 +1,8 @@
-"""Embedding: batch x seq {128x64, 256x256}, vocab 32000, hidden {512, 1024}, dropout 0.1, {bf16, fp16}."""
+"""Embedding: batch x seq {128x64, 256x256}, vocab 32000, hidden {512, 1024}, dropout 0.1, {bf16, fp16}.
+
+Ids are uniform over the vocabulary, and in the ``...zipf`` rows (256x256x1024) Zipf-distributed
+(exponent 1.1) as word frequencies in text are: a few rows own thousands of tokens each.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -14,26 +18,29 @@ def cases() -> list[Case]:
     out = []
     for dtype in (jnp.bfloat16, jnp.float16):
         size = jnp.dtype(dtype).itemsize
-        for batch, seq in ((128, 64), (256, 256)):
-            for hidden in (512, 1024):
-                tokens = batch * seq
-                rows = tokens * hidden * size
+        for batch, seq, hidden, zipf in ((128, 64, 512, False), (128, 64, 1024, False), (256, 256, 512, False),
+                                         (256, 256, 1024, False), (256, 256, 1024, True)):
+            tokens = batch * seq
+            rows = tokens * hidden * size
 
-                def make(rng, batch=batch, seq=seq, hidden=hidden, dtype=dtype):
-                    ids = jnp.asarray(rng.integers(1, VOCAB, (batch, seq)), jnp.int32)
-                    table = jnp.asarray(rng.standard_normal((VOCAB, hidden), dtype="float32")).astype(dtype)
-                    return ids, table
+            def make(rng, batch=batch, seq=seq, hidden=hidden, dtype=dtype, zipf=zipf):
+                ids = ((rng.zipf(1.1, (batch, seq)) - 1) % (VOCAB - 1) + 1 if zipf
+                       else rng.integers(1, VOCAB, (batch, seq)))
+                ids = jnp.asarray(ids, jnp.int32)
+                table = jnp.asarray(rng.standard_normal((VOCAB, hidden), dtype="float32")).astype(dtype)
+                return ids, table
 
-                kw = dict(rate=RATE, padding_id=0)
-                out.append(Case(
-                    op="embedding", shape=f"{batch}x{seq}x{hidden}", dtype=jnp.dtype(dtype).name,
-                    make_inputs=make,
-                    ours=lambda ids, table, kw=kw: embedding(ids, table, key=jax.random.key(0), **kw),
-                    ref=lambda ids, table, kw=kw: embedding_reference(ids, table, key=jax.random.key(0), **kw),
-                    # fwd: read ids and the gathered table rows, write y;
-                    # bwd: read dy, write the dense [vocab, hidden] gradient.
-                    bytes_fwd=4 * tokens + 2 * rows,
-                    bytes_fwd_bwd=4 * tokens + 2 * rows + rows + VOCAB * hidden * size,
-                    grad_argnums=(1,),
-                ))
+            kw = dict(rate=RATE, padding_id=0)
+            out.append(Case(
+                op="embedding", shape=f"{batch}x{seq}x{hidden}" + ("zipf" if zipf else ""),
+                dtype=jnp.dtype(dtype).name,
+                make_inputs=make,
+                ours=lambda ids, table, kw=kw: embedding(ids, table, key=jax.random.key(0), **kw),
+                ref=lambda ids, table, kw=kw: embedding_reference(ids, table, key=jax.random.key(0), **kw),
+                # fwd: read ids and the gathered table rows, write y;
+                # bwd: read dy, write the dense [vocab, hidden] gradient.
+                bytes_fwd=4 * tokens + 2 * rows,
+                bytes_fwd_bwd=4 * tokens + 2 * rows + rows + VOCAB * hidden * size,
+                grad_argnums=(1,),
+            ))
     return out

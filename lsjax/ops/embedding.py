@@ -198,9 +198,11 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
     Gradients flow to ``table`` (and a learned position table): dense
     ``[rows, hidden]``, zero for unused rows and the padding row. They are
     deterministic without float atomics: the tokens are stably argsorted by
-    row (an XLA sort), and one thread group per table row finds its segment by
-    binary search and sums its ``dy`` rows in ascending token order in float32
-    registers (the CPU twin sums in the same order), writing each row once.
+    row (an XLA sort); on the GPU, blocks of up to 64 sorted tokens sum each
+    row's ``dy`` rows in ascending token order in float32, and a row whose
+    tokens span several blocks adds the blocks' float32 partials in block
+    order (the CPU twin sums the whole segment in ascending order: the same
+    up to float32 rounding). Each row is written once.
     Under a batch-sharded mesh each shard does this locally and the partial
     gradients are ``psum``-ed; a vocab-sharded ``table`` is never gathered and
     its gradient stays sharded like it (module doc).
@@ -266,12 +268,24 @@ def _segment_sum_local(factor, rate, backend, dy, keys, tok, rng, like):
     gradient's sharding; keys outside ``[0, rows)`` are skipped.
     """
     sorted_keys, order = _stable_sort_by_key(keys.reshape(-1), like.shape[0])
-    # segment_starts: the CUDA kernel's int32 [rows + 1] workspace, dropped.
-    out = (jax.ShapeDtypeStruct((like.shape[0], dy.shape[-1]), dy.dtype),
-           jax.ShapeDtypeStruct((like.shape[0] + 1,), _I32))
-    grad, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
-        dy, sorted_keys, order, tok, rng, factor=np.float32(factor), rate=np.float32(rate))
+    tokens, hidden = sorted_keys.shape[0], dy.shape[-1]
+    chunk = _segment_chunk(tokens)
+    # segment_starts and partials: the CUDA kernels' workspace, dropped.
+    out = (jax.ShapeDtypeStruct((like.shape[0], hidden), dy.dtype),
+           jax.ShapeDtypeStruct((like.shape[0] + 1,), _I32),
+           jax.ShapeDtypeStruct((2 * -(-tokens // chunk), hidden), jnp.float32))
+    grad, _, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
+        dy, sorted_keys, order, tok, rng, factor=np.float32(factor), rate=np.float32(rate), chunk=np.int32(chunk))
     return grad
+
+
+def _segment_chunk(tokens: int) -> int:
+    """Sorted tokens per block of the CUDA backward: a power of two in [8, 64], about 1024 blocks.
+
+    Fewer tokens per block keep every SM busy at small batches; up to 64 amortise each block's
+    set-up at large ones. A row's segment cut by chunks costs a float32 partial per chunk.
+    """
+    return int(min(64, max(8, 1 << max(0, (tokens // 1024).bit_length() - 1))))
 
 
 def _stable_sort_by_key(keys: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
