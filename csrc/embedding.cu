@@ -18,7 +18,7 @@
 // by key (stable), so each table row's tokens form one contiguous segment in
 // ascending token order. SegmentStarts finds every row's segment start (one
 // thread per row, binary search). EmbBwdChunks splits the sorted tokens into
-// chunks of `chunk` (<= 64): one block per chunk walks its tokens in order,
+// chunks of `chunk` (<= kEmbeddingBwdMaxChunk): one block per chunk walks its tokens in order,
 // kBwdStages dy rows in flight per thread, and sums each run of equal keys in
 // float32; a segment inside one chunk is written to grad there, a segment cut
 // by chunk boundaries leaves one float32 partial per chunk it touches. Then
@@ -156,7 +156,6 @@ __global__ void __launch_bounds__(kBlock) SegmentStarts(const int32_t* keys, int
   if (r <= rows) seg[r] = static_cast<int32_t>(LowerBound(keys, tokens, r));
 }
 
-constexpr int kMaxChunk = 64;  // sorted tokens per chunk (the caller's chunk is at most this)
 constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
 
 // Block q walks chunk q's sorted tokens [q * chunk, min(q * chunk + chunk,
@@ -171,9 +170,9 @@ constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
 template <typename T, int VEC, bool DROPOUT>
 __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a, const int32_t* seg) {
   using V = cuda::Vec<T, VEC>;
-  __shared__ int32_t s_key[kMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk (-1: none)
-  __shared__ int32_t s_token[kMaxChunk];
-  __shared__ uint32_t s_index[kMaxChunk];  // token_index of each token (dropout)
+  __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk (-1: none)
+  __shared__ int32_t s_token[kEmbeddingBwdMaxChunk];
+  __shared__ uint32_t s_index[kEmbeddingBwdMaxChunk];  // token_index of each token (dropout)
   __shared__ V ring[kBwdStages][kBlock];
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
@@ -341,7 +340,7 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) {
   if (a.rows == 0 || a.hidden == 0) return cudaSuccess;
-  if (a.chunk < 1 || a.chunk > kMaxChunk) return cudaErrorInvalidValue;
+  if (a.chunk < 1 || a.chunk > kEmbeddingBwdMaxChunk) return cudaErrorInvalidValue;
   int32_t* seg = a.segment_starts;
   SegmentStarts<<<static_cast<unsigned>(CeilDiv(a.rows + 1, kBlock)), kBlock, 0, stream>>>(a.keys, a.tokens,
                                                                                          a.rows, seg);

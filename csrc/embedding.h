@@ -43,6 +43,9 @@ struct EmbeddingFwdArgs {
   float rate;
 };
 
+// Most sorted tokens per block of the CUDA backward (EmbeddingBwdArgs::chunk).
+constexpr int64_t kEmbeddingBwdMaxChunk = 64;
+
 template <typename T>
 struct EmbeddingBwdArgs {
   const T* dy;                 // [tokens, hidden]
@@ -53,7 +56,7 @@ struct EmbeddingBwdArgs {
   T* grad;                     // [rows, hidden], every element written
   int32_t* segment_starts;     // CUDA only: workspace int32 [rows + 1]
   float* partials;             // CUDA only: workspace float32 [2 * ceil(tokens / chunk), hidden]
-  int64_t chunk;               // CUDA only: sorted tokens per block, in [1, 64]
+  int64_t chunk;               // CUDA only: sorted tokens per block, in [1, kEmbeddingBwdMaxChunk]
   int64_t tokens;
   int64_t hidden;
   int64_t rows;

@@ -8,6 +8,7 @@
 // tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
 // pos_table: [max_positions, H], y/dy: [..., H], grad: [rows, H], all of one
 // float dtype. Attributes: fwd scale, rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
+#include <string>
 #include <type_traits>
 
 #include "csrc/embedding.h"
@@ -107,7 +108,10 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                       op, "segment_starts must be int32 [rows + 1]");
       e.failure())
     return e;
-  if (auto e = Expect(chunk >= 1 && chunk <= 64, op, "chunk must be in [1, 64]"); e.failure()) return e;
+  if (auto e = Expect(chunk >= 1 && chunk <= kEmbeddingBwdMaxChunk, op,
+                      "chunk must be in [1, " + std::to_string(kEmbeddingBwdMaxChunk) + "]");
+      e.failure())
+    return e;
   if (auto e = Expect(partials->element_type() == xffi::DataType::F32 && partials->dimensions().size() == 2 &&
                           partials->dimensions()[0] == 2 * ((tokens + chunk - 1) / chunk) &&
                           partials->dimensions()[1] == hidden,

@@ -279,13 +279,16 @@ def _segment_sum_local(factor, rate, backend, dy, keys, tok, rng, like):
     return grad
 
 
+_MAX_CHUNK = 64  # csrc/embedding.h kEmbeddingBwdMaxChunk
+
+
 def _segment_chunk(tokens: int) -> int:
-    """Sorted tokens per block of the CUDA backward: a power of two in [8, 64], about 1024 blocks.
+    """Sorted tokens per block of the CUDA backward: a power of two in [8, _MAX_CHUNK], about 1024 blocks.
 
     Fewer tokens per block keep every SM busy at small batches; up to 64 amortise each block's
     set-up at large ones. A row's segment cut by chunks costs a float32 partial per chunk.
     """
-    return int(min(64, max(8, 1 << max(0, (tokens // 1024).bit_length() - 1))))
+    return int(min(_MAX_CHUNK, max(8, 1 << max(0, (tokens // 1024).bit_length() - 1))))
 
 
 def _stable_sort_by_key(keys: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
