@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {device.device_kind}; backend: {ops.get_backend()}; copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
     rows = []
-    header = f"{'op':<22}{'shape':<14}{'dtype':<9}{'mode':<9}{'ours ms':>9}{'xla ms':>9}{'GB/s':>7}{'%copy':>7}{'speedup':>8}"
+    header = f"{'op':<22}{'shape':<18}{'dtype':<9}{'mode':<9}{'ours ms':>9}{'xla ms':>9}{'GB/s':>7}{'%copy':>7}{'speedup':>8}"
     print(header)
     for name in names:
         module = importlib.import_module(f"benchmarks.cases.{name}")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             for r in run_case(case, rng, copy_bw):
                 rows.append(r)
-                print(f"{r['op']:<22}{r['shape']:<14}{r['dtype']:<9}{r['mode']:<9}{r['ours_ms']:>9.4f}{r['xla_ms']:>9.4f}"
+                print(f"{r['op']:<22}{r['shape']:<18}{r['dtype']:<9}{r['mode']:<9}{r['ours_ms']:>9.4f}{r['xla_ms']:>9.4f}"
                       f"{r['ours_GBps']:>7.0f}{100 * r['ours_frac_copy_bw']:>6.0f}%{r['speedup']:>7.2f}x", flush=True)
             if args.json:  # after every case, so a run cut short keeps its rows
                 with open(args.json, "w") as f:
