@@ -13,6 +13,7 @@ benchmarks time them) with ``jax.profiler.trace`` and reads the XSpace back with
 
 * ``wall_ms``: host time per call; ``busy_ms``: time at least one kernel (or copy) ran on
   the device (union over streams); ``idle``: 1 - busy / wall, i.e. launch gaps and host work;
+  ``host_top``: the host trace events (XLA/PJRT TraceMe spans per thread) by time per call;
 * ``kernels``: kernel launches; per category (``gemm``, ``lsjax`` = our CUDA kernels,
   ``xla`` = XLA's fusions, ``copy``) their count and time;
 * the ``--top`` kernels by total time, with launches and mean microseconds.
@@ -101,6 +102,23 @@ def device_events(xspace_path: str) -> list[tuple[str, int, int]]:
     return events
 
 
+def host_events(xspace_path: str) -> list[tuple[str, str, int]]:
+    """``(thread, name, duration_ns)`` of every host trace event (TraceMe) in an XSpace file."""
+    data = jax.profiler.ProfileData.from_file(xspace_path)
+    return [(line.name, e.name, int(e.duration_ns)) for plane in data.planes if plane.name.startswith("/host:")
+            for line in plane.lines for e in line.events]
+
+
+def summarize_host(events: Iterable[tuple[str, str, int]], calls: int, top: int) -> list[dict]:
+    """The ``top`` host events by total time per call (nested events each count their own span)."""
+    totals: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+    for thread, name, dur in events:
+        totals[thread, name[:120]][0] += 1
+        totals[thread, name[:120]][1] += dur
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"thread": t, "event": n, "count": c / calls, "ms": d / 1e6 / calls} for (t, n), (c, d) in ranked]
+
+
 def summarize(events: Iterable[tuple[str, int, int]], calls: int, wall_s: float, top: int) -> dict:
     """Per-call totals, per-category and top-kernel tables of ``events`` (see module doc)."""
     events = list(events)
@@ -126,9 +144,9 @@ def summarize(events: Iterable[tuple[str, int, int]], calls: int, wall_s: float,
     }
 
 
-def profile(fn: Callable, args_per_call: list[tuple], warmup: int = 2) -> tuple[list, float]:
+def profile(fn: Callable, args_per_call: list[tuple], warmup: int = 2) -> tuple[list, float, list]:
     """Traces ``fn(*args)`` for each tuple in ``args_per_call`` (each blocked on) after
-    ``warmup`` untraced calls; returns (device events, traced wall seconds)."""
+    ``warmup`` untraced calls; returns (device events, traced wall seconds, host events)."""
     for args in args_per_call[:warmup]:
         jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as log_dir:
@@ -140,7 +158,7 @@ def profile(fn: Callable, args_per_call: list[tuple], warmup: int = 2) -> tuple[
         paths = glob.glob(f"{log_dir}/**/*.xplane.pb", recursive=True)
         if not paths:
             raise RuntimeError(f"the profiler wrote no .xplane.pb under {log_dir}")
-        return device_events(paths[0]), wall
+        return device_events(paths[0]), wall, host_events(paths[0])
 
 
 def _train_program(args, options) -> tuple[Callable, list[tuple], Callable]:
@@ -203,6 +221,10 @@ def table(result: dict) -> str:
     lines += ["", "| kernel | cat | launches/call | ms/call | mean us |", "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| `{t['kernel'][:90]}` | {t['category']} | {t['launches']:.0f} | {t['ms']:.3f} | {t['mean_us']:.1f} |"
               for t in r["top"]]
+    if r.get("host_top"):
+        lines += ["", "| host thread | host event | count/call | ms/call |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {h['thread'][:30]} | `{h['event'][:80]}` | {h['count']:.0f} | {h['ms']:.3f} |"
+                  for h in r["host_top"][:30]]
     return "\n".join(lines)
 
 
@@ -230,12 +252,13 @@ def main(argv: list[str] | None = None) -> None:
     build = {"train": _train_program, "decode": _decode_program, "case": _case_program}[args.program]
     with ops.use_backend("cpu_ffi") if args.smoke else contextlib.nullcontext():
         fn, calls, lower = build(args, options)
-        events, wall = profile(fn, calls)
+        events, wall, host = profile(fn, calls)
         if args.hlo:
             with open(args.hlo, "w") as f:
                 f.write(lower().compile().as_text())
     result = {"program": args.program, "impl": args.impl, "dtype": args.dtype, "xla_options": args.xla_options,
-              "device": jax.devices()[0].device_kind, **summarize(events, len(calls), wall, args.top)}
+              "device": jax.devices()[0].device_kind, **summarize(events, len(calls), wall, args.top),
+              "host_top": summarize_host(host, len(calls), args.top)}
     if args.program == "train":
         result.update(model=args.model, batch=args.batch_sentences, length=args.length)
     elif args.program == "case":

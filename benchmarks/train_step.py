@@ -93,7 +93,7 @@ class Variant:
     backend: str | None = None  # lsjax ops backend of the lsjax side (None: lsjax's default)
     compilation_cache: str | None = None
     platform: str | None = None  # JAX_PLATFORMS of the subprocess (None: JAX's default)
-    lsjax_overrides: tuple[str, ...] = ()  # model config key=value overrides of the lsjax side
+    lsjax_overrides: tuple[str, ...] = ()  # model (key=value) and optimizer (optimizer.key=value) overrides, lsjax side
     xla_options: str = "default"  # named XLA option set (benchmarks.profile.XLA_OPTIONS) of the step's jit
 
 
@@ -136,7 +136,9 @@ def optax_token_loss(model, params, batch, *, label_smoothing: float, determinis
 def build_step(v: Variant, sample: dict[str, np.ndarray]):
     """``(train_step, init)`` of one variant: ``init()`` is the jitted initial ``TrainState``."""
     overrides = {k: yaml.safe_load(val) for k, _, val in (o.partition("=") for o in v.lsjax_overrides)}
-    config = TrainConfig(model=v.model, precision=PRECISION[v.dtype], optimizer=OPTIMIZER, compilation_cache=None,
+    optimizer = dataclasses.replace(OPTIMIZER, **{k.removeprefix("optimizer."): overrides.pop(k)
+                                                  for k in list(overrides) if k.startswith("optimizer.")})
+    config = TrainConfig(model=v.model, precision=PRECISION[v.dtype], optimizer=optimizer, compilation_cache=None,
                          model_overrides=overrides)
     vocab = load_model_config(v.model).vocab_size
     if v.impl == "lsjax":
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="transformer-tiny, tiny batch, few steps, on CPU (backend cpu_ffi unless --backend)")
     parser.add_argument("--lsjax-overrides", default="",
                         help="comma-separated model config key=value overrides of the lsjax side, e.g. "
-                             "scan_layers=true (a scanned stack: ~15x fewer param/state arrays per call); "
+                             "scan_layers=true (a scanned stack: ~15x fewer param/state arrays per call), "
+                             "or of its optimizer as optimizer.key=value, e.g. optimizer.kernel=multi; "
                              "';' separates sets, one lsjax variant each, e.g. ';scan_layers=true'")
     parser.add_argument("--lsjax-xla-options", default="default",
                         help="comma-separated XLA option sets of benchmarks.profile.XLA_OPTIONS for the lsjax side, "
