@@ -2,13 +2,15 @@
 // multi_tensor_apply.
 //
 // A launch takes up to kMaxTensors tensors in a table passed by value as a
-// __grid_constant__ kernel parameter (under the 4 KB parameter limit of every
-// architecture), so the update of a whole model is a few launches. Each tensor
-// is cut into kChunk-element chunks, one block per chunk; a block finds its
-// tensor by binary search of the table's chunk offsets. Within a chunk each
-// thread takes kVec consecutive elements per step (16-byte moment accesses)
-// when the tensor's pointers allow it, then the scalar tail. No atomics: every
-// element is written by one thread.
+// __grid_constant__ kernel parameter (CUDA 12.1+ allows 32 KB of parameters on
+// sm_70+), so the update of a whole Transformer is one launch. Each tensor is
+// cut into kChunk-element chunks, one block per chunk; a block finds its tensor
+// by binary search of the table's chunk offsets. Within a chunk each thread
+// takes kRuns runs of kVec consecutive elements at a time (16-byte moment
+// accesses, all runs' loads in flight together) when the tensor's pointers
+// allow it, then the scalar tail. No atomics: every element is written by one
+// thread. With an `apply` flag that reads 0 every block returns at once: the
+// (aliased) outputs keep their contents, so a skipped step leaves the state as it was.
 #include "csrc/adam_update.cuh"
 #include "csrc/adam_update_multi.h"
 
@@ -20,7 +22,8 @@ using adam::UpdateAt;
 
 constexpr int kBlock = 256;
 constexpr int64_t kChunk = 16 * 1024;
-constexpr int kMaxTensors = 48;
+constexpr int kRuns = 2;  // kVec-element runs per thread in flight
+constexpr int kMaxTensors = 256;
 
 enum TensorFlag : uint8_t { kDecay = 1, kVectorAligned = 2 };
 
@@ -29,22 +32,16 @@ struct TensorTable {
   AdamUpdateArgs<P, G> tensors[kMaxTensors];
   int32_t first_chunk[kMaxTensors + 1];  // tensor t owns chunks [first_chunk[t], first_chunk[t + 1])
   uint8_t flags[kMaxTensors];            // TensorFlag bits
+  const int32_t* apply;                  // nullptr, or device int32: 0 skips the update
   int32_t count;
 };
-static_assert(sizeof(TensorTable<float, float>) <= 4000, "the table must fit the 4 KB kernel parameter space");
+static_assert(sizeof(TensorTable<float, float>) <= 32000, "the table must fit the 32 KB kernel parameter space");
 
 template <typename P, typename G>
-__global__ void __launch_bounds__(kBlock) AdamUpdateMultiKernel(const __grid_constant__ TensorTable<P, G> table) {
+__global__ void __launch_bounds__(kBlock, 4) AdamUpdateMultiKernel(const __grid_constant__ TensorTable<P, G> table) {
+  if (table.apply != nullptr && *table.apply == 0) return;
   const int chunk = blockIdx.x;
-  int t = 0;
-  for (int hi = table.count - 1; t < hi;) {  // the last t with first_chunk[t] <= chunk
-    const int mid = (t + hi + 1) / 2;
-    if (table.first_chunk[mid] <= chunk) {
-      t = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
+  const int t = cuda::TableIndex(table.first_chunk, table.count, chunk);
   const AdamUpdateArgs<P, G> a = table.tensors[t];  // in registers: read once
   const uint8_t flags = table.flags[t];
   float s[kNumAdamScalars];
@@ -56,7 +53,9 @@ __global__ void __launch_bounds__(kBlock) AdamUpdateMultiKernel(const __grid_con
   int64_t tail = begin;
   if (flags & kVectorAligned) {
     tail = begin + (end - begin) / kVec * kVec;
-    for (int64_t i = begin + threadIdx.x * kVec; i < tail; i += kBlock * kVec) UpdateAt<P, G, kVec>(a, s, i);
+    for (int64_t i = begin + threadIdx.x * kVec; i < tail; i += kRuns * kBlock * kVec) {
+      UpdateAt<P, G, kVec, kRuns>(a, s, i, kBlock * kVec, tail);
+    }
   }
   for (int64_t i = tail + threadIdx.x; i < end; i += kBlock) UpdateAt<P, G, 1>(a, s, i);
 }
@@ -65,8 +64,9 @@ __global__ void __launch_bounds__(kBlock) AdamUpdateMultiKernel(const __grid_con
 
 template <typename P, typename G>
 cudaError_t AdamUpdateMultiCuda(const AdamUpdateArgs<P, G>* tensors, const int32_t* decay,
-                                int64_t count, cudaStream_t stream) {
+                                int64_t count, const int32_t* apply, cudaStream_t stream) {
   TensorTable<P, G> table{};
+  table.apply = apply;
   int64_t chunks = 0;
   auto launch = [&] {
     table.first_chunk[table.count] = static_cast<int32_t>(chunks);
@@ -91,7 +91,7 @@ cudaError_t AdamUpdateMultiCuda(const AdamUpdateArgs<P, G>* tensors, const int32
 
 #define LSJAX_INSTANTIATE(P, G)                                                                   \
   template cudaError_t AdamUpdateMultiCuda<P, G>(const AdamUpdateArgs<P, G>*, const int32_t*, int64_t, \
-                                                 cudaStream_t);
+                                                 const int32_t*, cudaStream_t);
 LSJAX_ADAM_DTYPE_PAIRS(LSJAX_INSTANTIATE, float, __half, __nv_bfloat16)
 #undef LSJAX_INSTANTIATE
 

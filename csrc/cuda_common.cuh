@@ -54,6 +54,21 @@ __device__ __forceinline__ void StoreFloats(T* p, const float (&in)[VEC]) {
   *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
+// The last t in [0, count) with first[t] <= item (first ascending, first[0] <= item):
+// which tensor of a multi-tensor table owns block `item`.
+__device__ __forceinline__ int TableIndex(const int32_t* first, int count, int item) {
+  int t = 0;
+  for (int hi = count - 1; t < hi;) {
+    const int mid = (t + hi + 1) / 2;
+    if (first[mid] <= item) {
+      t = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return t;
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

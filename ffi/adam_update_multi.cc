@@ -1,12 +1,14 @@
 // XLA FFI handler for the multi-tensor Adam update. Target (for "cpu" and,
 // when built, "CUDA"), for k leaves:
-//   adam_update_multi (scalars, params[k]..., grads[k]..., mus[k]..., nus[k]...)
+//   adam_update_multi (scalars, apply, params[k]..., grads[k]..., mus[k]..., nus[k]...)
 //     -> (new_params[k]..., new_mus[k]..., new_nus[k]...)
 //   attribute decay: int32[k], leaf i takes weight decay iff decay[i] != 0.
 // All params share one dtype (f32/f16/bf16), all grads one dtype; leaf i's
 // grad, moments and outputs have param i's element count; moments f32 (the
 // Python wrapper aliases mus -> new_mus and nus -> new_nus); new params in the
-// params' dtype; scalars: f32[kNumAdamScalars] (csrc/adam_update.h).
+// params' dtype; scalars: f32[kNumAdamScalars] (csrc/adam_update.h); apply:
+// int32[], 0 = write nothing (a skipped step: the Python wrapper then aliases
+// every output to its input, so they keep the old values).
 #include <string>
 #include <vector>
 
@@ -48,10 +50,14 @@ xffi::Error Collect(const xffi::RemainingArgs& args, const xffi::RemainingRets& 
   return xffi::Error::Success();
 }
 
-xffi::Error Check(const Buf& scalars, const Leaves& leaves) {
+xffi::Error Check(const Buf& scalars, const Buf& apply, const Leaves& leaves) {
   const auto f32 = xffi::DataType::F32;
   if (auto e = Expect(scalars.element_type() == f32 && scalars.element_count() == kNumAdamScalars, kOp,
                       "scalars must be float32[" + std::to_string(kNumAdamScalars) + "]");
+      e.failure())
+    return e;
+  if (auto e = Expect(apply.element_type() == xffi::DataType::S32 && apply.element_count() == 1, kOp,
+                      "apply must be an int32 scalar");
       e.failure())
     return e;
   const auto ptype = leaves[kParam][0].element_type(), gtype = leaves[kGrad][0].element_type();
@@ -75,12 +81,13 @@ xffi::Error Check(const Buf& scalars, const Leaves& leaves) {
   return xffi::Error::Success();
 }
 
-// Checks the call, dispatches (param dtype, grad dtype) and calls run(tensors, decay, k).
+// Checks the call, dispatches (param dtype, grad dtype) and calls run(tensors, decay, k, apply).
 template <typename Types, typename Run>
-xffi::Error UpdateMulti(Run&& run, Buf scalars, xffi::RemainingArgs args, xffi::RemainingRets rets, Decay decay) {
+xffi::Error UpdateMulti(Run&& run, Buf scalars, Buf apply, xffi::RemainingArgs args, xffi::RemainingRets rets,
+                        Decay decay) {
   Leaves leaves;
   if (auto e = Collect(args, rets, decay.size(), leaves); e.failure()) return e;
-  if (auto e = Check(scalars, leaves); e.failure()) return e;
+  if (auto e = Check(scalars, apply, leaves); e.failure()) return e;
   return DispatchFloat<Types>(leaves[kParam][0].element_type(), kOp, [&](auto ptag) {
     return DispatchFloat<Types>(leaves[kGrad][0].element_type(), kOp, [&](auto gtag) {
       using P = typename decltype(ptag)::type;
@@ -93,21 +100,21 @@ xffi::Error UpdateMulti(Run&& run, Buf scalars, xffi::RemainingArgs args, xffi::
                            In<float>(scalars), static_cast<P*>(at(kNewParam)), static_cast<float*>(at(kNewM)),
                            static_cast<float*>(at(kNewV)), static_cast<int64_t>(leaves[kParam][i].element_count())});
       }
-      return run(tensors.data(), decay.begin(), static_cast<int64_t>(tensors.size()));
+      return run(tensors.data(), decay.begin(), static_cast<int64_t>(tensors.size()), In<int32_t>(apply));
     });
   });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     AdamUpdateMultiCpuHandler,
-    [](Buf scalars, xffi::RemainingArgs args, xffi::RemainingRets rets, Decay decay) {
-      auto run = [](const auto* tensors, const int32_t* flags, int64_t k) {
-        AdamUpdateMultiCpu(tensors, flags, k);
+    [](Buf scalars, Buf apply, xffi::RemainingArgs args, xffi::RemainingRets rets, Decay decay) {
+      auto run = [](const auto* tensors, const int32_t* flags, int64_t k, const int32_t* apply) {
+        AdamUpdateMultiCpu(tensors, flags, k, apply);
         return xffi::Error::Success();
       };
-      return UpdateMulti<CpuTypes>(run, scalars, args, rets, decay);
+      return UpdateMulti<CpuTypes>(run, scalars, apply, args, rets, decay);
     },
-    xffi::Ffi::Bind().Arg<Buf>().RemainingArgs().RemainingRets().Attr<Decay>("decay"));
+    xffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().RemainingArgs().RemainingRets().Attr<Decay>("decay"));
 
 LSJAX_FFI_TARGET_CPU(kOp, AdamUpdateMultiCpuHandler);
 
@@ -115,14 +122,16 @@ LSJAX_FFI_TARGET_CPU(kOp, AdamUpdateMultiCpuHandler);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     AdamUpdateMultiCudaHandler,
-    [](cudaStream_t stream, Buf scalars, xffi::RemainingArgs args, xffi::RemainingRets rets, Decay decay) {
-      auto run = [stream](const auto* tensors, const int32_t* flags, int64_t k) {
-        return CudaStatus(AdamUpdateMultiCuda(tensors, flags, k, stream), kOp);
+    [](cudaStream_t stream, Buf scalars, Buf apply, xffi::RemainingArgs args, xffi::RemainingRets rets,
+       Decay decay) {
+      auto run = [stream](const auto* tensors, const int32_t* flags, int64_t k, const int32_t* apply) {
+        return CudaStatus(AdamUpdateMultiCuda(tensors, flags, k, apply, stream), kOp);
       };
-      return UpdateMulti<CudaTypes>(run, scalars, args, rets, decay);
+      return UpdateMulti<CudaTypes>(run, scalars, apply, args, rets, decay);
     },
     xffi::Ffi::Bind()
         .Ctx<xffi::PlatformStream<cudaStream_t>>()
+        .Arg<Buf>()
         .Arg<Buf>()
         .RemainingArgs()
         .RemainingRets()

@@ -94,6 +94,22 @@ def test_donated_moments_are_updated_in_place(rng):
 
 
 @needs_ffi
+@pytest.mark.parametrize("backend", ["xla", "cpu_ffi"])
+def test_apply_flag_gates_the_step_in_place(rng, backend):
+    *args, decay = _leaves(rng, [(64, 16), (7,), (513,), ()], dtypes=[jnp.bfloat16, jnp.float16])
+    fn = jax.jit(lambda p, g, m, v, s, a: adam_update_multi(p, g, m, v, s, decay, apply=a), donate_argnums=(0, 2, 3))
+    with ops.use_backend(backend):
+        want = _jit(adam_update_multi, decay)(*args)
+        for apply, expected in ((True, want), (False, (args[0], args[2], args[3]))):
+            donated = [jax.tree.map(jnp.array, x) for x in args]
+            buffers = [x.unsafe_buffer_pointer() for x in donated[0] + donated[2] + donated[3]]
+            got = fn(*donated, jnp.bool_(apply))
+            if backend == "cpu_ffi":  # written in place, or for a skipped step not written at all
+                assert [x.unsafe_buffer_pointer() for x in got[0] + got[1] + got[2]] == buffers
+            _assert_identical(got, expected)
+
+
+@needs_ffi
 def test_empty_list():
     with ops.use_backend("cpu_ffi"):
         assert adam_update_multi([], [], [], [], _scalars(), []) == ([], [], [])
@@ -119,6 +135,10 @@ def test_bad_input():
         adam_update_multi([x.astype(jnp.int32) for x in p], p, f32, f32, s, (True, True))
     with pytest.raises(TypeError, match=r"decay\[1\] must be a Python bool"):
         adam_update_multi(p, p, f32, f32, s, (True, jnp.bool_(True)))
+    with pytest.raises(ValueError, match="apply needs in_place=True"):
+        adam_update_multi(p, p, f32, f32, s, (True, True), in_place=False, apply=jnp.bool_(False))
+    with pytest.raises(ValueError, match="apply must have shape"):
+        adam_update_multi(p, p, f32, f32, s, (True, True), apply=jnp.ones((2,), bool))
 
 
 @needs_ffi
@@ -144,9 +164,9 @@ def test_sharded_leaves_keep_their_sharding(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("count", [3, 200])
+@pytest.mark.parametrize("count", [3, 300])
 def test_cuda_matches_per_leaf_cuda(rng, count):
-    # 200 leaves > one launch's table; (70000,) and (300, 513) span several chunks; (0, 3) passes through.
+    # 300 leaves > one launch's table (256); (70000,) and (300, 513) span several chunks; (0, 3) passes through.
     shapes = [SHAPES[i % len(SHAPES)] for i in range(count)] + [(300, 513)]
     gpu = jax.devices("gpu")[0]
     *args, decay = _leaves(rng, shapes)
@@ -158,3 +178,15 @@ def test_cuda_matches_per_leaf_cuda(rng, count):
     with ops.use_backend("cpu_ffi"):
         cpu = _jit(adam_update_multi, decay)(*jax.device_put(args, jax.devices("cpu")[0]))
     _assert_identical(jax.device_put(got, jax.devices("cpu")[0]), cpu)
+
+
+@pytest.mark.gpu
+def test_cuda_apply_flag_gates_the_step(rng):
+    *args, decay = _leaves(rng, [SHAPES[i % len(SHAPES)] for i in range(40)])
+    args = jax.device_put(args, jax.devices("gpu")[0])
+    fn = jax.jit(lambda p, g, m, v, s, a: adam_update_multi(p, g, m, v, s, decay, apply=a), donate_argnums=(0, 2, 3))
+    with ops.use_backend("cuda"):
+        want = _jit(adam_update_multi, decay)(*args)
+        for apply, expected in ((True, want), (False, (args[0], args[2], args[3]))):
+            got = fn(*[jax.tree.map(jnp.array, x) for x in args], jnp.bool_(apply))
+            _assert_identical(got, expected)

@@ -184,10 +184,8 @@ def test_fused_adamw_matches_jnp_path(rng, dtype):
 
 
 def _donated_step(tx):
-    def step(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return optim.apply_updates(params, updates), state
-    return jax.jit(step, donate_argnums=(0, 2))
+    return jax.jit(lambda params, grads, state: optim.apply_gradients(tx, grads, state, params),
+                   donate_argnums=(0, 2))
 
 
 @pytest.mark.skipif("cpu_ffi" not in ops.available_backends(), reason="lsjax._ffi not built")
@@ -205,6 +203,46 @@ def test_fused_step_is_in_place_and_keeps_shardings(rng):
         step = _donated_step(tx)
         hlo = step.lower(params, grads, state).compile().as_text()
         new_params, _ = step(params, grads, state)
-    assert "all-gather" not in hlo and " copy(" not in hlo  # moments updated in place, shard by shard
+    assert "all-gather" not in hlo and " copy(" not in hlo  # params and moments in place, shard by shard
     for k, p in new_params.items():
         assert p.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec[k]), p.ndim), k
+
+
+def _bits(tree):
+    return [np.asarray(x).reshape(-1).view(np.uint8) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.skipif("cpu_ffi" not in ops.available_backends(), reason="lsjax._ffi not built")
+@pytest.mark.parametrize("kernel", ["xla", "multi"])
+def test_apply_gradients_skips_a_nonfinite_step_and_matches_update(rng, kernel):
+    params = _params(rng, jnp.float16)
+    tx = optim.loss_scaled(optim.adamw(1e-2, weight_decay=0.1, kernel=kernel), optim.DynamicLossScale.create(16.0))
+    assert isinstance(tx, optim.ParamsWriter)
+    grads = _grads(rng, params, 16.0)
+    bad = {**grads, "w": grads["w"].at[2, 3].set(jnp.inf)}
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731 (the step donates params and state)
+    with ops.use_backend("cpu_ffi"):
+        step = _donated_step(tx)
+        state = tx.init(params)
+        updates, want_state = jax.jit(tx.update)(grads, state, params)
+        want = optim.apply_updates(params, updates)
+        new, new_state = step(copy(params), grads, copy(state))
+        skipped, skipped_state = step(copy(new), bad, copy(new_state))
+    assert all((a == b).all() for a, b in zip(_bits(new), _bits(want)))
+    assert all((a == b).all() for a, b in zip(_bits(new_state), _bits(want_state)))
+    assert all((a == b).all() for a, b in zip(_bits(skipped), _bits(new)))  # params unchanged
+    inner, skipped_inner = new_state.inner_state, skipped_state.inner_state
+    assert all((a == b).all() for a, b in zip(_bits((inner.mu, inner.nu, inner.count)),
+                                               _bits((skipped_inner.mu, skipped_inner.nu, skipped_inner.count))))
+    assert int(skipped_state.skipped_steps) == 1
+    assert float(skipped_state.loss_scale.loss_scale) == 8.0
+
+
+def test_apply_gradients_of_an_optax_transform_is_update_plus_apply_updates(rng):
+    params = _params(rng)
+    grads = _grads(rng, params)
+    tx = optax.adam(1e-2)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params)
+    new, _ = optim.apply_gradients(tx, grads, state, params)
+    _assert_tree_close(new, optax.apply_updates(params, updates), rtol=0)

@@ -6,6 +6,7 @@ Choose the implementation with :func:`use_backend` or ``LSJAX_BACKEND``
 
 from lsjax.ops.adam_update import adam_scalars, adam_update, adam_update_reference
 from lsjax.ops.adam_update_multi import adam_update_multi, adam_update_multi_reference
+from lsjax.ops.all_finite import all_finite, all_finite_reference
 from lsjax.ops.attention_softmax import attention_softmax, attention_softmax_reference
 from lsjax.ops.backend import (
     BACKENDS,
@@ -38,6 +39,8 @@ __all__ = [
     "adam_update_reference",
     "adam_update_multi",
     "adam_update_multi_reference",
+    "all_finite",
+    "all_finite_reference",
     "decode_dense",
     "decode_dense_reference",
     "attention_softmax",

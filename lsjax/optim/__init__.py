@@ -8,6 +8,10 @@ Usage (float16)::
     grads = jax.grad(lambda p: opt_state.loss_scale.scale(loss_fn(p, batch)))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optim.apply_updates(params, updates)
+
+or, letting an lsjax transform write the params itself (in place with ``kernel="multi"``)::
+
+    params, opt_state = optim.apply_gradients(tx, grads, opt_state, params)
 """
 
 from lsjax.optim.loss_scale import (
@@ -20,7 +24,17 @@ from lsjax.optim.loss_scale import (
 )
 from lsjax.optim.memory import state_bytes_per_param
 from lsjax.optim.schedules import inverse_sqrt_schedule
-from lsjax.optim.transform import AdamState, GatedTransformation, LionState, adam, adamw, apply_updates, lion
+from lsjax.optim.transform import (
+    AdamState,
+    GatedTransformation,
+    LionState,
+    ParamsWriter,
+    adam,
+    adamw,
+    apply_gradients,
+    apply_updates,
+    lion,
+)
 
 __all__ = [
     "AdamState",
@@ -30,9 +44,11 @@ __all__ = [
     "LossScale",
     "LossScaleState",
     "NoOpLossScale",
+    "ParamsWriter",
     "adam",
     "adamw",
     "all_finite",
+    "apply_gradients",
     "apply_updates",
     "inverse_sqrt_schedule",
     "lion",

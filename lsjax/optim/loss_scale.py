@@ -2,8 +2,8 @@
 
 The train step multiplies the loss by the current scale before ``jax.grad``; the
 :func:`loss_scaled` transform then unscales the gradients in float32, checks them
-for inf/NaN over every leaf (a ``jnp`` reduction, so sharded gradients need no
-gather beyond XLA's own all-reduce of one bool) and either runs the inner
+for inf/NaN over every leaf (:func:`lsjax.ops.all_finite`: one multi-tensor check;
+sharded gradients are checked shard by shard and one flag is all-reduced) and either runs the inner
 transform or skips the step: params, moments and the inner step count stay
 unchanged and the scale is divided by ``factor``. After ``period`` clean steps
 in a row the scale is multiplied by ``factor``. bfloat16 needs no scaling: use
@@ -22,17 +22,16 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lsjax.optim.transform import GatedTransformation
+from lsjax import ops
+from lsjax.optim.transform import GatedTransformation, ParamsWriter
 
 _F32 = jnp.float32
 
 
 def all_finite(tree) -> jax.Array:
-    """bool scalar: every element of every leaf is finite."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+    """bool scalar: every element of every leaf is finite (:func:`lsjax.ops.all_finite`:
+    one check for all leaves on the FFI backends, a reduction per leaf on ``"xla"``)."""
+    return ops.all_finite(jax.tree.leaves(tree))
 
 
 @struct.dataclass
@@ -123,19 +122,20 @@ def loss_scaled(inner: optax.GradientTransformation, loss_scale: LossScale) -> o
     ``skipped_steps`` and lowers the scale; otherwise it runs ``inner`` on
     ``loss_scale.unscale(grads)``. Both outcomes are computed and one is selected on the
     device (no ``lax.cond``); an lsjax transform (:class:`GatedTransformation`) does the
-    unscaling and the selection inside its own update. Put it outermost:
+    unscaling and the selection inside its own update, and the result is then a
+    :class:`lsjax.optim.ParamsWriter` (see :func:`lsjax.optim.apply_gradients`). Put it outermost:
     ``loss_scaled(optax.chain(optax.clip_by_global_norm(1.0), adamw(...)), scale)``.
     """
 
     def init(params):
         return LossScaleState(inner.init(params), loss_scale, jnp.zeros([], jnp.int32))
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, params_out=False):
         finite = all_finite(grads)
         if isinstance(inner, GatedTransformation):  # unscaling and skipping fused into its update
             grad_scale = state.loss_scale.unscale(jnp.ones((), _F32))
             updates, inner_state = inner.update(grads, state.inner_state, params, grad_scale=grad_scale,
-                                                finite=finite)
+                                                finite=finite, params_out=params_out)
         else:  # computed either way, then selected on the device (no lax.cond: see GatedTransformation)
             updates, inner_state = inner.update(state.loss_scale.unscale(grads), state.inner_state, params)
             updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
@@ -144,4 +144,6 @@ def loss_scaled(inner: optax.GradientTransformation, loss_scale: LossScale) -> o
                                    state.skipped_steps + (~finite).astype(jnp.int32))
         return updates, new_state
 
+    if isinstance(inner, GatedTransformation):  # with params_out=True, inner writes the new params
+        return ParamsWriter(init, update)
     return optax.GradientTransformation(init, update)

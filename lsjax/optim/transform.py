@@ -48,7 +48,16 @@ class AdamState(NamedTuple):
     key: jax.Array | None  # uint32 key data for stochastic rounding, else None
 
 
-class GatedTransformation(optax.GradientTransformationExtraArgs):
+class ParamsWriter(optax.GradientTransformationExtraArgs):
+    """A transform that can write the new params itself: its ``update`` also takes
+    ``params_out=True`` and then returns ``(new_params, new_state)`` instead of updates.
+
+    :func:`apply_gradients` uses that path, so a fused kernel updates params and moments
+    in place (no float32 update tree, no separate ``p + u`` pass per leaf).
+    """
+
+
+class GatedTransformation(ParamsWriter):
     """An lsjax transform whose ``update`` also takes two keyword arguments, so that
     :func:`lsjax.optim.loss_scaled` hands it the loss-scaling work to fuse:
 
@@ -57,6 +66,8 @@ class GatedTransformation(optax.GradientTransformationExtraArgs):
     * ``finite``: bool scalar; False makes the step a no-op (zero updates, state
       unchanged), selected on the device: no ``lax.cond``, whose predicate XLA:GPU
       copies to the host, stalling the step until the backward pass is done.
+
+    and ``params_out`` (:class:`ParamsWriter`).
     """
 
 
@@ -98,6 +109,25 @@ def apply_updates(params: optax.Params, updates: optax.Updates) -> optax.Params:
         return (p.astype(_F32) + u.astype(_F32)).astype(p.dtype)
 
     return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None)
+
+
+def apply_gradients(tx: optax.GradientTransformation, grads: optax.Updates, state: optax.OptState,
+                    params: optax.Params) -> tuple[optax.Params, optax.OptState]:
+    """``(new_params, new_state)`` of one step of ``tx``.
+
+    A :class:`ParamsWriter` (the lsjax transforms, and :func:`lsjax.optim.loss_scaled`
+    around one) writes the new params itself; any other transform goes through
+    ``tx.update`` and :func:`apply_updates`.
+    """
+    if isinstance(tx, ParamsWriter):
+        return tx.update(grads, state, params, params_out=True)
+    updates, state = tx.update(grads, state, params)
+    return apply_updates(params, updates), state
+
+
+def _result(params_out: bool, params: optax.Params, updates: optax.Updates, state: optax.OptState):
+    """``(new_params, state)`` when ``params_out``, else ``(updates, state)``."""
+    return (apply_updates(params, updates), state) if params_out else (updates, state)
 
 
 def _check_params(params: optax.Params, who: str) -> None:
@@ -195,13 +225,14 @@ def adamw(
       seed: seed of that key.
       kernel: ``"xla"`` (default): each leaf's float32 update is jnp that XLA fuses into
         one elementwise kernel; ``"multi"``: all leaves in one
-        :func:`lsjax.ops.adam_update_multi` call (a few launches in all; float32 moments
-        and nearest rounding only). XLA's per-leaf fusions were the faster on the H100
-        (0.77 vs 0.96 ms for transformer-base's 197 leaves, ``benchmarks/RESULTS.md``).
+        :func:`lsjax.ops.adam_update_multi` call (one launch per dtype pair; float32
+        moments and nearest rounding only), which through :func:`apply_gradients`
+        updates params and moments in place and, for a skipped step, writes nothing.
 
     Returns:
       A :class:`GatedTransformation` whose ``update(grads, state, params)`` needs
-      ``params`` and returns float32 updates for :func:`apply_updates`.
+      ``params`` and returns float32 updates for :func:`apply_updates` (or, with
+      ``params_out=True``, the new params).
     """
     who = "lsjax.optim.adamw"
     _check_options(who, moment_dtype, rounding)
@@ -216,7 +247,7 @@ def adamw(
         return AdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
                          jax.tree.map(zeros, params), _init_key(rounding, seed))
 
-    def update(grads, state, params=None, *, grad_scale=None, finite=None, **extra_args):
+    def update(grads, state, params=None, *, grad_scale=None, finite=None, params_out=False, **extra_args):
         if params is None:
             raise ValueError(f"{who}: update needs params (it computes the new params itself)")
         _check_params(params, who)
@@ -228,21 +259,25 @@ def adamw(
         bc1, bc2 = _bias_correction(b1, count), _bias_correction(b2, count)
         decays = _decay_mask(mask, params)
         scalars = adam_scalars(lr, b1, b2, eps, weight_decay, bc1, bc2, _grad_scale(grad_scale))
-        if kernel == "multi":  # the kernel rounds each param once; its step is exact in float32
-            # (moments in place unless a skipped step must keep the old ones)
+        if kernel == "multi":  # the kernel rounds each param once and, for a skipped step, writes nothing
             new_ps, new_m, new_v = adam_update_multi(p_leaves, g_leaves, m_leaves, v_leaves, scalars, decays,
-                                                     in_place=finite is None)
-            steps = [n.astype(_F32) - p.astype(_F32) for n, p in zip(new_ps, p_leaves)]
-        else:
-            out = [adam_step_reference(p, g, m, v, leaf_scalars(scalars, d))
-                   for p, g, m, v, d in zip(p_leaves, g_leaves, m_leaves, v_leaves, decays)]
-            steps = [o[0] for o in out]
-            new_m = [o[1].astype(moment_dtype) for o in out]
-            new_v = [o[2].astype(moment_dtype) for o in out]
+                                                     apply=finite)
+            new_params, mu, nu = _unflatten(treedef, new_ps, new_m, new_v)
+            new_state = AdamState(count if finite is None else jnp.where(finite, count, state.count), mu, nu,
+                                  state.key)
+            if params_out:
+                return new_params, new_state
+            steps = [n.astype(_F32) - p.astype(_F32) for n, p in zip(new_ps, p_leaves)]  # exact: one rounding
+            return jax.tree.unflatten(treedef, steps), new_state
+        out = [adam_step_reference(p, g, m, v, leaf_scalars(scalars, d))
+               for p, g, m, v, d in zip(p_leaves, g_leaves, m_leaves, v_leaves, decays)]
+        steps = [o[0] for o in out]
+        new_m = [o[1].astype(moment_dtype) for o in out]
+        new_v = [o[2].astype(moment_dtype) for o in out]
         updates = _finish(p_leaves, steps, state.key, state.count)
         updates, mu, nu = _unflatten(treedef, updates, new_m, new_v)
         new_state = _gate(finite, AdamState(count, mu, nu, state.key), state)
-        return _gate(finite, updates, jax.tree.map(jnp.zeros_like, updates)), new_state
+        return _result(params_out, params, _gate(finite, updates, jax.tree.map(jnp.zeros_like, updates)), new_state)
 
     return GatedTransformation(init, update)
 
@@ -287,7 +322,7 @@ def lion(
         mu = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype), params)
         return LionState(jnp.zeros([], jnp.int32), mu, _init_key(rounding, seed))
 
-    def update(grads, state, params=None, *, grad_scale=None, finite=None, **extra_args):
+    def update(grads, state, params=None, *, grad_scale=None, finite=None, params_out=False, **extra_args):
         if params is None:
             raise ValueError(f"{who}: update needs params (it computes the new params itself)")
         _check_params(params, who)
@@ -305,6 +340,6 @@ def lion(
         updates = _finish(p_leaves, steps, state.key, state.count)
         updates, mu = _unflatten(treedef, updates, new_m)
         new_state = _gate(finite, LionState(optax.safe_increment(state.count), mu, state.key), state)
-        return _gate(finite, updates, jax.tree.map(jnp.zeros_like, updates)), new_state
+        return _result(params_out, params, _gate(finite, updates, jax.tree.map(jnp.zeros_like, updates)), new_state)
 
     return GatedTransformation(init, update)

@@ -70,9 +70,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, label_smo
         params = state.params
         if plan is not None:
             grads, params = plan.for_update(plan.constrain_grads(grads)), plan.for_update(params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        new_state = state.replace(step=state.step + 1, params=optim.apply_updates(params, updates),
-                                  opt_state=opt_state, rng=jax.random.key_data(rng))
+        new_params, opt_state = optim.apply_gradients(optimizer, grads, state.opt_state, params)
+        new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
+                                  rng=jax.random.key_data(rng))
         metrics = {"loss": loss, "tokens": count, "skipped_steps": opt_state.skipped_steps,
                    "loss_scale": state.opt_state.loss_scale.loss_scale}
         return new_state, metrics
