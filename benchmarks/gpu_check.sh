@@ -19,7 +19,8 @@
 #                 under each XLA option set of benchmarks.profile.XLA_OPTIONS, or those in $DECODE_XLA_OPTIONS, no top-k)
 #   ce_memory     benchmarks/cross_entropy_memory.py at 8192 x 32000 bf16 (compiled and measured peak memory)
 #   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
-#                 train step ($PROFILE_TRAIN: impl:dtype[:xla options of benchmarks.profile] triples, default "lsjax:bfloat16 plain:bfloat16") / the
+#                 train step ($PROFILE_TRAIN: impl:dtype[:xla options of benchmarks.profile[:lsjax overrides as train_step's,
+#                 e.g. optimizer.kernel=multi]], default "lsjax:bfloat16 plain:bfloat16") / the
 #                 batch-8 beam search ($PROFILE_DECODE: impl:options pairs, default "lsjax:default plain:default
 #                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
 #   profile_case  the same per-kernel table for op cases' fwd+bwd, ours and the XLA reference ($PROFILE_CASES:
@@ -129,10 +130,11 @@ for name in ${BENCH//,/ }; do
                   --no-topk --out "$OUT/decode_dense.json" ;;
     decode_xla) bench decode_xla $PY -m benchmarks.decode --batches 8,64 --dtypes bfloat16 --no-topk \
                   --xla-options "${DECODE_XLA_OPTIONS:-default,while,cublas,while+cublas}" --out "$OUT/decode_xla.json" ;;
-    profile_train) for v in ${PROFILE_TRAIN:-lsjax:bfloat16 plain:bfloat16}; do IFS=: read -r impl dtype xopt <<< "$v"
+    profile_train) for v in ${PROFILE_TRAIN:-lsjax:bfloat16 plain:bfloat16}; do IFS=: read -r impl dtype xopt ovr <<< "$v"
         set -- "$impl" "$dtype" "${xopt:-default}"
-        bench "profile_train_$1_$2${xopt:+_$xopt}" $PY -m benchmarks.profile train --impl $1 --dtype $2 --xla-options $3 --top "${PROFILE_TOP:-40}" \
-          --out "$OUT/profile_train_$1_$2${xopt:+_$xopt}.json" --hlo "$OUT/profile_train_$1_$2${xopt:+_$xopt}.hlo.txt"
+        name="profile_train_$1_$2${xopt:+_$xopt}${ovr:+_${ovr//[=.,]/-}}"
+        bench "$name" $PY -m benchmarks.profile train --impl $1 --dtype $2 --xla-options $3 --top "${PROFILE_TOP:-40}" \
+          ${ovr:+--lsjax-overrides "$ovr"} --out "$OUT/$name.json" --hlo "$OUT/$name.hlo.txt"
       done ;;
     profile_decode) for v in ${PROFILE_DECODE:-lsjax:default plain:default lsjax:while}; do set -- ${v/:/ }
         bench "profile_decode_$1_$2" $PY -m benchmarks.profile decode --impl $1 --xla-options $2 --top "${PROFILE_TOP:-40}" \

@@ -165,7 +165,7 @@ def _train_program(args, options) -> tuple[Callable, list[tuple], Callable]:
     from benchmarks import train_step
 
     v = train_step.Variant(args.model, args.dtype, args.impl, args.batch_sentences, args.length, args.length,
-                           args.steps, 0)
+                           args.steps, 0, lsjax_overrides=tuple(o for o in args.lsjax_overrides.split(",") if o))
     vocab = train_step.load_model_config(v.model).vocab_size
     batches = jax.device_put(train_step.make_batches(v, vocab, args.steps))
     step_fn, init = train_step.build_step(v, batches[0])
@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-sentences", type=int, default=128, help="train: sentences per batch")
     parser.add_argument("--length", type=int, default=64, help="train: source and target positions")
+    parser.add_argument("--lsjax-overrides", default="",
+                        help="train: comma-separated overrides of the lsjax side, as benchmarks.train_step's")
     parser.add_argument("--batch", type=int, default=8, help="decode: batch (beam 4, 64 forced steps)")
     parser.add_argument("--case", default="embedding:256x256x1024:bfloat16", help="case: module:shape:dtype[:op]")
     parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd", help="case: what is traced")
