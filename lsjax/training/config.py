@@ -53,7 +53,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """lsjax.optim settings; ``lr`` is the peak of an inverse-sqrt schedule with linear warmup.
-    ``kernel``: adam/adamw's update path (``lsjax.optim.adamw``: ``"xla"`` or ``"multi"``)."""
+    ``kernel``: adam/adamw's update path (``lsjax.optim.adamw``: ``"xla"`` or ``"multi"``); ``"auto"``
+    takes ``"multi"`` (one in-place kernel for every leaf) for lsjax adam/adamw with float32
+    moments, nearest rounding and no clipping, else ``"xla"``."""
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -65,7 +67,7 @@ class OptimizerConfig:
     clip_norm: float = 0.0
     moment_dtype: str = "float32"
     rounding: str = "nearest"
-    kernel: str = "xla"
+    kernel: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

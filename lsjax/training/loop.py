@@ -92,10 +92,15 @@ def build_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, 
     else:
         library, common = optim, {"moment_dtype": jnp.dtype(o.moment_dtype), "rounding": o.rounding,
                                   "seed": config.seed}
-    if o.kernel != "xla" and (config.master_weights or o.name == "lion"):
+    kernel = o.kernel
+    if kernel == "auto":  # the fused in-place update where it applies (not behind a clipping chain)
+        fused = (not config.master_weights and o.name != "lion" and o.moment_dtype == "float32"
+                 and o.rounding == "nearest" and o.clip_norm == 0)
+        kernel = "multi" if fused else "xla"
+    if kernel != "xla" and (config.master_weights or o.name == "lion"):
         raise ValueError(f"optimizer.kernel={o.kernel!r} applies to lsjax's adam/adamw only (not "
-                         f"{'master_weights' if config.master_weights else 'lion'}); leave it 'xla'")
-    adam_kw = {} if config.master_weights else {"kernel": o.kernel}
+                         f"{'master_weights' if config.master_weights else 'lion'}); use 'auto' or 'xla'")
+    adam_kw = {} if config.master_weights else {"kernel": kernel}
     if o.name == "adamw":
         inner = library.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, **common, **adam_kw)
     elif o.name == "adam":
