@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.batch_sentences, args.length, args.batch, args.steps = "transformer-tiny", 4, 8, 1, 3
     options = XLA_OPTIONS[args.xla_options]
     build = {"train": _train_program, "decode": _decode_program, "case": _case_program}[args.program]
-    with ops.use_backend("cpu_ffi") if args.smoke else contextlib.nullcontext():
+    # The plain side runs no lsjax kernel (its loss scaling's gradient check included).
+    backend = "xla" if args.impl == "plain" else "cpu_ffi" if args.smoke else None
+    with ops.use_backend(backend) if backend else contextlib.nullcontext():
         fn, calls, lower = build(args, options)
         events, wall, host = profile(fn, calls)
         if args.hlo:

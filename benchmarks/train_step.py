@@ -165,8 +165,13 @@ def _memory_analysis(compiled) -> dict[str, int | None]:
 
 
 def measure(v: Variant) -> dict:
-    """Compiles and times one variant in this process (under ``v.backend``); returns its result row."""
-    with ops.use_backend(v.backend) if v.backend else contextlib.nullcontext():
+    """Compiles and times one variant in this process (under ``v.backend``); returns its result row.
+
+    The plain side runs under the ``"xla"`` ops backend: its loss scaling's gradient check is then
+    plain ``jnp`` too, so no lsjax kernel runs in the peer's step.
+    """
+    backend = "xla" if v.impl == "plain" else v.backend
+    with ops.use_backend(backend) if backend else contextlib.nullcontext():
         return _measure(v)
 
 
