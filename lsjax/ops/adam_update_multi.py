@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_same_dtype, check_shape
+from lsjax.ops._multi_tensor import leaf_factors, leaf_shardings
 from lsjax.ops.adam_update import ADAM_SCALARS, adam_update_reference, leaf_scalars
 
 _F32 = jnp.float32
@@ -132,28 +133,21 @@ def _local_update(backend, in_place, decay, scalars, apply, params, grads, mus, 
 _adam_update_multi_ffi = custom_partitioning(_local_update, static_argnums=(0, 1, 2))
 
 
-def _leaf_shardings(mesh, arg_shapes):
-    def like(x):
-        return NamedSharding(mesh, x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec())
-    return tuple(like(p) for p in arg_shapes[2])
-
-
 def _infer(backend, in_place, decay, mesh, arg_shapes, result_shape):
-    leaves = _leaf_shardings(mesh, arg_shapes)
+    leaves = leaf_shardings(mesh, arg_shapes[2])
     return leaves, leaves, leaves
 
 
 def _partition(backend, in_place, decay, mesh, arg_shapes, result_shape):
-    leaves = _leaf_shardings(mesh, arg_shapes)
+    leaves = leaf_shardings(mesh, arg_shapes[2])
     replicated = NamedSharding(mesh, PartitionSpec())
     args = (replicated, replicated, leaves, leaves, leaves, leaves)
     return mesh, functools.partial(_local_update, backend, in_place, decay), (leaves, leaves, leaves), args
 
 
 def _sharding_rule(backend, in_place, decay, mesh, value_types, result_types):
-    # value_types: scalars, apply, then 4 lists of k leaves; leaf i of rank r gets factors a{i}_0 ... a{i}_{r-1}.
-    k = len(decay)
-    dims = [" ".join(f"a{i}_{d}" for d in range(len(t.shape))) for i, t in enumerate(value_types[2:2 + k])]
+    # value_types: scalars, apply, then 4 lists of k leaves (params, grads, mus, nus).
+    dims = leaf_factors(value_types[2:2 + len(decay)])
     return f"s, , {', '.join(dims * 4)} -> {', '.join(dims * 3)}"
 
 

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float
+from lsjax.ops._multi_tensor import leaf_factors, leaf_shardings
 
 
 def all_finite_reference(tensors: Sequence[jax.Array]) -> jax.Array:
@@ -80,19 +81,14 @@ def _infer(backend, mesh, arg_shapes, result_shape):
 
 
 def _partition(backend, mesh, arg_shapes, result_shape):
-    def like(x):
-        return NamedSharding(mesh, x.sharding.spec if isinstance(x.sharding, NamedSharding) else PartitionSpec())
-
     def lower(tensors):
         return jax.lax.pmax(_local_check(backend, tensors), mesh.axis_names)
 
-    return mesh, lower, NamedSharding(mesh, PartitionSpec()), (tuple(like(x) for x in arg_shapes[0]),)
+    return mesh, lower, NamedSharding(mesh, PartitionSpec()), (leaf_shardings(mesh, arg_shapes[0]),)
 
 
 def _sharding_rule(backend, mesh, value_types, result_types):
-    # Leaf i of rank r gets factors a{i}_0 ... a{i}_{r-1}; the scalar result has none.
-    dims = [" ".join(f"a{i}_{d}" for d in range(len(t.shape))) for i, t in enumerate(value_types)]
-    return f"{', '.join(dims)} -> "
+    return f"{', '.join(leaf_factors(value_types))} -> "  # the scalar result has no factors
 
 
 _all_finite_ffi.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
