@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutFwdKernel(BiasD
   const bool drop = a.rate > 0.f;
   const DropoutRng rng = LoadRng(a.rng, a.rate);
   float b[VEC];
-  if (a.bias) {
-    LoadFloats<float, VEC>(a.bias + c0, b);
+  if (a.bias.data) {
+    cuda::LoadParams<T, VEC>(a.bias, c0, b);
   } else {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) b[k] = 0.f;
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) BiasDropoutBwdKernel(BiasD
   float b[VEC], acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) b[k] = acc[k] = 0.f;
-  if (Act::kNeedsInput && active && a.bias) LoadFloats<float, VEC>(a.bias + c0, b);
+  if (Act::kNeedsInput && active && a.bias.data) cuda::LoadParams<T, VEC>(a.bias, c0, b);
   const bool drop = a.rate > 0.f && !Act::kGradFromOutput;
   const DropoutRng rng = LoadRng(a.rng, drop ? a.rate : 0.f);
   const float scale = DropoutScale(a.rate);
@@ -199,14 +199,14 @@ struct Plan {
 
 // Widest access the size and every pointer allow: 16 bytes, 4 elements, or 1.
 template <typename T>
-int PickVec(int64_t cols, const void* const* ptrs, int n_ptrs, const float* bias) {
+int PickVec(int64_t cols, const void* const* ptrs, int n_ptrs, const ParamVec<T>& bias) {
   auto fits = [&](int vec) {
     if (cols % vec != 0) return false;
     const int bytes = std::min<int>(16, vec * static_cast<int>(sizeof(T)));
     for (int i = 0; i < n_ptrs; ++i) {
       if (!cuda::Aligned(ptrs[i], bytes)) return false;
     }
-    return cuda::Aligned(bias, std::min<int>(16, vec * static_cast<int>(sizeof(float))));
+    return cuda::Aligned(bias.data, std::min<int>(16, vec * static_cast<int>(bias.ElementBytes())));
   };
   if (fits(cuda::kVec16<T>)) return cuda::kVec16<T>;
   if (fits(4)) return 4;
@@ -266,15 +266,15 @@ template <typename T>
 cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stream) {
   if (a.cols == 0) return cudaSuccess;
   if (a.rows == 0) {
-    if (a.dbias) cudaMemsetAsync(a.dbias, 0, a.cols * sizeof(float), stream);
+    if (a.dbias.data) cudaMemsetAsync(a.dbias.data, 0, a.cols * a.dbias.ElementBytes(), stream);
     return cudaGetLastError();
   }
-  float* partial = a.dbias ? a.partials : nullptr;
+  float* partial = a.dbias.data ? a.partials : nullptr;
   int64_t grid_y = 0;
   bool known = DispatchActivation<T>(a.act, [&](auto act) {
     using Act = decltype(act);
     const void* ptrs[] = {a.dy, a.dx, Act::kGradFromOutput || Act::kNeedsInput ? a.saved : nullptr};
-    const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, Act::kNeedsInput ? a.bias : nullptr), a.cols);
+    const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, Act::kNeedsInput ? a.bias : ParamVec<T>{}), a.cols);
     grid_y = std::min(GridY(plan, a.rows), BiasDropoutDbiasPartials(a.rows));  // fits a.partials (>= 32 rows each)
     const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
     DispatchVec<T>(plan.vec, [&](auto vec) {
@@ -282,8 +282,8 @@ cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stre
     });
   });
   if (!known) return cudaErrorInvalidValue;
-  if (a.dbias) {
-    return cuda::LaunchColumnSums(partial, grid_y, grid_y, a.cols, a.dbias, nullptr, stream);
+  if (a.dbias.data) {
+    return cuda::LaunchColumnSums<T>(partial, grid_y, grid_y, a.cols, a.dbias, ParamGrad<T>{}, stream);
   }
   return cudaGetLastError();
 }

@@ -1,6 +1,7 @@
 // Bias + activation + dropout (+ residual) over a [rows, cols] tensor, one
 // element-wise pass with the bias broadcast along the rows. Math in float32;
-// bias and dbias are float32 [cols]. Framework-free: pointers, sizes, stream.
+// bias and dbias are [cols], float32 or T (csrc/param_vec.h). Framework-free:
+// pointers, sizes, stream.
 //
 // Forward:  v = act(x + bias);  y = keep(e) ? v / (1 - rate) : 0  (+ residual)
 // Backward: g = keep(e) ? dy / (1 - rate) : 0  (* act'(x + bias));
@@ -24,6 +25,7 @@
 #include <cstdint>
 
 #include "csrc/fast_math.h"
+#include "csrc/param_vec.h"
 
 #ifdef LSJAX_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -172,7 +174,7 @@ bool DispatchActivation(Activation act, F&& f) {
 template <typename T>
 struct BiasDropoutFwdArgs {
   const T* x;
-  const float* bias;    // nullable: no bias
+  ParamVec<T> bias;     // data nullable: no bias
   const T* residual;    // nullable: no residual add
   const uint32_t* rng;  // uint32[4] {k0, k1, off_lo, off_hi}, on the kernel's device; unread when rate == 0
   T* y;
@@ -187,10 +189,10 @@ template <typename T>
 struct BiasDropoutBwdArgs {
   const T* dy;
   const T* saved;       // the forward's y for relu, its input x for gelu/gelu_tanh; unread for identity
-  const float* bias;    // nullable: no bias (read only with x)
+  ParamVec<T> bias;     // data nullable: no bias (read only with x)
   const uint32_t* rng;  // as in the forward
   T* dx;
-  float* dbias;     // nullable: no bias gradient
+  ParamGrad<T> dbias;  // data nullable: no bias gradient; the bias's dtype
   float* partials;  // with dbias, CUDA only: float32 [BiasDropoutDbiasPartials(rows), cols]
   int64_t rows;
   int64_t cols;

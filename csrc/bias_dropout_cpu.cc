@@ -10,6 +10,8 @@ namespace lsjax {
 namespace {
 
 using cpu::FromFloat;
+using cpu::ParamAt;
+using cpu::SetParam;
 using cpu::ToFloat;
 
 template <typename T, typename Act>
@@ -19,7 +21,7 @@ void Fwd(const BiasDropoutFwdArgs<T>& a) {
   for (int64_t r = 0; r < a.rows; ++r) {
     for (int64_t c = 0; c < a.cols; ++c) {
       const int64_t e = r * a.cols + c;
-      float v = Act::F(ToFloat(a.x[e]) + (a.bias ? a.bias[c] : 0.f));
+      float v = Act::F(ToFloat(a.x[e]) + (a.bias.data ? ParamAt(a.bias, c) : 0.f));
       if (drop) v = rng.Keep(static_cast<uint64_t>(r * a.row_stride + c)) ? v * rng.scale : 0.f;
       if (a.residual) v += ToFloat(a.residual[e]);
       a.y[e] = FromFloat<T>(v);
@@ -32,7 +34,7 @@ void Bwd(const BiasDropoutBwdArgs<T>& a) {
   const bool drop = a.rate > 0.f && !Act::kGradFromOutput;
   const DropoutRng rng = drop ? MakeDropoutRng(a.rng, a.rate) : DropoutRng{};
   const float scale = DropoutScale(a.rate);
-  std::vector<float> dbias(a.dbias ? a.cols : 0, 0.f);
+  std::vector<float> dbias(a.dbias.data ? a.cols : 0, 0.f);
   for (int64_t r = 0; r < a.rows; ++r) {
     for (int64_t c = 0; c < a.cols; ++c) {
       const int64_t e = r * a.cols + c;
@@ -41,13 +43,13 @@ void Bwd(const BiasDropoutBwdArgs<T>& a) {
         g = Act::G(ToFloat(a.saved[e])) ? g * scale : 0.f;
       } else {
         if (drop) g = rng.Keep(static_cast<uint64_t>(r * a.row_stride + c)) ? g * rng.scale : 0.f;
-        if constexpr (Act::kNeedsInput) g *= Act::D(ToFloat(a.saved[e]) + (a.bias ? a.bias[c] : 0.f));
+        if constexpr (Act::kNeedsInput) g *= Act::D(ToFloat(a.saved[e]) + (a.bias.data ? ParamAt(a.bias, c) : 0.f));
       }
       a.dx[e] = FromFloat<T>(g);
-      if (a.dbias) dbias[c] += g;
+      if (a.dbias.data) dbias[c] += g;
     }
   }
-  for (int64_t c = 0; a.dbias && c < a.cols; ++c) a.dbias[c] = dbias[c];
+  for (int64_t c = 0; a.dbias.data && c < a.cols; ++c) SetParam(a.dbias, c, dbias[c]);
 }
 
 }  // namespace

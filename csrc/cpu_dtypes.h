@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "csrc/param_vec.h"
+
 namespace lsjax::cpu {
 
 struct Half {
@@ -85,6 +87,20 @@ inline Half FromFloat<Half>(float f) {
   uint32_t m = abs - 0x38000000u;  // exponent 127 -> 15
   m += 0xfffu + ((m >> 13) & 1u);
   return Half{static_cast<uint16_t>(sign | (m >> 13))};
+}
+
+// Element i of a parameter vector, as float32; writing a gradient element.
+template <typename T>
+float ParamAt(const ParamVec<T>& p, int64_t i) {
+  return p.f32 ? static_cast<const float*>(p.data)[i] : ToFloat(static_cast<const T*>(p.data)[i]);
+}
+template <typename T>
+void SetParam(const ParamGrad<T>& p, int64_t i, float v) {
+  if (p.f32) {
+    static_cast<float*>(p.data)[i] = v;
+  } else {
+    static_cast<T*>(p.data)[i] = FromFloat<T>(v);
+  }
 }
 
 }  // namespace lsjax::cpu

@@ -12,6 +12,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "csrc/param_vec.h"
+
 namespace lsjax::cuda {
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
@@ -52,6 +54,22 @@ __device__ __forceinline__ void StoreFloats(T* p, const float (&in)[VEC]) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) v.v[i] = FromFloat<T>(in[i]);
   *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+}
+
+// VEC consecutive elements of a parameter vector from element i, as float32.
+template <typename T, int VEC>
+__device__ __forceinline__ void LoadParams(const ParamVec<T>& p, int64_t i, float (&out)[VEC]) {
+  if (p.f32) {
+    LoadFloats<float, VEC>(static_cast<const float*>(p.data) + i, out);
+  } else {
+    LoadFloats<T, VEC>(static_cast<const T*>(p.data) + i, out);
+  }
+}
+
+// Element i of a parameter vector, as float32.
+template <typename T>
+__device__ __forceinline__ float ParamAt(const ParamVec<T>& p, int64_t i) {
+  return p.f32 ? static_cast<const float*>(p.data)[i] : ToFloat(static_cast<const T*>(p.data)[i]);
 }
 
 // The last t in [0, count) with first[t] <= item (first ascending, first[0] <= item):
@@ -264,8 +282,10 @@ cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, si
 // every backward that reduces over rows (dscale, dbias, ...):
 //   out_y[c] = sum_{p < parts} partials[y, p, c]   for y in {0, 1}
 // with partials laid out [n_outputs, capacity, cols] (capacity >= parts);
-// out1 may be null (one output). Summed in a fixed order; no atomics.
+// out1.data may be null (one output); each output is float32 or T (its
+// parameter's dtype), rounded once. Summed in a fixed order; no atomics.
+template <typename T>
 cudaError_t LaunchColumnSums(const float* partials, int64_t capacity, int64_t parts, int64_t cols,
-                             float* out0, float* out1, cudaStream_t stream);
+                             ParamGrad<T> out0, ParamGrad<T> out1, cudaStream_t stream);
 
 }  // namespace lsjax::cuda

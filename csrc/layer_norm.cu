@@ -85,8 +85,8 @@ __global__ void __launch_bounds__(kBlock) LnFwdRegister(LayerNormFwdArgs<T> a) {
     const int idx = i * blockDim.x + threadIdx.x;
     if (active && idx < nvec) {
       float s[VEC], b[VEC];
-      LoadFloats<float, VEC>(a.scale + idx * VEC, s);
-      LoadFloats<float, VEC>(a.bias + idx * VEC, b);
+      cuda::LoadParams<T, VEC>(a.scale, idx * VEC, s);
+      cuda::LoadParams<T, VEC>(a.bias, idx * VEC, b);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) v[i][k] = (v[i][k] - mean) * rstd * s[k] + b[k];
       StoreFloats<T, VEC>(a.y + off + idx * VEC, v[i]);
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kBlock) LnFwdGeneric(LayerNormFwdArgs<T> a) {
     RowSum2(sq, unused, smem);
     const float rstd = rsqrtf(sq / a.cols + a.eps);
     for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
-      a.y[off + c] = FromFloat<T>((load(c) - mean) * rstd * a.scale[c] + a.bias[c]);
+      a.y[off + c] = FromFloat<T>((load(c) - mean) * rstd * cuda::ParamAt(a.scale, c) + cuda::ParamAt(a.bias, c));
     }
     if (threadIdx.x == 0) {
       a.mean[row] = mean;
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kBlock, ITEMS <= 2 ? 3 : 1)
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int idx = i * blockDim.x + threadIdx.x;
-    if (idx < nvec) LoadFloats<float, VEC>(a.scale + idx * VEC, sc[i]);
+    if (idx < nvec) cuda::LoadParams<T, VEC>(a.scale, idx * VEC, sc[i]);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dsc[i][k] = dbi[i][k] = 0.f;
   }
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kBlock)
     for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
       const float xhat = (ToFloat(a.z[off + c]) - mean) * rstd;
       const float dy = ToFloat(a.dy[off + c]);
-      const float g = dy * a.scale[c];
+      const float g = dy * cuda::ParamAt(a.scale, c);
       sum_g += g;
       sum_gx += g * xhat;
       pds[c] += dy * xhat;
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kBlock)
     const float mean_g = sum_g / a.cols, mean_gx = sum_gx / a.cols;
     for (int64_t c = threadIdx.x; c < a.cols; c += blockDim.x) {
       const float xhat = (ToFloat(a.z[off + c]) - mean) * rstd;
-      float d = rstd * (ToFloat(a.dy[off + c]) * a.scale[c] - mean_g - xhat * mean_gx);
+      float d = rstd * (ToFloat(a.dy[off + c]) * cuda::ParamAt(a.scale, c) - mean_g - xhat * mean_gx);
       if (a.dz_out) d += ToFloat(a.dz_out[off + c]);
       a.dz[off + c] = FromFloat<T>(d);
     }
@@ -358,13 +358,13 @@ Plan MakePlan(int64_t cols, int items_target, int max_items, const void* const* 
 
 template <typename T>
 Plan FwdPlan(const LayerNormFwdArgs<T>& a) {
-  const void* ptrs[] = {a.x, a.residual, a.z, a.y, a.scale, a.bias};
+  const void* ptrs[] = {a.x, a.residual, a.z, a.y, a.scale.data, a.bias.data};
   return MakePlan<T>(a.cols, 4, kMaxItemsFwd, ptrs, 6);
 }
 
 template <typename T>
 Plan BwdPlan(const LayerNormBwdArgs<T>& a) {
-  const void* ptrs[] = {a.dy, a.dz_out, a.z, a.dz, a.scale};
+  const void* ptrs[] = {a.dy, a.dz_out, a.z, a.dz, a.scale.data};
   return MakePlan<T>(a.cols, 2, kMaxItemsBwd, ptrs, 5);
 }
 
@@ -403,8 +403,8 @@ template <typename T>
 cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream) {
   if (a.cols == 0) return cudaSuccess;
   if (a.rows == 0) {
-    cudaMemsetAsync(a.dscale, 0, a.cols * sizeof(float), stream);
-    cudaMemsetAsync(a.dbias, 0, a.cols * sizeof(float), stream);
+    cudaMemsetAsync(a.dscale.data, 0, a.cols * a.dscale.ElementBytes(), stream);
+    cudaMemsetAsync(a.dbias.data, 0, a.cols * a.dbias.ElementBytes(), stream);
     return cudaGetLastError();
   }
   // a.partials: float32 [2, min(rows, kLayerNormBwdMaxPartials), cols]; the
@@ -433,7 +433,7 @@ cudaError_t LayerNormBwdCuda(const LayerNormBwdArgs<T>& a, cudaStream_t stream) 
     });
   }
   if (err != cudaSuccess) return err;
-  return cuda::LaunchColumnSums(a.partials, capacity, grid, a.cols, a.dscale, a.dbias, stream);
+  return cuda::LaunchColumnSums<T>(a.partials, capacity, grid, a.cols, a.dscale, a.dbias, stream);
 }
 
 #define LSJAX_INSTANTIATE(T)                                                                  \

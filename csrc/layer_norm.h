@@ -1,6 +1,7 @@
 // Layer norm over the last axis of a [rows, cols] tensor, optionally of
 // (x + residual). Statistics and math in float32; scale/bias and their
-// gradients are float32 [cols]. Framework-free: pointers, sizes, stream.
+// gradients are [cols], float32 or T (csrc/param_vec.h, one dtype for all
+// four). Framework-free: pointers, sizes, stream.
 //
 // Forward:  z = x (+ residual, rounded to the input dtype);  mean, rstd = stats(z);  y = (z - mean) * rstd * scale + bias
 // Backward: xhat = (z - mean) * rstd;  g = dy * scale
@@ -10,6 +11,8 @@
 
 #include <cstddef>
 #include <cstdint>
+
+#include "csrc/param_vec.h"
 
 #ifdef LSJAX_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -24,8 +27,8 @@ template <typename T>
 struct LayerNormFwdArgs {
   const T* x;
   const T* residual;  // nullable: no residual add
-  const float* scale;
-  const float* bias;
+  ParamVec<T> scale;
+  ParamVec<T> bias;
   T* y;
   T* z;  // x + residual, written only when residual != nullptr
   float* mean;
@@ -40,12 +43,12 @@ struct LayerNormBwdArgs {
   const T* dy;
   const T* dz_out;  // nullable: cotangent of the z output (residual form)
   const T* z;       // the normalised input (x, or x + residual)
-  const float* scale;
+  ParamVec<T> scale;
   const float* mean;
   const float* rstd;
   T* dz;  // gradient w.r.t. z (= dx = dresidual)
-  float* dscale;
-  float* dbias;
+  ParamGrad<T> dscale;
+  ParamGrad<T> dbias;
   // Workspace for deterministic column sums (used by the CUDA kernels only):
   // float32 [2, min(rows, kLayerNormBwdMaxPartials), cols].
   float* partials;

@@ -9,6 +9,8 @@
 namespace lsjax {
 
 using cpu::FromFloat;
+using cpu::ParamAt;
+using cpu::SetParam;
 using cpu::ToFloat;
 
 template <typename T>
@@ -31,7 +33,7 @@ void LayerNormFwdCpu(const LayerNormFwdArgs<T>& a) {
     for (int64_t c = 0; c < a.cols; ++c) sq += (v[c] - mean) * (v[c] - mean);
     const float rstd = 1.f / std::sqrt(sq / a.cols + a.eps);
     for (int64_t c = 0; c < a.cols; ++c) {
-      a.y[off + c] = FromFloat<T>((v[c] - mean) * rstd * a.scale[c] + a.bias[c]);
+      a.y[off + c] = FromFloat<T>((v[c] - mean) * rstd * ParamAt(a.scale, c) + ParamAt(a.bias, c));
     }
     a.mean[r] = mean;
     a.rstd[r] = rstd;
@@ -40,7 +42,8 @@ void LayerNormFwdCpu(const LayerNormFwdArgs<T>& a) {
 
 template <typename T>
 void LayerNormBwdCpu(const LayerNormBwdArgs<T>& a) {
-  for (int64_t c = 0; c < a.cols; ++c) a.dscale[c] = a.dbias[c] = 0.f;
+  std::vector<float> scale(a.cols), dscale(a.cols, 0.f), dbias(a.cols, 0.f);
+  for (int64_t c = 0; c < a.cols; ++c) scale[c] = ParamAt(a.scale, c);
   for (int64_t r = 0; r < a.rows; ++r) {
     const int64_t off = r * a.cols;
     const float mean = a.mean[r], rstd = a.rstd[r];
@@ -48,19 +51,23 @@ void LayerNormBwdCpu(const LayerNormBwdArgs<T>& a) {
     for (int64_t c = 0; c < a.cols; ++c) {
       const float xhat = (ToFloat(a.z[off + c]) - mean) * rstd;
       const float dy = ToFloat(a.dy[off + c]);
-      const float g = dy * a.scale[c];
+      const float g = dy * scale[c];
       sum_g += g;
       sum_gx += g * xhat;
-      a.dscale[c] += dy * xhat;
-      a.dbias[c] += dy;
+      dscale[c] += dy * xhat;
+      dbias[c] += dy;
     }
     const float mean_g = sum_g / a.cols, mean_gx = sum_gx / a.cols;
     for (int64_t c = 0; c < a.cols; ++c) {
       const float xhat = (ToFloat(a.z[off + c]) - mean) * rstd;
-      float d = rstd * (ToFloat(a.dy[off + c]) * a.scale[c] - mean_g - xhat * mean_gx);
+      float d = rstd * (ToFloat(a.dy[off + c]) * scale[c] - mean_g - xhat * mean_gx);
       if (a.dz_out) d += ToFloat(a.dz_out[off + c]);
       a.dz[off + c] = FromFloat<T>(d);
     }
+  }
+  for (int64_t c = 0; c < a.cols; ++c) {
+    SetParam(a.dscale, c, dscale[c]);
+    SetParam(a.dbias, c, dbias[c]);
   }
 }
 

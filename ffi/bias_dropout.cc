@@ -7,7 +7,7 @@
 //   bias_act_dropout_bwd      (dy, saved, bias, rng)   -> (dx, dbias, partials) [activation]
 //   dropout_fwd               (x, rng)                 -> y
 //   dropout_bwd               (dy, rng)                -> dx
-// x/y/dy/dx/residual/saved: [..., H] in f32/f16/bf16; bias, dbias: f32 [H];
+// x/y/dy/dx/residual/saved: [..., H] in f32/f16/bf16; bias, dbias: [H], f32 or the input's dtype;
 // saved: the forward's y for relu, its x for the gelus (csrc/bias_dropout.h);
 // rng: u32[4] (ignored when rate == 0); row_stride >= H: element (r, c) of the
 // [rows, H] view draws Philox element r * row_stride + c plus the rng offset
@@ -31,11 +31,9 @@ xffi::Error CheckCommon(const char* op, const Buf& x, const Buf* bias, const Buf
                         int64_t row_stride, int32_t act) {
   const int64_t cols = RowsCols(x).second;
   if (auto e = Expect(x.dimensions().size() >= 1, op, "input must have rank >= 1"); e.failure()) return e;
-  if (auto e = Expect(bias == nullptr || (bias->element_type() == xffi::DataType::F32 &&
-                                          static_cast<int64_t>(bias->element_count()) == cols),
-                      op, "bias must be float32 [hidden]");
-      e.failure())
-    return e;
+  if (bias) {
+    if (auto e = CheckParam(op, *bias, x.element_type(), cols, "bias"); e.failure()) return e;
+  }
   if (auto e = Expect(rng.element_type() == xffi::DataType::U32 && rng.element_count() == 4, op,
                       "rng must be uint32[4]");
       e.failure())
@@ -63,7 +61,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* bias, const Buf* re
     using T = typename decltype(tag)::type;
     const auto [rows, cols] = RowsCols(x);
     BiasDropoutFwdArgs<T> a{In<T>(x),
-                            bias ? In<float>(*bias) : nullptr,
+                            Param<T>(bias),
                             residual ? In<T>(*residual) : nullptr,
                             In<uint32_t>(rng),
                             Out<T>(y),
@@ -86,11 +84,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* saved, const Buf* 
   if (auto e = CheckLike(op, dy, *dx, "dx"); e.failure()) return e;
   if (dbias) {
     const int64_t cols = RowsCols(dy).second;
-    if (auto e = Expect((*dbias)->element_type() == xffi::DataType::F32 &&
-                            static_cast<int64_t>((*dbias)->element_count()) == cols,
-                        op, "dbias must be float32 [hidden]");
-        e.failure())
-      return e;
+    if (auto e = CheckParam(op, **dbias, dy.element_type(), cols, "dbias"); e.failure()) return e;
     const int64_t needed = BiasDropoutDbiasPartials(RowsCols(dy).first) * cols;
     if (auto e = Expect(partials && (*partials)->element_type() == xffi::DataType::F32 &&
                             static_cast<int64_t>((*partials)->element_count()) == needed,
@@ -107,10 +101,10 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* saved, const Buf* 
     const auto [rows, cols] = RowsCols(dy);
     BiasDropoutBwdArgs<T> a{In<T>(dy),
                             saved ? In<T>(*saved) : nullptr,
-                            bias ? In<float>(*bias) : nullptr,
+                            Param<T>(bias),
                             In<uint32_t>(rng),
                             Out<T>(dx),
-                            dbias ? Out<float>(*dbias) : nullptr,
+                            ParamOut<T>(dbias),
                             dbias ? Out<float>(*partials) : nullptr,
                             rows,
                             cols,

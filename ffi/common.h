@@ -95,6 +95,26 @@ inline xffi::Error Expect(bool ok, const char* op, const std::string& what) {
   return ok ? xffi::Error::Success() : xffi::Error::InvalidArgument(std::string(op) + ": " + what);
 }
 
+// A parameter vector operand or gradient result (csrc/param_vec.h): `count` elements of
+// float32 or of the op's input dtype `like`.
+inline xffi::Error CheckParam(const char* op, const xffi::AnyBuffer& p, xffi::DataType like, int64_t count,
+                              const char* what) {
+  return Expect((p.element_type() == xffi::DataType::F32 || p.element_type() == like) &&
+                    static_cast<int64_t>(p.element_count()) == count,
+                op, std::string(what) + " must be [" + std::to_string(count) + "] of float32 or the input's dtype");
+}
+
+template <typename T>
+ParamVec<T> Param(const xffi::AnyBuffer* p) {
+  if (p == nullptr) return {};
+  return {p->untyped_data(), p->element_type() == xffi::DataType::F32};
+}
+template <typename T>
+ParamGrad<T> ParamOut(xffi::Result<xffi::AnyBuffer>* p) {
+  if (p == nullptr) return {};
+  return {(*p)->untyped_data(), (*p)->element_type() == xffi::DataType::F32};
+}
+
 #ifdef LSJAX_WITH_CUDA
 inline xffi::Error CudaStatus(cudaError_t err, const char* op) {
   if (err == cudaSuccess) return xffi::Error::Success();

@@ -4,7 +4,8 @@
 //   layer_norm_residual_fwd (x, residual, scale, bias) -> (y, z, mean, rstd)
 //   layer_norm_bwd          (dy, x, scale, mean, rstd)     -> (dx, dscale, dbias, partials)
 //   layer_norm_residual_bwd (dy, dz, z, scale, mean, rstd) -> (dz_total, dscale, dbias, partials)
-// x/z/y/dy: [..., H] in f32/f16/bf16; scale, bias, dscale, dbias: f32 [H];
+// x/z/y/dy: [..., H] in f32/f16/bf16; scale, bias, dscale, dbias: [H], all four
+// float32 or all four the input's dtype;
 // mean, rstd: f32 [...]; partials: f32 [2, min(rows, 512), H] workspace for
 // the deterministic column sums (written by the CUDA kernels, unused on CPU).
 #include <algorithm>
@@ -19,8 +20,7 @@ namespace {
 using Buf = xffi::AnyBuffer;
 using Res = xffi::Result<xffi::AnyBuffer>;
 
-xffi::Error CheckShapes(const char* op, const Buf& x, const Buf* other, const Buf& scale,
-                        const Buf& stat) {
+xffi::Error CheckShapes(const char* op, const Buf& x, const Buf* other, const Buf& stat) {
   const auto [rows, cols] = RowsCols(x);
   if (auto e = Expect(x.dimensions().size() >= 1, op, "input must have rank >= 1"); e.failure()) return e;
   if (auto e = Expect(other == nullptr || (other->element_type() == x.element_type() &&
@@ -28,29 +28,38 @@ xffi::Error CheckShapes(const char* op, const Buf& x, const Buf* other, const Bu
                       op, "residual/cotangent must match the input's shape and dtype");
       e.failure())
     return e;
-  if (auto e = Expect(scale.element_type() == xffi::DataType::F32 &&
-                          static_cast<int64_t>(scale.element_count()) == cols,
-                      op, "scale/bias must be float32 [hidden]");
-      e.failure())
-    return e;
   return Expect(stat.element_type() == xffi::DataType::F32 &&
                     static_cast<int64_t>(stat.element_count()) == rows,
                 op, "mean/rstd must be float32 [rows]");
+}
+
+// scale, bias (or their gradients): [hidden] of one dtype, float32 or the input's.
+xffi::Error CheckParams(const char* op, const Buf& x, std::initializer_list<const Buf*> params) {
+  const int64_t cols = RowsCols(x).second;
+  const xffi::DataType dtype = (*params.begin())->element_type();
+  for (const Buf* p : params) {
+    if (auto e = CheckParam(op, *p, x.element_type(), cols, "scale/bias and their gradients"); e.failure()) return e;
+    if (auto e = Expect(p->element_type() == dtype, op, "scale, bias and their gradients must share one dtype");
+        e.failure())
+      return e;
+  }
+  return xffi::Error::Success();
 }
 
 // Shared body of the forward handlers; `run(args)` launches on the platform.
 template <typename Types, typename Run>
 xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* residual, Buf scale, Buf bias, Res y,
                 Res* z, Res mean, Res rstd, float eps) {
-  if (auto e = CheckShapes(op, x, residual, scale, *mean); e.failure()) return e;
-  if (auto e = CheckShapes(op, x, residual, bias, *rstd); e.failure()) return e;
+  if (auto e = CheckShapes(op, x, residual, *mean); e.failure()) return e;
+  if (auto e = CheckShapes(op, x, residual, *rstd); e.failure()) return e;
+  if (auto e = CheckParams(op, x, {&scale, &bias}); e.failure()) return e;
   return DispatchFloat<Types>(x.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto [rows, cols] = RowsCols(x);
     LayerNormFwdArgs<T> a{In<T>(x),
                           residual ? In<T>(*residual) : nullptr,
-                          In<float>(scale),
-                          In<float>(bias),
+                          Param<T>(&scale),
+                          Param<T>(&bias),
                           Out<T>(y),
                           z ? Out<T>(*z) : nullptr,
                           Out<float>(mean),
@@ -65,8 +74,9 @@ xffi::Error Fwd(const char* op, Run&& run, Buf x, const Buf* residual, Buf scale
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* dz_out, Buf z, Buf scale, Buf mean,
                 Buf rstd, Res dz, Res dscale, Res dbias, Res partials) {
-  if (auto e = CheckShapes(op, z, &dy, scale, mean); e.failure()) return e;
-  if (auto e = CheckShapes(op, z, dz_out, scale, rstd); e.failure()) return e;
+  if (auto e = CheckShapes(op, z, &dy, mean); e.failure()) return e;
+  if (auto e = CheckShapes(op, z, dz_out, rstd); e.failure()) return e;
+  if (auto e = CheckParams(op, z, {&scale, &(*dscale), &(*dbias)}); e.failure()) return e;
   const auto [rows, cols] = RowsCols(z);
   const int64_t needed = 2 * std::min(rows, kLayerNormBwdMaxPartials) * cols;
   if (auto e = Expect(partials->element_type() == xffi::DataType::F32 &&
@@ -79,12 +89,12 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* dz_out, Buf z, Buf
     LayerNormBwdArgs<T> a{In<T>(dy),
                           dz_out ? In<T>(*dz_out) : nullptr,
                           In<T>(z),
-                          In<float>(scale),
+                          Param<T>(&scale),
                           In<float>(mean),
                           In<float>(rstd),
                           Out<T>(dz),
-                          Out<float>(dscale),
-                          Out<float>(dbias),
+                          ParamOut<T>(&dscale),
+                          ParamOut<T>(&dbias),
                           Out<float>(partials),
                           rows,
                           cols};

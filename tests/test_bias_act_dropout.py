@@ -20,8 +20,8 @@ ACTS = ["relu", "gelu", "gelu_tanh"]
 SHAPES = [(3, 1), (5, 7), (2, 3, 1000), (3, 4097)]
 
 
-def _inputs(rng, shape, dtype):
-    return normal(rng, shape, dtype) * 2, normal(rng, (shape[-1],))
+def _inputs(rng, shape, dtype, bias_dtype=jnp.float32):
+    return normal(rng, shape, dtype) * 2, normal(rng, (shape[-1],), bias_dtype)
 
 
 def _key(rng):
@@ -41,9 +41,9 @@ def _tols(dtype):
     return KERNEL_RTOL[jnp.dtype(dtype)], 3e-2
 
 
-def _compare(backend, rng, shape, dtype, act, rate=0.3, with_key=True):
+def _compare(backend, rng, shape, dtype, act, rate=0.3, with_key=True, bias_dtype=jnp.float32):
     fwd_rtol, grad_rtol = _tols(dtype)
-    x, b = _inputs(rng, shape, dtype)
+    x, b = _inputs(rng, shape, dtype, bias_dtype)
     key = _key(rng) if with_key else None
     expected = bias_act_dropout_reference(x, b, activation=act, rate=rate, key=key)
     grads_ref = jax.grad(_loss(bias_act_dropout_reference, act, rate, key), argnums=(0, 1))(x, b)
@@ -62,6 +62,13 @@ def _compare(backend, rng, shape, dtype, act, rate=0.3, with_key=True):
 @pytest.mark.parametrize("act", ACTS)
 def test_cpu_ffi_matches_reference(rng, act, dtype):
     _compare("cpu_ffi", rng, (5, 37), dtype, act)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("act", ACTS)
+def test_cpu_ffi_bias_in_input_dtype(rng, act, dtype):
+    """A 16-bit bias is read as it is and dbias written in its dtype."""
+    _compare("cpu_ffi", rng, (2, 3, 1000), dtype, act, bias_dtype=dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -254,8 +261,8 @@ def _check_row_stride(backend, rng, dtype, shape, block):
     gelu = np.int32(ACTIVATIONS["gelu"])
     outs = {
         "bias_act_dropout_fwd": ffi("bias_act_dropout_fwd", backend, like(x), x, b, rng_op, activation=gelu, **attrs),
-        "bias_act_dropout_bwd": dbias_call("bias_act_dropout_bwd", backend, x, x, b, rng_op, activation=gelu,
-                                           **attrs)[0],
+        "bias_act_dropout_bwd": dbias_call("bias_act_dropout_bwd", backend, b.dtype, x, x, b, rng_op,
+                                           activation=gelu, **attrs)[0],
         "dropout_fwd": ffi("dropout_fwd", backend, like(x), x, rng_op, **attrs),
         "dropout_bwd": ffi("dropout_bwd", backend, like(x), x, rng_op, **attrs),
     }
@@ -279,6 +286,13 @@ def test_cpu_ffi_rejects_short_row_stride():
     with pytest.raises(Exception, match="row_stride must be >= the last dim"):
         ffi("dropout_fwd", "cpu_ffi", like(x), x, jnp.zeros(4, jnp.uint32), rate=np.float32(0.1),
             row_stride=np.int64(7)).block_until_ready()
+
+
+def test_cpu_ffi_rejects_bias_of_another_16_bit_dtype():
+    x = jnp.ones((2, 8), jnp.float16)
+    with pytest.raises(Exception, match=r"bias must be \[8\] of float32 or the input's dtype"):
+        ffi("bias_act_dropout_fwd", "cpu_ffi", like(x), x, jnp.ones(8, jnp.bfloat16), jnp.zeros(4, jnp.uint32),
+            rate=np.float32(0.1), row_stride=np.int64(8), activation=np.int32(0)).block_until_ready()
 
 
 def _mesh(shape, names):
@@ -350,6 +364,14 @@ def test_bad_input(backend):
 @pytest.mark.parametrize("shape", SHAPES + [(64, 4096), (2, 65536 + 8), (257, 4100), (33, 4097)])
 def test_cuda_matches_reference(rng, shape, act, dtype):
     _compare("cuda", rng, shape, dtype, act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(5, 7), (8192, 2048), (33, 4097)])
+def test_cuda_bias_in_input_dtype(rng, shape, act, dtype):
+    _compare("cuda", rng, shape, dtype, act, bias_dtype=dtype)
 
 
 @pytest.mark.gpu

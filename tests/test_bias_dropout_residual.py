@@ -24,9 +24,9 @@ from tests.helpers import (DTYPES, KERNEL_RTOL, assert_close,
 SHAPES = [(3, 1), (5, 7), (2, 3, 1000), (3, 4097)]
 
 
-def _inputs(rng, shape, dtype):
+def _inputs(rng, shape, dtype, bias_dtype=jnp.float32):
     h = shape[-1]
-    return normal(rng, shape, dtype) * 2, normal(rng, (h,)), normal(rng, shape, dtype)
+    return normal(rng, shape, dtype) * 2, normal(rng, (h,), bias_dtype), normal(rng, shape, dtype)
 
 
 def _key(rng):
@@ -40,8 +40,8 @@ def _loss(fn, rate, key):
     return f
 
 
-def _compare(backend, rng, shape, dtype, rate, with_key, fwd_rtol, grad_rtol):
-    x, b, r = _inputs(rng, shape, dtype)
+def _compare(backend, rng, shape, dtype, rate, with_key, fwd_rtol, grad_rtol, bias_dtype=jnp.float32):
+    x, b, r = _inputs(rng, shape, dtype, bias_dtype)
     key = _key(rng) if with_key else None
     expected = bias_dropout_residual_reference(x, b, r, rate=rate, key=key)
     grads_ref = jax.grad(_loss(bias_dropout_residual_reference, rate, key), argnums=(0, 1, 2))(x, b, r)
@@ -66,6 +66,12 @@ def _tols(dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpu_ffi_matches_reference(rng, shape, dtype):
     _compare("cpu_ffi", rng, shape, dtype, 0.3, True, *_tols(dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_cpu_ffi_bias_in_input_dtype(rng, dtype):
+    """A 16-bit bias is read as it is and dbias written in its dtype."""
+    _compare("cpu_ffi", rng, (2, 3, 1000), dtype, 0.3, True, *_tols(dtype), bias_dtype=dtype)
 
 
 @pytest.mark.parametrize("rate,with_key", [(0.0, True), (0.5, False)])
@@ -275,6 +281,13 @@ def test_bad_input(backend):
 @pytest.mark.parametrize("shape", SHAPES + [(6, 512), (1, 1, 12), (64, 8192), (2, 65536 + 8), (1000, 1024), (257, 4100), (33, 4097)])
 def test_cuda_matches_reference(rng, shape, dtype):
     _compare("cuda", rng, shape, dtype, 0.3, True, *_tols(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 7), (8192, 512), (33, 4097)])
+def test_cuda_bias_in_input_dtype(rng, shape, dtype):
+    _compare("cuda", rng, shape, dtype, 0.3, True, *_tols(dtype), bias_dtype=dtype)
 
 
 @pytest.mark.gpu

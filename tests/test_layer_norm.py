@@ -16,9 +16,10 @@ from tests.helpers import (DTYPES, KERNEL_RTOL, assert_close,
 SHAPES = [(3, 1), (5, 7), (2, 3, 1000), (4, 4097), (6, 512), (2, 5, 1024), (3, 16384)]
 
 
-def _inputs(rng, shape, dtype):
+def _inputs(rng, shape, dtype, param_dtype=jnp.float32):
     h = shape[-1]
-    return (normal(rng, shape, dtype) * 3 + 1, normal(rng, (h,)), normal(rng, (h,)), normal(rng, shape, dtype))
+    return (normal(rng, shape, dtype) * 3 + 1, normal(rng, (h,), param_dtype), normal(rng, (h,), param_dtype),
+            normal(rng, shape, dtype))
 
 
 def _loss(fn, residual):
@@ -30,8 +31,8 @@ def _loss(fn, residual):
     return f
 
 
-def _compare(backend, rng, shape, dtype, residual, fwd_rtol, grad_rtol):
-    x, s, b, r = _inputs(rng, shape, dtype)
+def _compare(backend, rng, shape, dtype, residual, fwd_rtol, grad_rtol, param_dtype=jnp.float32):
+    x, s, b, r = _inputs(rng, shape, dtype, param_dtype)
     kw = {"residual": r} if residual else {}
     expected = layer_norm_reference(x, s, b, **kw)
     grads_ref = jax.grad(_loss(layer_norm_reference, residual), argnums=(0, 1, 2, 3))(x, s, b, r)
@@ -43,6 +44,7 @@ def _compare(backend, rng, shape, dtype, residual, fwd_rtol, grad_rtol):
         assert_close(a, e, fwd_rtol, f"{backend} forward {shape} {jnp.dtype(dtype).name}")
     names = ["dx", "dscale", "dbias", "dresidual"] if residual else ["dx", "dscale", "dbias"]
     for name, a, e in zip(names, grads, grads_ref):
+        assert a.dtype == e.dtype, name
         assert_close(a, e, grad_rtol, f"{backend} {name} {shape} {jnp.dtype(dtype).name}")
 
 
@@ -54,6 +56,25 @@ def test_cpu_ffi_matches_reference(rng, shape, dtype, residual):
     # (and one rounding of the 16-bit output).
     rtol = 1e-5 if dtype == jnp.float32 else KERNEL_RTOL[jnp.dtype(dtype)]
     _compare("cpu_ffi", rng, shape, dtype, residual, rtol, 1e-4 if dtype == jnp.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 7), (6, 512), (2, 3, 1000)])
+def test_cpu_ffi_params_in_input_dtype(rng, shape, dtype, residual):
+    """16-bit scale/bias are read as they are and their gradients written in their dtype."""
+    _compare("cpu_ffi", rng, shape, dtype, residual, KERNEL_RTOL[jnp.dtype(dtype)], 3e-2, param_dtype=dtype)
+
+
+def test_cpu_ffi_rejects_mixed_param_dtypes():
+    x = jnp.ones((2, 8), jnp.float16)
+    stats = jax.ShapeDtypeStruct((2,), jnp.float32)
+    call = jax.ffi.ffi_call(ops.backend.ffi_target("layer_norm_fwd", "cpu_ffi"),
+                            (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))
+    with pytest.raises(Exception, match="scale, bias and their gradients must share one dtype"):
+        call(x, jnp.ones(8, jnp.float16), jnp.ones(8, jnp.float32), eps=np.float32(1e-5))[0].block_until_ready()
+    with pytest.raises(Exception, match=r"must be \[8\] of float32 or the input's dtype"):
+        call(x, jnp.ones(8, jnp.bfloat16), jnp.ones(8, jnp.bfloat16), eps=np.float32(1e-5))[0].block_until_ready()
 
 
 def test_reference_gradients(rng):
@@ -149,6 +170,14 @@ def test_bad_input(backend):
 def test_cuda_matches_reference(rng, shape, dtype, residual):
     rtol = KERNEL_RTOL[jnp.dtype(dtype)]
     _compare("cuda", rng, shape, dtype, residual, rtol, 1e-4 if dtype == jnp.float32 else 3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 7), (8192, 512), (64, 1024), (33, 4097)])
+def test_cuda_params_in_input_dtype(rng, shape, dtype, residual):
+    _compare("cuda", rng, shape, dtype, residual, KERNEL_RTOL[jnp.dtype(dtype)], 3e-2, param_dtype=dtype)
 
 
 @pytest.mark.gpu

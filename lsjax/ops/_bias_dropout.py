@@ -110,16 +110,13 @@ def like(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def dbias_call(target: str, backend: str, dy, *args, **attrs):
-    """FFI backward returning ``(dx, dbias)``; XLA also allocates the kernels'
-    float32 ``[min(512, max(1, rows // 32)), hidden]`` dbias partial-sum
-    workspace (csrc: BiasDropoutDbiasPartials), dropped here."""
+def dbias_call(target: str, backend: str, dbias_dtype, dy, *args, **attrs):
+    """FFI backward returning ``(dx, dbias)``, ``dbias`` ``[hidden]`` in ``dbias_dtype`` (the
+    bias operand's: float32 or ``dy``'s); XLA also allocates the kernels' float32
+    ``[min(512, max(1, rows // 32)), hidden]`` dbias partial-sum workspace (csrc:
+    BiasDropoutDbiasPartials), dropped here."""
     rows = math.prod(dy.shape[:-1])
     partials = jax.ShapeDtypeStruct((min(512, max(1, rows // 32)), dy.shape[-1]), _F32)
-    dx, dbias, _ = ffi(target, backend, (like(dy), vec32(dy), partials), dy, *args, **attrs)
+    dbias = jax.ShapeDtypeStruct(dy.shape[-1:], dbias_dtype)
+    dx, dbias, _ = ffi(target, backend, (like(dy), dbias, partials), dy, *args, **attrs)
     return dx, dbias
-
-
-def vec32(x) -> jax.ShapeDtypeStruct:
-    """float32 ``[hidden]`` of ``x``'s last dim."""
-    return jax.ShapeDtypeStruct(x.shape[-1:], _F32)

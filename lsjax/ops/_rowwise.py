@@ -78,6 +78,15 @@ _WHOLE = (PARAM, COLS, TABLE, RNG)  # operands that are not split into rows
 _SUMS = (ROW_SUM, COL_SUM, TABLE_SUM)  # results summed over the rows
 
 
+def param_operands(x: jax.Array, *params: jax.Array) -> tuple[jax.Array, ...]:
+    """``params`` (``[hidden]`` vectors: a bias, a layer-norm scale) as the kernels take them
+    (csrc/param_vec.h): as they are when all are in ``x``'s dtype (16-bit params cost no
+    convert), else all float32. The kernels write their gradients in the same dtype."""
+    if all(p.dtype == x.dtype for p in params):
+        return params
+    return tuple(p.astype(jnp.float32) for p in params)
+
+
 class DimShard(NamedTuple):
     """Where a local block sits along a sharded dim (``split_last``: the last
     dim of ``ROWS``; ``split_table``: dim 0 of ``TABLE``)."""

@@ -22,7 +22,7 @@ under a ``jax.custom_vjp``. No mask is stored; what the backward reads besides
   its copy bandwidth moves the 6 bytes per element (bf16), so it stays
   memory-bound and the mask would only add bytes.
 
-``dbias`` is a deterministic float32 column sum.
+``dbias`` is a deterministic column sum (float32, rounded once).
 
 Sharding: the rows and the hidden dim may both stay sharded (e.g. the FFN's
 ``[tokens, mlp]`` under Megatron tensor parallelism, with ``bias [mlp]`` split
@@ -42,7 +42,7 @@ import numpy as np
 from lsjax.ops import backend as _backend
 from lsjax.ops._bias_dropout import dbias_call, dropout_reference, dropout_rng, dropout_rowwise, ffi, like
 from lsjax.ops._checks import check_float, check_rank, check_shape
-from lsjax.ops._rowwise import COL_SUM, COLS, ROWS
+from lsjax.ops._rowwise import COL_SUM, COLS, ROWS, param_operands
 
 _F32 = jnp.float32
 
@@ -70,7 +70,8 @@ def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str = "relu",
 
     Args:
       x: ``[..., hidden]`` float32, float16 or bfloat16 (any hidden size).
-      bias: ``[hidden]`` of any float dtype (used in float32).
+      bias: ``[hidden]`` of any float dtype (math in float32; read as it is in ``x``'s
+        dtype, else converted to float32 first).
       activation: ``"relu"``, ``"gelu"`` (exact erf form, ``jax.nn.gelu(approximate=False)``)
         or ``"gelu_tanh"`` (``jax.nn.gelu(approximate=True)``).
       rate: dropout probability in ``[0, 1)``; kept values are scaled by ``1 / (1 - rate)``.
@@ -80,7 +81,7 @@ def bias_act_dropout(x: jax.Array, bias: jax.Array, *, activation: str = "relu",
       ``y`` of ``x``'s shape and dtype; the dropout mask is the one
       :func:`lsjax.ops.bias_dropout_residual.bias_dropout_residual` draws for
       the same key and shape. Gradients: ``dx = mask * dy * act'(x + bias) / (1 - rate)``,
-      ``dbias = sum over rows of dx`` (float32, cast to ``bias.dtype``). The
+      ``dbias = sum over rows of dx`` (summed in float32, rounded once to ``bias.dtype``). The
       kernels' relu gradient is 0 where ``0 < x + bias`` rounds ``y`` to 0
       (below half the smallest subnormal of ``x.dtype``); their gelu's
       ``Phi`` is within 3e-7 of the exact one, and gelu_tanh evaluates
@@ -111,17 +112,17 @@ def _fwd(act, rate, backend, row_stride, x, bias, rng):
 
 @dropout_rowwise([ROWS, ROWS, COLS], [ROWS, COL_SUM], n_static=3)
 def _bwd(act, rate, backend, row_stride, dy, saved, bias, rng):
-    return dbias_call("bias_act_dropout_bwd", backend, dy, saved, bias, rng, rate=np.float32(rate),
+    return dbias_call("bias_act_dropout_bwd", backend, bias.dtype, dy, saved, bias, rng, rate=np.float32(rate),
                       row_stride=np.int64(row_stride), activation=np.int32(act))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _bad_ffi(x, bias, rng, act, rate, backend):
-    return _fwd(act, rate, backend, x, bias.astype(_F32), rng)
+    return _fwd(act, rate, backend, x, *param_operands(x, bias), rng)
 
 
 def _bad_ffi_fwd(x, bias, rng, act, rate, backend):
-    y = _fwd(act, rate, backend, x, bias.astype(_F32), rng)
+    y = _fwd(act, rate, backend, x, *param_operands(x, bias), rng)
     if act == ACTIVATIONS["relu"]:  # the backward reads y; bias and the rng go unread
         return y, (y, bias, None)
     return y, (x, bias, rng)
@@ -129,7 +130,7 @@ def _bad_ffi_fwd(x, bias, rng, act, rate, backend):
 
 def _bad_ffi_bwd(act, rate, backend, saved, dy):
     saved, bias, rng = saved
-    dx, dbias = _bwd(act, rate, backend, dy, saved, bias.astype(_F32), rng)
+    dx, dbias = _bwd(act, rate, backend, dy, saved, *param_operands(dy, bias), rng)
     return dx, dbias.astype(bias.dtype), None
 
 

@@ -5,7 +5,7 @@ Backends: ``"xla"`` runs :func:`bias_dropout_residual_reference`;
 ``lsjax_bias_dropout_residual_{fwd,bwd}_{cpu,cuda}`` under a ``jax.custom_vjp``
 that saves only the ``uint32[4]`` rng operand: the backward regenerates the
 Philox mask (``csrc/philox.h``; element index = flat index into the output)
-instead of storing it. ``dbias`` is a deterministic float32 column sum.
+instead of storing it. ``dbias`` is a deterministic column sum (float32, rounded once).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lsjax.ops import backend as _backend
 from lsjax.ops._bias_dropout import dropout_reference as _dropout32
 from lsjax.ops._bias_dropout import dbias_call, dropout_rng, dropout_rowwise, ffi, like
 from lsjax.ops._checks import check_float, check_rank, check_same_dtype, check_shape
-from lsjax.ops._rowwise import COL_SUM, COLS, ROWS
+from lsjax.ops._rowwise import COL_SUM, COLS, ROWS, param_operands
 
 _F32 = jnp.float32
 
@@ -38,7 +38,8 @@ def bias_dropout_residual(x: jax.Array, bias: jax.Array, residual: jax.Array, *,
 
     Args:
       x: ``[..., hidden]`` float32, float16 or bfloat16 (any hidden size).
-      bias: ``[hidden]`` of any float dtype (used in float32).
+      bias: ``[hidden]`` of any float dtype (math in float32; read as it is in ``x``'s
+        dtype, else converted to float32 first).
       residual: same shape and dtype as ``x``.
       rate: dropout probability in ``[0, 1)``; kept values are scaled by ``1 / (1 - rate)``.
       key: a JAX PRNG key, or None for no dropout (as ``rate == 0``: deterministic).
@@ -48,7 +49,7 @@ def bias_dropout_residual(x: jax.Array, bias: jax.Array, residual: jax.Array, *,
       dropped iff the Philox stream of ``key`` says so (``lsjax.ops._philox``),
       identically on every backend, with probability ``floor(rate * 2**16) /
       2**16`` (16 random bits per element). Gradients: ``dx = mask * dy / (1 - rate)``,
-      ``dbias = sum over rows of dx`` (float32, cast to ``bias.dtype``),
+      ``dbias = sum over rows of dx`` (summed in float32, rounded once to ``bias.dtype``),
       ``dresidual = dy``.
     """
     op = "bias_dropout_residual"
@@ -103,26 +104,27 @@ def _fwd(rate, backend, row_stride, x, bias, residual, rng):
                row_stride=np.int64(row_stride))
 
 
-@dropout_rowwise([ROWS], [ROWS, COL_SUM], n_static=2)
-def _bwd(rate, backend, row_stride, dy, rng):
-    return dbias_call("bias_dropout_residual_bwd", backend, dy, rng, rate=np.float32(rate),
+@dropout_rowwise([ROWS], [ROWS, COL_SUM], n_static=3)
+def _bwd(rate, backend, dbias_dtype, row_stride, dy, rng):
+    return dbias_call("bias_dropout_residual_bwd", backend, dbias_dtype, dy, rng, rate=np.float32(rate),
                       row_stride=np.int64(row_stride))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _bdr_ffi(x, bias, residual, rng, rate, backend):
-    return _fwd(rate, backend, x, bias.astype(_F32), residual, rng)
+    return _fwd(rate, backend, x, *param_operands(x, bias), residual, rng)
 
 
 def _bdr_ffi_fwd(x, bias, residual, rng, rate, backend):
-    y = _fwd(rate, backend, x, bias.astype(_F32), residual, rng)
+    y = _fwd(rate, backend, x, *param_operands(x, bias), residual, rng)
     # The backward needs only the mask (regenerated from rng) and bias's dtype.
     return y, (rng, jnp.zeros((0,), bias.dtype))
 
 
 def _bdr_ffi_bwd(rate, backend, saved, dy):
     rng, bias_like = saved
-    dx, dbias = _bwd(rate, backend, dy, rng)
+    dbias_dtype = param_operands(dy, bias_like)[0].dtype
+    dx, dbias = _bwd(rate, backend, dbias_dtype, dy, rng)
     return dx, dbias.astype(bias_like.dtype), dy, None
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_rank, check_same_dtype, check_shape
-from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS, STATS, rowwise
+from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS, STATS, param_operands, rowwise
 
 _F32 = jnp.float32
 
@@ -42,7 +42,8 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float = 
 
     Args:
       x: ``[..., hidden]`` float32, float16 or bfloat16 (any hidden size).
-      scale, bias: ``[hidden]`` of any float dtype (used in float32).
+      scale, bias: ``[hidden]`` of any float dtype (math in float32; read as they are
+        when both are in ``x``'s dtype, else converted to float32 first).
       eps: added to the variance.
       residual: optional, same shape and dtype as ``x``.
 
@@ -95,22 +96,25 @@ def _residual_fwd(eps, backend, x, residual, scale, bias):
 _MAX_PARTIALS = 512
 
 
-def _grad_call(target, z, *args):
+def _grad_call(target, z, scale, *args):
+    """``(dz, dscale, dbias)``, the two sums in ``scale``'s dtype; ``args`` follow ``scale``."""
     rows = math.prod(z.shape[:-1])
-    vec = jax.ShapeDtypeStruct(z.shape[-1:], _F32)
+    vec = jax.ShapeDtypeStruct(z.shape[-1:], scale.dtype)
     partials = jax.ShapeDtypeStruct((2, min(rows, _MAX_PARTIALS), z.shape[-1]), _F32)
-    dz, dscale, dbias, _ = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct(z.shape, z.dtype), vec, vec, partials))(*args)
+    dz, dscale, dbias, _ = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct(z.shape, z.dtype), vec, vec, partials))(
+        *args)
     return dz, dscale, dbias
 
 
 @rowwise([ROWS, ROWS, PARAM, STATS, STATS], [ROWS, ROW_SUM, ROW_SUM], n_static=1)
 def _bwd(backend, dy, x, scale, mean, rstd):
-    return _grad_call(_backend.ffi_target("layer_norm_bwd", backend), x, dy, x, scale, mean, rstd)
+    return _grad_call(_backend.ffi_target("layer_norm_bwd", backend), x, scale, dy, x, scale, mean, rstd)
 
 
 @rowwise([ROWS, ROWS, ROWS, PARAM, STATS, STATS], [ROWS, ROW_SUM, ROW_SUM], n_static=1)
 def _residual_bwd(backend, dy, dz, z, scale, mean, rstd):
-    return _grad_call(_backend.ffi_target("layer_norm_residual_bwd", backend), z, dy, dz, z, scale, mean, rstd)
+    return _grad_call(_backend.ffi_target("layer_norm_residual_bwd", backend), z, scale, dy, dz, z, scale, mean,
+                      rstd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -119,22 +123,22 @@ def _layer_norm_ffi(x, residual, scale, bias, eps, backend):
 
 
 def _layer_norm_ffi_fwd(x, residual, scale, bias, eps, backend):
-    scale32, bias32 = scale.astype(_F32), bias.astype(_F32)
+    scale_in, bias_in = param_operands(x, scale, bias)
     if residual is None:
-        y, mean, rstd = _fwd(eps, backend, x, scale32, bias32)
+        y, mean, rstd = _fwd(eps, backend, x, scale_in, bias_in)
         return y, (x, scale, bias, mean, rstd)
-    y, z, mean, rstd = _residual_fwd(eps, backend, x, residual, scale32, bias32)
+    y, z, mean, rstd = _residual_fwd(eps, backend, x, residual, scale_in, bias_in)
     return (y, z), (z, scale, bias, mean, rstd)
 
 
 def _layer_norm_ffi_bwd(eps, backend, saved, cotangent):
     z, scale, bias, mean, rstd = saved
-    scale32 = scale.astype(_F32)
+    scale_in, _ = param_operands(z, scale, bias)
     if isinstance(cotangent, tuple):  # residual form: cotangents of (y, z)
         dy, dz_out = cotangent
-        dz, dscale, dbias = _residual_bwd(backend, dy, dz_out, z, scale32, mean, rstd)
+        dz, dscale, dbias = _residual_bwd(backend, dy, dz_out, z, scale_in, mean, rstd)
         return dz, dz, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
-    dx, dscale, dbias = _bwd(backend, cotangent, z, scale32, mean, rstd)
+    dx, dscale, dbias = _bwd(backend, cotangent, z, scale_in, mean, rstd)
     return dx, None, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
