@@ -18,8 +18,8 @@
 #                 top-k; decode_xla: the same rows
 #                 under each XLA option set of benchmarks.profile.XLA_OPTIONS, or those in $DECODE_XLA_OPTIONS, no top-k)
 #   ce_memory     benchmarks/cross_entropy_memory.py at 8192 x 32000 bf16 (compiled and measured peak memory)
-#   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the transformer-base
-#                 train step ($PROFILE_TRAIN: impl:dtype[:xla options of benchmarks.profile[:lsjax overrides as train_step's,
+#   profile_train / profile_decode   benchmarks/profile.py: per-kernel device time of the train step
+#                 ($PROFILE_MODEL, default transformer-base) ($PROFILE_TRAIN: impl:dtype[:xla options of benchmarks.profile[:lsjax overrides as train_step's,
 #                 e.g. optimizer.kernel=multi]], default "lsjax:bfloat16 plain:bfloat16") / the
 #                 batch-8 beam search ($PROFILE_DECODE: impl:options pairs, default "lsjax:default plain:default
 #                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
@@ -133,7 +133,8 @@ for name in ${BENCH//,/ }; do
     profile_train) for v in ${PROFILE_TRAIN:-lsjax:bfloat16 plain:bfloat16}; do IFS=: read -r impl dtype xopt ovr <<< "$v"
         set -- "$impl" "$dtype" "${xopt:-default}"
         name="profile_train_$1_$2${xopt:+_$xopt}${ovr:+_${ovr//[=.,]/-}}"
-        bench "$name" $PY -m benchmarks.profile train --impl $1 --dtype $2 --xla-options $3 --top "${PROFILE_TOP:-40}" \
+        bench "$name" $PY -m benchmarks.profile train --model "${PROFILE_MODEL:-transformer-base}" --impl $1 --dtype $2 \
+          --xla-options $3 --top "${PROFILE_TOP:-40}" \
           ${ovr:+--lsjax-overrides "$ovr"} --out "$OUT/$name.json" --hlo "$OUT/$name.hlo.txt"
       done ;;
     profile_decode) for v in ${PROFILE_DECODE:-lsjax:default plain:default lsjax:while}; do set -- ${v/:/ }
