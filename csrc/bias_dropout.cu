@@ -275,7 +275,7 @@ cudaError_t BiasDropoutBwdCuda(const BiasDropoutBwdArgs<T>& a, cudaStream_t stre
     using Act = decltype(act);
     const void* ptrs[] = {a.dy, a.dx, Act::kGradFromOutput || Act::kNeedsInput ? a.saved : nullptr};
     const Plan plan = MakePlan(PickVec<T>(a.cols, ptrs, 3, Act::kNeedsInput ? a.bias : ParamVec<T>{}), a.cols);
-    grid_y = std::min(GridY(plan, a.rows), BiasDropoutDbiasPartials(a.rows));  // fits a.partials (>= 32 rows each)
+    grid_y = std::min(GridY(plan, a.rows), ColumnSumPartialRows(a.rows));  // fits a.partials (>= 32 rows each)
     const dim3 grid(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(grid_y));
     DispatchVec<T>(plan.vec, [&](auto vec) {
       BiasDropoutBwdKernel<T, decltype(vec)::value, Act><<<grid, plan.block, 0, stream>>>(a, partial);

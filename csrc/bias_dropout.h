@@ -193,7 +193,7 @@ struct BiasDropoutBwdArgs {
   const uint32_t* rng;  // as in the forward
   T* dx;
   ParamGrad<T> dbias;  // data nullable: no bias gradient; the bias's dtype
-  float* partials;  // with dbias, CUDA only: float32 [BiasDropoutDbiasPartials(rows), cols]
+  float* partials;  // with dbias, CUDA only: float32 [ColumnSumPartialRows(rows), cols]
   int64_t rows;
   int64_t cols;
   int64_t row_stride;  // as in the forward
@@ -201,11 +201,6 @@ struct BiasDropoutBwdArgs {
   Activation act;
 };
 
-// Rows of the dbias partial-sum workspace: one per >= 32 rows, at most 512.
-inline int64_t BiasDropoutDbiasPartials(int64_t rows) {
-  const int64_t parts = rows / 32;
-  return parts < 1 ? 1 : (parts > 512 ? 512 : parts);
-}
 
 template <typename T>
 void BiasDropoutFwdCpu(const BiasDropoutFwdArgs<T>& a);

@@ -282,8 +282,8 @@ cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, si
 // every backward that reduces over rows (dscale, dbias, ...):
 //   out_y[c] = sum_{p < parts} partials[y, p, c]   for y in {0, 1}
 // with partials laid out [n_outputs, capacity, cols] (capacity >= parts);
-// out1.data may be null (one output); each output is float32 or T (its
-// parameter's dtype), rounded once. Summed in a fixed order; no atomics.
+// out1.data may be null (one output); both outputs are float32 or both T (out0
+// decides: their parameters' dtype), rounded once. Summed in a fixed order; no atomics.
 template <typename T>
 cudaError_t LaunchColumnSums(const float* partials, int64_t capacity, int64_t parts, int64_t cols,
                              ParamGrad<T> out0, ParamGrad<T> out1, cudaStream_t stream);

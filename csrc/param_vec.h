@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace lsjax {
 
@@ -19,5 +20,12 @@ struct ParamVec {
 // A gradient output (written).
 template <typename T>
 using ParamGrad = ParamVec<T, void>;
+
+// Rows of a column-sum gradient's float32 partial-row workspace (one partial row
+// per >= 32 input rows, at most 512), summed by cuda::LaunchColumnSums.
+inline int64_t ColumnSumPartialRows(int64_t rows) {
+  const int64_t parts = rows / 32;
+  return parts < 1 ? 1 : (parts > 512 ? 512 : parts);
+}
 
 }  // namespace lsjax

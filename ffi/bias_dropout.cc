@@ -11,7 +11,7 @@
 // saved: the forward's y for relu, its x for the gelus (csrc/bias_dropout.h);
 // rng: u32[4] (ignored when rate == 0); row_stride >= H: element (r, c) of the
 // [rows, H] view draws Philox element r * row_stride + c plus the rng offset
-// (csrc/bias_dropout.h); partials: f32 [BiasDropoutDbiasPartials(rows), H]
+// (csrc/bias_dropout.h); partials: f32 [ColumnSumPartialRows(rows), H]
 // workspace for the deterministic dbias (CUDA only). Activation codes: csrc/bias_dropout.h.
 #include <optional>
 #include <string>
@@ -85,7 +85,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, const Buf* saved, const Buf* 
   if (dbias) {
     const int64_t cols = RowsCols(dy).second;
     if (auto e = CheckParam(op, **dbias, dy.element_type(), cols, "dbias"); e.failure()) return e;
-    const int64_t needed = BiasDropoutDbiasPartials(RowsCols(dy).first) * cols;
+    const int64_t needed = ColumnSumPartialRows(RowsCols(dy).first) * cols;
     if (auto e = Expect(partials && (*partials)->element_type() == xffi::DataType::F32 &&
                             static_cast<int64_t>((*partials)->element_count()) == needed,
                         op, "partials must be float32 [min(512, max(1, rows // 32)), hidden]");

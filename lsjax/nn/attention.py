@@ -73,19 +73,27 @@ def use_decode_dense(cfg: LayerConfig, x: jax.Array, *, decode: bool, determinis
 
 class Projection(nn.DenseGeneral):
     """``nn.DenseGeneral`` (the same params and results) that can also run a decode step's
-    projection and its epilogue as one :func:`lsjax.ops.decode_dense`."""
+    projection and its epilogue as one :func:`lsjax.ops.decode_dense`, or hand a projection
+    to heads to :func:`lsjax.ops.split_heads` (its bias add fused with the head split)."""
 
     @nn.compact
     def __call__(self, x: jax.Array, *, fused: bool = False, bias: jax.Array | None = None,
                  ln: tuple[jax.Array, jax.Array] | None = None, eps: float = 1e-5, activation: str = "none",
-                 residual: jax.Array | None = None) -> jax.Array:
+                 residual: jax.Array | None = None, split_heads: bool = False) -> jax.Array | tuple[jax.Array, ...]:
         """``x [..., *in_dims]`` -> ``[..., *features]``.
 
         With ``fused``: ``act(layer_norm(x) @ kernel + b) + residual`` in one kernel, where
         ``b`` is this projection's own bias, or ``bias`` when it has none; ``ln`` (scale,
         bias) and ``residual`` (``[..., *features]``) are optional. Needs the params to
         exist (initialise with the model's forward pass).
+
+        With ``split_heads`` (features ``(n, heads, head_dim)`` or ``(heads, head_dim)``,
+        ``x [batch, length, embed]``): the GEMM without its bias, then
+        :func:`lsjax.ops.split_heads`: a tuple of ``n`` (or 1) ``[batch, heads, length,
+        head_dim]`` arrays, each ``x @ kernel + bias`` of one projection.
         """
+        if split_heads:
+            return self._split_heads(x)
         if not fused:
             return super().__call__(x)
         if not self.has_variable("params", "kernel"):
@@ -106,14 +114,29 @@ class Projection(nn.DenseGeneral):
                              residual=None if residual is None else residual.astype(self.dtype).reshape(-1, n))
         return y.reshape(lead + features)
 
+    def _split_heads(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        if not self.has_variable("params", "kernel"):
+            super().__call__(x)  # initialisation: creates the params as DenseGeneral does
+        kernel = nn.meta.unbox(self.get_variable("params", "kernel")).astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if y.ndim == 4:  # one projection: [batch, length, heads, head_dim]
+            y = y[:, :, None]
+        if not self.use_bias:
+            return ops.split_heads(y)
+        # In the compute dtype, as DenseGeneral adds it (the same results; no convert when params are in it).
+        bias = nn.meta.unbox(self.get_variable("params", "bias")).astype(self.dtype)
+        return ops.split_heads(y, bias.reshape(y.shape[2:]))
+
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None, causal: bool,
-                          impl: str = "fused", dropout_rate: float = 0.0,
-                          key: jax.Array | None = None) -> jax.Array:
+                          impl: str = "fused", dropout_rate: float = 0.0, key: jax.Array | None = None,
+                          heads_major: bool = False) -> jax.Array:
     """Scaled dot-product attention over heads.
 
     Args:
-      q: ``[batch, q_len, heads, head_dim]``; k, v: ``[batch, k_len, heads, head_dim]``.
+      q: ``[batch, q_len, heads, head_dim]``; k, v: ``[batch, k_len, heads, head_dim]``
+        (with ``heads_major``: ``[batch, heads, len, head_dim]``, as the batched GEMMs read
+        them; ``"fused"``/``"xla"`` only).
       key_mask: optional bool ``[batch, k_len]``, True = attend.
       causal: bottom-right aligned causal mask (see :func:`lsjax.ops.attention_softmax`).
       impl: ``"fused"``: score GEMM, :func:`lsjax.ops.attention_softmax` (masks, softmax,
@@ -131,10 +154,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask:
     if impl in ("fused", "xla"):
         # (jax.nn.dot_product_attention's own XLA path asks XLA:GPU for a float16 dot algorithm it rejects.)
         softmax = ops.attention_softmax if impl == "fused" else ops.attention_softmax_reference
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        q_in, kv_in = ("bhqd", "bhkd") if heads_major else ("bqhd", "bkhd")
+        scores = jnp.einsum(f"{q_in},{kv_in}->bhqk", q, k)
         probs = softmax(scores, key_padding_mask=key_mask, causal=causal, scale=scale, dropout_rate=dropout_rate,
                         key=key)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return jnp.einsum(f"bhqk,{kv_in}->bqhd", probs, v)
+    if heads_major:
+        raise ValueError(f"attention_impl={impl!r} takes [batch, len, heads, head_dim] inputs, not heads_major")
     lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=lengths,
                                         implementation=impl)
@@ -210,10 +236,22 @@ class MultiHeadAttention(nn.Module):
         x = x.astype(cfg.dtype)
         rate = cfg.attn_prob_dropout_ratio
         key = dropout_key(self, rate, deterministic)
+        impl = resolve_attention_impl(cfg.attention_impl, cfg.dtype, dh, key is not None)
         # A decode step without attention dropout takes one lsjax kernel (instead of GEMM,
         # transposes, softmax, GEMM, and for self-attention the cache writes).
         one_kernel = decode and key is None and cfg.attention_impl in ("auto", "fused") and x.shape[1] == 1
         scale = 1.0 / math.sqrt(dh)
+        if impl == "fused" and not decode:
+            # Projections straight to [batch, heads, len, head_dim], bias added on the way.
+            if self.cross:
+                (q,) = self._dense((h, dh), ("heads", "kv"), "q")(x, split_heads=True)
+                k, v = self._dense((2, h, dh), (None, "heads", "kv"), "kv")(memory.astype(cfg.dtype),
+                                                                             split_heads=True)
+            else:
+                q, k, v = self._dense((3, h, dh), (None, "heads", "kv"), "qkv")(x, split_heads=True)
+            out = dot_product_attention(q, k, v, key_mask=key_mask, causal=self.causal, impl=impl,
+                                        dropout_rate=rate, key=key, heads_major=True)
+            return self._output(out, residual, fused, deterministic)
         if self.cross:
             q = self._dense((h, dh), ("heads", "kv"), "q")(x, **fused)
             kv_proj = self._dense((2, h, dh), (None, "heads", "kv"), "kv")
@@ -235,9 +273,13 @@ class MultiHeadAttention(nn.Module):
                 out, attend = None, (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, self.causal)
         if out is None:
             q, k, v, key_mask, causal = attend
-            impl = resolve_attention_impl(cfg.attention_impl, q.dtype, dh, key is not None)
             out = dot_product_attention(q, k, v, key_mask=key_mask, causal=causal, impl=impl, dropout_rate=rate,
                                         key=key)
+        return self._output(out, residual, fused, deterministic)
+
+    def _output(self, out: jax.Array, residual: jax.Array, fused: dict, deterministic: bool) -> jax.Array:
+        """``residual + dropout(out @ W_o + b_o)`` of the attention output ``out [batch, len, heads, head_dim]``."""
+        cfg = self.config
         out_proj = Projection(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, name="out",
                               kernel_init=partitioned(_DEFAULT_INIT, ("heads", "kv", "embed")))

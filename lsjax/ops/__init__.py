@@ -32,6 +32,7 @@ from lsjax.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from lsjax.ops.decode_dense import decode_dense, decode_dense_reference
 from lsjax.ops.embedding import embedding, embedding_reference, sinusoidal_positions, token_positions
 from lsjax.ops.layer_norm import layer_norm, layer_norm_reference
+from lsjax.ops.split_heads import split_heads, split_heads_reference
 
 __all__ = [
     "adam_scalars",
@@ -73,6 +74,8 @@ __all__ = [
     "layer_norm_reference",
     "registered_targets",
     "sinusoidal_positions",
+    "split_heads",
+    "split_heads_reference",
     "token_positions",
     "use_backend",
 ]

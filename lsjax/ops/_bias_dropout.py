@@ -110,13 +110,17 @@ def like(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
+def column_sum_partials(rows: int, cols: int) -> jax.ShapeDtypeStruct:
+    """float32 ``[min(512, max(1, rows // 32)), cols]``: the partial-row workspace of a column-sum
+    gradient (csrc/param_vec.h: ColumnSumPartialRows)."""
+    return jax.ShapeDtypeStruct((min(512, max(1, rows // 32)), cols), _F32)
+
+
 def dbias_call(target: str, backend: str, dbias_dtype, dy, *args, **attrs):
     """FFI backward returning ``(dx, dbias)``, ``dbias`` ``[hidden]`` in ``dbias_dtype`` (the
-    bias operand's: float32 or ``dy``'s); XLA also allocates the kernels' float32
-    ``[min(512, max(1, rows // 32)), hidden]`` dbias partial-sum workspace (csrc:
-    BiasDropoutDbiasPartials), dropped here."""
-    rows = math.prod(dy.shape[:-1])
-    partials = jax.ShapeDtypeStruct((min(512, max(1, rows // 32)), dy.shape[-1]), _F32)
+    bias operand's: float32 or ``dy``'s); XLA also allocates the kernels' dbias
+    partial-sum workspace (:func:`column_sum_partials`), dropped here."""
+    partials = column_sum_partials(math.prod(dy.shape[:-1]), dy.shape[-1])
     dbias = jax.ShapeDtypeStruct(dy.shape[-1:], dbias_dtype)
     dx, dbias, _ = ffi(target, backend, (like(dy), dbias, partials), dy, *args, **attrs)
     return dx, dbias
