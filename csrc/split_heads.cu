@@ -22,6 +22,7 @@
 // cuda::LaunchColumnSums sums the partial rows in a fixed order. No float
 // atomics. The cotangents are copied to dx as they are (no float round trip).
 #include <algorithm>
+#include <cstdlib>
 
 #include "csrc/cuda_common.cuh"
 #include "csrc/split_heads.h"
@@ -50,11 +51,12 @@ struct Column {
   int64_t head_offset;
 
   template <int VEC>
-  __device__ static Column Of(const SplitHeadsDims& d) {
-    const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-    const int64_t jh = c0 / d.head_dim, k0 = c0 - jh * d.head_dim;
-    const int64_t j = jh / d.heads, h = jh - j * d.heads;
-    return {c0, j, h * d.length * d.head_dim + k0};
+  __device__ static Column Of(const SplitHeadsDims& d) {  // 32-bit divisions: cols < 2^31 (checked by the handler)
+    const uint32_t c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    const uint32_t head_dim = static_cast<uint32_t>(d.head_dim), heads = static_cast<uint32_t>(d.heads);
+    const uint32_t jh = c0 / head_dim, k0 = c0 - jh * head_dim;
+    const uint32_t j = jh / heads, h = jh - j * heads;
+    return {c0, j, static_cast<int64_t>(h) * d.length * d.head_dim + k0};
   }
 };
 
@@ -227,8 +229,10 @@ Plan MakePlan(const SplitHeadsDims& d, const void* const* ptrs, const void* para
               int64_t max_row_blocks) {
   Plan plan{PickVec<T>(d.head_dim, ptrs, static_cast<int>(1 + d.n), param, param_elem_bytes), dim3(), Runs::Of(d)};
   const int64_t grid_x = CeilDiv(d.Cols() / plan.vec, kBlockX);
-  const int64_t fill = std::max<int64_t>(1, kMinBlocks * cuda::NumSMs() / grid_x);
-  const int64_t grid_y = std::min({CeilDiv(plan.runs.count, kBlockY), fill, max_row_blocks});
+  // TEMPORARY sweep knob (session 18): waves of kMinBlocks blocks per SM, 0 = every run its own lane.
+  static const int waves = [] { const char* w = std::getenv("LSJAX_SPLIT_HEADS_WAVES"); return w ? std::atoi(w) : 1; }();
+  const int64_t fill = waves == 0 ? int64_t{1} << 30 : std::max<int64_t>(1, waves * kMinBlocks * cuda::NumSMs() / grid_x);
+  const int64_t grid_y = std::min({CeilDiv(plan.runs.count, kBlockY), fill, max_row_blocks, int64_t{65535}});
   plan.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::max<int64_t>(1, grid_y)));
   return plan;
 }

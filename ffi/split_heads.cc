@@ -39,7 +39,8 @@ xffi::Error DimsOf(const char* op, const Buf& x, SplitHeadsDims& d) {
                       "n (dim -3 of x) must be 1, 2 or 3, got " + std::to_string(d.n));
       e.failure())
     return e;
-  return Expect(d.Rows() < (int64_t{1} << 31), op, "batch * length must be < 2^31");
+  return Expect(d.Rows() < (int64_t{1} << 31) && d.Cols() < (int64_t{1} << 31), op,
+                "batch * length and n * heads * head_dim must be < 2^31");
 }
 
 // t must be [*batch, heads, length, head_dim] in the dtype of x ([*batch, length, n, heads, head_dim]).
