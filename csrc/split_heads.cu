@@ -12,8 +12,8 @@
 // loads before its stores: rows a fixed stride apart in both layouts, so one
 // division per run. A warp reads or writes 32 consecutive vectors of one row
 // of x: whole head_dim segments, each contiguous in its output too (128 bytes
-// for head_dim 64 in 16-bit types), so both sides are fully coalesced. One
-// wave of kMinBlocks blocks per SM (64 bytes of loads in flight per thread
+// for head_dim 64 in 16-bit types), so both sides are fully coalesced. Two
+// waves of kMinBlocks blocks per SM (64 bytes of loads in flight per thread
 // with 16-byte vectors, 64 KiB per SM).
 //
 // Backward dbias is deterministic: each thread accumulates its columns over
@@ -22,7 +22,6 @@
 // cuda::LaunchColumnSums sums the partial rows in a fixed order. No float
 // atomics. The cotangents are copied to dx as they are (no float round trip).
 #include <algorithm>
-#include <cstdlib>
 
 #include "csrc/cuda_common.cuh"
 #include "csrc/split_heads.h"
@@ -39,7 +38,10 @@ using cuda::Vec;
 constexpr int kBlockX = 32;  // column vectors per block (one warp)
 constexpr int kBlockY = 8;   // row lanes per block
 constexpr int kBlock = kBlockX * kBlockY;
-constexpr int kMinBlocks = 4;      // blocks per SM, one wave: <= 64 registers per thread
+constexpr int kMinBlocks = 4;      // blocks per SM: <= 64 registers per thread
+// Waves of kMinBlocks blocks per SM: 2 (blocks of a wave finishing early make room for the
+// next; measured session 18 at 1, 2, 4 waves and one lane per run: 2 was best or tied everywhere).
+constexpr int kWaves = 2;
 constexpr int kRowsInFlight = 4;   // rows of loads a thread issues before their stores
 constexpr int kMaxVec = 8;         // 16 bytes of 16-bit elements
 
@@ -222,16 +224,14 @@ struct Plan {
   Runs runs;
 };
 
-// One wave of kMinBlocks blocks per SM, at most one run per lane and at most
+// kWaves waves of kMinBlocks blocks per SM, at most one run per lane and at most
 // max_row_blocks blocks along y. ptrs: the n + 1 tensors' data.
 template <typename T>
 Plan MakePlan(const SplitHeadsDims& d, const void* const* ptrs, const void* param, size_t param_elem_bytes,
               int64_t max_row_blocks) {
   Plan plan{PickVec<T>(d.head_dim, ptrs, static_cast<int>(1 + d.n), param, param_elem_bytes), dim3(), Runs::Of(d)};
   const int64_t grid_x = CeilDiv(d.Cols() / plan.vec, kBlockX);
-  // TEMPORARY sweep knob (session 18): waves of kMinBlocks blocks per SM, 0 = every run its own lane.
-  static const int waves = [] { const char* w = std::getenv("LSJAX_SPLIT_HEADS_WAVES"); return w ? std::atoi(w) : 1; }();
-  const int64_t fill = waves == 0 ? int64_t{1} << 30 : std::max<int64_t>(1, waves * kMinBlocks * cuda::NumSMs() / grid_x);
+  const int64_t fill = std::max<int64_t>(1, kWaves * kMinBlocks * cuda::NumSMs() / grid_x);
   const int64_t grid_y = std::min({CeilDiv(plan.runs.count, kBlockY), fill, max_row_blocks, int64_t{65535}});
   plan.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::max<int64_t>(1, grid_y)));
   return plan;
