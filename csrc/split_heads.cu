@@ -39,8 +39,9 @@ constexpr int kBlockX = 32;  // column vectors per block (one warp)
 constexpr int kBlockY = 8;   // row lanes per block
 constexpr int kBlock = kBlockX * kBlockY;
 constexpr int kMinBlocks = 4;      // blocks per SM: <= 64 registers per thread
-// Waves of kMinBlocks blocks per SM: 2 (blocks of a wave finishing early make room for the
-// next; measured session 18 at 1, 2, 4 waves and one lane per run: 2 was best or tied everywhere).
+// Waves of kMinBlocks blocks per SM (blocks of a wave finishing early make room for the next).
+// Session 18 swept 1, 2, 4 waves and one lane per run: 2 is best at the largest shapes; one lane
+// per run was the only grid at or above XLA at every benchmarked shape (RESULTS.md, session 18).
 constexpr int kWaves = 2;
 constexpr int kRowsInFlight = 4;   // rows of loads a thread issues before their stores
 constexpr int kMaxVec = 8;         // 16 bytes of 16-bit elements
