@@ -13,9 +13,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 constexpr const char* kOp = "adam_update";
 
 xffi::Error CheckShapes(const Buf& param, const Buf& grad, const Buf& m, const Buf& v,

@@ -19,7 +19,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
 using Decay = xffi::Span<const int32_t>;
 
 constexpr const char* kOp = "adam_update_multi";

@@ -11,9 +11,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 constexpr const char* kOp = "all_finite";
 
 // Checks the call, dispatches the tensors' dtype and calls run(tensors, k, nonfinite).

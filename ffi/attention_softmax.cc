@@ -16,9 +16,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 struct Attrs {
   float scale, rate;
   bool causal, has_mask;
@@ -176,8 +173,6 @@ LSJAX_FFI_TARGET_CPU("attention_softmax_bwd", AttnSoftmaxBwdCpuHandler);
 
 // ------------------------------------------------------------------ CUDA --
 #ifdef LSJAX_WITH_CUDA
-
-using Stream = xffi::PlatformStream<cudaStream_t>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     AttnSoftmaxFwdCudaHandler,

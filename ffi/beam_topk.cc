@@ -13,8 +13,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
 constexpr const char* kOp = "beam_topk";
 
 xffi::Error CheckShapes(const Buf& logits, const Buf& scores, Res& values, Res& indices) {

@@ -14,8 +14,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
 using xffi::DataType;
 constexpr const char* kOp = "beam_update";
 

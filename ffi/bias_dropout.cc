@@ -24,9 +24,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 xffi::Error CheckCommon(const char* op, const Buf& x, const Buf* bias, const Buf& rng, float rate,
                         int64_t row_stride, int32_t act) {
   const int64_t cols = RowsCols(x).second;
@@ -245,8 +242,6 @@ auto RunFwdCuda(cudaStream_t stream) {
 auto RunBwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(BiasDropoutBwdCuda(a, stream), "bias_dropout_bwd"); };
 }
-
-using Stream = xffi::PlatformStream<cudaStream_t>;
 
 auto Cuda(cudaStream_t stream) {
   auto fwd = RunFwdCuda(stream);

@@ -21,6 +21,13 @@ namespace lsjax::ffi {
 
 namespace xffi = ::xla::ffi;
 
+// The handlers' buffer operand and result types, and (CUDA) their stream context.
+using Buf = xffi::AnyBuffer;
+using Res = xffi::Result<xffi::AnyBuffer>;
+#ifdef LSJAX_WITH_CUDA
+using Stream = xffi::PlatformStream<cudaStream_t>;
+#endif
+
 // Element storage types of one platform.
 struct CpuTypes {
   using F32 = float;

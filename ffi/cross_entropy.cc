@@ -15,9 +15,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 // Checks logits [rows, V] (rank >= 1), labels s32 [rows] and f32 [rows] per-row buffers.
 xffi::Error CheckShapes(const char* op, const Buf& logits, const Buf& labels,
                         std::initializer_list<const Buf*> per_row_f32) {
@@ -132,8 +129,6 @@ auto RunBwdCuda(cudaStream_t stream) {
     return CudaStatus(CrossEntropyBwdCuda(a, stream), "cross_entropy_bwd");
   };
 }
-
-using Stream = xffi::PlatformStream<cudaStream_t>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     CrossEntropyFwdCudaHandler,

@@ -14,8 +14,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
 constexpr const char* kOp = "decode_attention";
 
 // The checks both targets share: k [batch, k_len, heads, head_dim] (the dims of a q of [batch, heads,

@@ -14,8 +14,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
 constexpr const char* kOp = "decode_dense";
 
 template <typename Types, typename Run>

@@ -18,9 +18,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 xffi::Error CheckIndex(const char* op, const Buf& b, int64_t tokens, const char* name) {
   return Expect(b.element_type() == xffi::DataType::S32 && static_cast<int64_t>(b.element_count()) == tokens,
                 op, std::string(name) + " must be int32 with one element per token");
@@ -220,8 +217,6 @@ auto RunFwdCuda(cudaStream_t stream) {
 auto RunBwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(EmbeddingBwdCuda(a, stream), "embedding_bwd"); };
 }
-
-using Stream = xffi::PlatformStream<cudaStream_t>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCudaHandler,

@@ -17,9 +17,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 xffi::Error CheckShapes(const char* op, const Buf& x, const Buf* other, const Buf& stat) {
   const auto [rows, cols] = RowsCols(x);
   if (auto e = Expect(x.dimensions().size() >= 1, op, "input must have rank >= 1"); e.failure()) return e;
@@ -192,8 +189,6 @@ auto RunFwdCuda(cudaStream_t stream) {
 auto RunBwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(LayerNormBwdCuda(a, stream), "layer_norm_bwd"); };
 }
-
-using Stream = xffi::PlatformStream<cudaStream_t>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     LayerNormFwdCudaHandler,

@@ -18,9 +18,6 @@
 namespace lsjax::ffi {
 namespace {
 
-using Buf = xffi::AnyBuffer;
-using Res = xffi::Result<xffi::AnyBuffer>;
-
 // The dims of x or dx: [*batch, length, n, heads, head_dim].
 xffi::Error DimsOf(const char* op, const Buf& x, SplitHeadsDims& d) {
   const auto dims = x.dimensions();
@@ -162,8 +159,6 @@ LSJAX_FFI_TARGET_CPU("split_heads_bwd", BwdCpuHandler);
 
 // ------------------------------------------------------------------ CUDA --
 #ifdef LSJAX_WITH_CUDA
-
-using Stream = xffi::PlatformStream<cudaStream_t>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FwdCudaHandler,
