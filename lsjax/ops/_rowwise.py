@@ -139,7 +139,7 @@ def _table_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str], mesh):
 
 def _count(spec: tuple, mesh) -> int:
     """Number of blocks the mesh axes of ``spec`` make."""
-    return int(np.prod([mesh.shape[a] for a in _mesh_axes(spec)], dtype=np.int64))
+    return int(np.prod([mesh.shape[a] for a in mesh_axes(spec)], dtype=np.int64))
 
 
 def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh, last=None, table=None) -> NamedSharding:
@@ -154,7 +154,7 @@ def _sharding_for(kind: str, rank: int, row_spec: tuple, mesh, last=None, table=
     return NamedSharding(mesh, PartitionSpec(*lead, *((last,) if kind == ROWS else ())))
 
 
-def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
+def mesh_axes(row_spec: tuple) -> tuple[str, ...]:
     axes: list[str] = []
     for entry in row_spec:
         if entry is None:
@@ -233,14 +233,14 @@ def _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh):
     for i, kind in enumerate(in_kinds):
         if kind == RNG:
             for spec, step in ((row_spec, row_step), ((last,), col_step)):
-                if _mesh_axes(spec):
+                if mesh_axes(spec):
                     out[i] = _advance(out[i], _shard_index(spec, mesh), step)
     return tuple(out)
 
 
 def _dim_shard(entry, mesh) -> DimShard:
     """The DimShard of this device's block along a dim sharded as spec ``entry``."""
-    return DimShard(_mesh_axes((entry,)), _shard_index((entry,), mesh).astype(jnp.int32), _count((entry,), mesh))
+    return DimShard(mesh_axes((entry,)), _shard_index((entry,), mesh).astype(jnp.int32), _count((entry,), mesh))
 
 
 def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_static: int,
@@ -258,10 +258,10 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
             # forward and backward get partitioned.
             row_spec = (row_spec[0],) + (None,) * (len(row_spec) - 1)
         last = _last_spec(arg_shapes, in_kinds, mesh) if (split_last or elementwise) else None
-        if set(_mesh_axes((last,))) & set(_mesh_axes(row_spec)):
+        if set(mesh_axes((last,))) & set(mesh_axes(row_spec)):
             last = None  # a mesh axis shards the rows already
         table = _table_spec(arg_shapes, in_kinds, mesh) if split_table else None
-        if set(_mesh_axes((table,))) & set(_mesh_axes(row_spec)):
+        if set(mesh_axes((table,))) & set(mesh_axes(row_spec)):
             table = None  # likewise
         args = tuple(
             _sharding_for(k, len(s.shape), row_spec, mesh, last, table) for k, s in zip(in_kinds, arg_shapes)
@@ -279,15 +279,15 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
     def partition(*args):
         *static, mesh, arg_shapes, result_shape = args
         row_spec, last, table, arg_shardings, results = shardings(mesh, arg_shapes, jax.tree.leaves(result_shape))
-        axes = _mesh_axes(row_spec)
-        last_axes = _mesh_axes((last,))
+        axes = mesh_axes(row_spec)
+        last_axes = mesh_axes((last,))
 
         def lower(*arrays):
             if RNG in in_kinds and (axes or last_axes):
                 arrays = _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh)
             if last_axes and split_last:
                 outs = split_last(_dim_shard(last, mesh), *static, *arrays)
-            elif _mesh_axes((table,)):
+            elif mesh_axes((table,)):
                 outs = split_table(_dim_shard(table, mesh), *static, *arrays)
             else:
                 outs = local_fn(*static, *arrays)
@@ -354,7 +354,7 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
             def _vmap_rule(axis_size, in_batched, *a):
                 # Re-enter `fn` (not the bare partitioned call) so nested vmaps
                 # reach this rule again.
-                return _batched(fn, in_kinds, out_kinds, axis_size, in_batched, a)
+                return batched_call(fn, in_kinds, out_kinds, axis_size, in_batched, a)
 
             return fn(*arrays)
 
@@ -363,7 +363,7 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
     return wrap
 
 
-def _batched(f, in_kinds, out_kinds, axis_size, in_batched, args):
+def batched_call(f, in_kinds, out_kinds, axis_size, in_batched, args):
     """vmap rule: the mapped axis (at 0) becomes a leading row dim when possible."""
     mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k in _WHOLE)
     # RNG ops map sequentially too: every instance must see the same mask

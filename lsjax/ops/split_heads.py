@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lsjax.ops import backend as _backend
 from lsjax.ops._bias_dropout import column_sum_partials, ffi
 from lsjax.ops._checks import check_float, check_rank, check_shape
-from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS, _batched, _mesh_axes
+from lsjax.ops._rowwise import PARAM, ROW_SUM, ROWS, batched_call, mesh_axes
 
 _F32 = jnp.float32
 _OP = "split_heads"
@@ -170,7 +170,7 @@ def _make_partitioned(local_fn: Callable, forward: bool, n_static: int):
     def partition(*args):
         *static, mesh, arg_shapes, result_shape = args
         (batch, length, _), arg_shardings, result_shardings, outs = shardings(mesh, arg_shapes, result_shape)
-        sum_axes = _mesh_axes((*batch, length))
+        sum_axes = mesh_axes((*batch, length))
 
         def lower(*arrays):
             results = local_fn(*static, *arrays)
@@ -208,7 +208,7 @@ def _call(partitioned, forward: bool, static: tuple, arrays: tuple, n_results: i
 
     @fn.def_vmap
     def _vmap_rule(axis_size, in_batched, *a):
-        return _batched(fn, in_kinds, out_kinds, axis_size, in_batched, a)
+        return batched_call(fn, in_kinds, out_kinds, axis_size, in_batched, a)
 
     return fn(*arrays)
 
