@@ -97,7 +97,7 @@ _MAX_PARTIALS = 512
 
 
 def _grad_call(target, z, scale, *args):
-    """``(dz, dscale, dbias)``, the two sums in ``scale``'s dtype; ``args`` follow ``scale``."""
+    """``(dz, dscale, dbias)`` of ``target(*args)``, the two sums in ``scale``'s dtype."""
     rows = math.prod(z.shape[:-1])
     vec = jax.ShapeDtypeStruct(z.shape[-1:], scale.dtype)
     partials = jax.ShapeDtypeStruct((2, min(rows, _MAX_PARTIALS), z.shape[-1]), _F32)
