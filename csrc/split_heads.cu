@@ -12,9 +12,10 @@
 // loads before its stores: rows a fixed stride apart in both layouts, so one
 // division per run. A warp reads or writes 32 consecutive vectors of one row
 // of x: whole head_dim segments, each contiguous in its output too (128 bytes
-// for head_dim 64 in 16-bit types), so both sides are fully coalesced. Two
-// waves of kMinBlocks blocks per SM (64 bytes of loads in flight per thread
-// with 16-byte vectors, 64 KiB per SM).
+// for head_dim 64 in 16-bit types), so both sides are fully coalesced. One
+// row lane per run (grid-stride only past 65535 row blocks, or past the
+// dbias workspace's partial rows): kMinBlocks blocks per SM resident, 64
+// bytes of loads in flight per thread with 16-byte vectors, 64 KiB per SM.
 //
 // Backward dbias is deterministic: each thread accumulates its columns over
 // its rows in float32 registers, the block sums its row lanes through shared
@@ -39,10 +40,6 @@ constexpr int kBlockX = 32;  // column vectors per block (one warp)
 constexpr int kBlockY = 8;   // row lanes per block
 constexpr int kBlock = kBlockX * kBlockY;
 constexpr int kMinBlocks = 4;      // blocks per SM: <= 64 registers per thread
-// Waves of kMinBlocks blocks per SM (blocks of a wave finishing early make room for the next).
-// Session 18 swept 1, 2, 4 waves and one lane per run: 2 is best at the largest shapes; one lane
-// per run was the only grid at or above XLA at every benchmarked shape (RESULTS.md, session 18).
-constexpr int kWaves = 2;
 constexpr int kRowsInFlight = 4;   // rows of loads a thread issues before their stores
 constexpr int kMaxVec = 8;         // 16 bytes of 16-bit elements
 
@@ -225,15 +222,16 @@ struct Plan {
   Runs runs;
 };
 
-// kWaves waves of kMinBlocks blocks per SM, at most one run per lane and at most
-// max_row_blocks blocks along y. ptrs: the n + 1 tensors' data.
+// One run per row lane, at most max_row_blocks (and 65535) blocks along y.
+// Session 18 swept capping the grid at 1, 2 and 4 waves of kMinBlocks blocks per
+// SM against this: only one lane per run was at or above XLA at every benchmarked
+// shape (RESULTS.md). ptrs: the n + 1 tensors' data.
 template <typename T>
 Plan MakePlan(const SplitHeadsDims& d, const void* const* ptrs, const void* param, size_t param_elem_bytes,
               int64_t max_row_blocks) {
   Plan plan{PickVec<T>(d.head_dim, ptrs, static_cast<int>(1 + d.n), param, param_elem_bytes), dim3(), Runs::Of(d)};
   const int64_t grid_x = CeilDiv(d.Cols() / plan.vec, kBlockX);
-  const int64_t fill = std::max<int64_t>(1, kWaves * kMinBlocks * cuda::NumSMs() / grid_x);
-  const int64_t grid_y = std::min({CeilDiv(plan.runs.count, kBlockY), fill, max_row_blocks, int64_t{65535}});
+  const int64_t grid_y = std::min({CeilDiv(plan.runs.count, kBlockY), max_row_blocks, int64_t{65535}});
   plan.grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::max<int64_t>(1, grid_y)));
   return plan;
 }

@@ -2,6 +2,7 @@
 
 Ids are uniform over the vocabulary, and in the ``...zipf`` rows (256x256x1024) Zipf-distributed
 (exponent 1.1) as word frequencies in text are: a few rows own thousands of tokens each.
+``embedding_nodrop`` (rate 0) at 256x256x1024, to show what the dropout RNG costs.
 """
 
 import jax
@@ -18,8 +19,9 @@ def cases() -> list[Case]:
     out = []
     for dtype in (jnp.bfloat16, jnp.float16):
         size = jnp.dtype(dtype).itemsize
-        for batch, seq, hidden, zipf in ((128, 64, 512, False), (128, 64, 1024, False), (256, 256, 512, False),
-                                         (256, 256, 1024, False), (256, 256, 1024, True)):
+        for batch, seq, hidden, zipf, rate in ((128, 64, 512, False, RATE), (128, 64, 1024, False, RATE),
+                                               (256, 256, 512, False, RATE), (256, 256, 1024, False, RATE),
+                                               (256, 256, 1024, True, RATE), (256, 256, 1024, False, 0.0)):
             tokens = batch * seq
             rows = tokens * hidden * size
 
@@ -30,9 +32,9 @@ def cases() -> list[Case]:
                 table = jnp.asarray(rng.standard_normal((VOCAB, hidden), dtype="float32")).astype(dtype)
                 return ids, table
 
-            kw = dict(rate=RATE, padding_id=0)
+            kw = dict(rate=rate, padding_id=0)
             out.append(Case(
-                op="embedding", shape=f"{batch}x{seq}x{hidden}" + ("zipf" if zipf else ""),
+                op="embedding" if rate else "embedding_nodrop", shape=f"{batch}x{seq}x{hidden}" + ("zipf" if zipf else ""),
                 dtype=jnp.dtype(dtype).name,
                 make_inputs=make,
                 ours=lambda ids, table, kw=kw: embedding(ids, table, key=jax.random.key(0), **kw),
