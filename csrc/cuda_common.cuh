@@ -202,7 +202,7 @@ inline int DeviceAttribute() {
 // Multiprocessor count of the current device.
 inline int NumSMs() { return DeviceAttribute<cudaDevAttrMultiProcessorCount>(); }
 
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int NextPow2(int64_t v) {
   int p = 1;
@@ -276,6 +276,46 @@ cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, si
   config.attrs = &pdl;
   config.numAttrs = DeviceHasPdl() ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+// A second, high-priority stream of the current device per host thread, and
+// the events that order it against a caller's stream. Created on first use.
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  cudaError_t status = cudaSuccess;
+};
+
+inline SideStream& CurrentSideStream() {
+  thread_local SideStream slots[64];
+  int device = 0;
+  cudaGetDevice(&device);
+  SideStream& s = slots[device & 63];
+  if (s.stream == nullptr && s.status == cudaSuccess) {
+    int least = 0, greatest = 0;
+    s.status = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    if (s.status == cudaSuccess) s.status = cudaStreamCreateWithPriority(&s.stream, cudaStreamNonBlocking, greatest);
+    if (s.status == cudaSuccess) s.status = cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming);
+    if (s.status == cudaSuccess) s.status = cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming);
+  }
+  return s;
+}
+
+// side(side_stream) and main(stream) run concurrently: side's work after
+// everything enqueued on `stream` before, and `stream`'s later work after
+// both. Each returns a cudaError_t; the first error is returned.
+template <typename Side, typename Main>
+cudaError_t Concurrently(cudaStream_t stream, Side&& side, Main&& main) {
+  SideStream& s = CurrentSideStream();
+  if (s.status != cudaSuccess) return s.status;
+  cudaError_t err = cudaEventRecord(s.fork, stream);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(s.stream, s.fork, 0);
+  if (err != cudaSuccess) return err;
+  const cudaError_t side_err = side(s.stream);
+  const cudaError_t main_err = main(stream);
+  err = cudaEventRecord(s.join, s.stream);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(stream, s.join, 0);
+  return side_err != cudaSuccess ? side_err : (main_err != cudaSuccess ? main_err : err);
 }
 
 // Deterministic column sums of per-block partial rows, the second pass of

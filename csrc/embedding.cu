@@ -14,22 +14,29 @@
 // keep bits and the sinusoid (neither needs the gathered data) are computed
 // while they are in flight, and only then are the rows combined.
 //
-// Backward: deterministic segment sum, no atomics. The caller sorts the tokens
-// by key (stable), so each table row's tokens form one contiguous segment in
-// ascending token order. SegmentStarts finds every row's segment start (one
-// thread per row, binary search). EmbBwdChunks splits the sorted tokens into
-// chunks of `chunk` (<= kEmbeddingBwdMaxChunk): one block per chunk walks its tokens in order,
-// kBwdStages dy rows in flight per thread, and sums each run of equal keys in
-// float32; a segment inside one chunk is written to grad there, a segment cut
-// by chunk boundaries leaves one float32 partial per chunk it touches. Then
-// EmbBwdRows, one thread group per table row, writes the rest: zeros for rows
-// without tokens, and each cut segment's partials added in chunk order. Every
-// token is read once however the tokens spread over rows (one frequent token's
-// long segment is split across chunks, not summed by one thread), and every
-// grad element is written once: the gradient needs no memset.
+// Sort (the backward's, requested by the forward under autodiff): input
+// pairs (key, token), then CUB's radix sort over the key's bits. It runs on a
+// second stream while the forward kernel runs (cuda::Concurrently): the sort
+// is a chain of small latency-bound kernels, the forward bandwidth-bound.
+//
+// Backward: deterministic segment sum, no atomics. The tokens are sorted by
+// key (stably), so each table row's tokens form one contiguous segment in
+// ascending token order. EmbBwdChunks splits the sorted tokens into chunks of
+// `chunk` (<= kEmbeddingBwdMaxChunk): one block per chunk walks its tokens in
+// order, kBwdStages dy rows in flight per thread, and sums each run of equal
+// keys in float32; a segment inside one chunk is written to grad there, a
+// segment cut by chunk boundaries leaves one float32 partial per chunk it
+// touches. The same launch's first blocks write zeros to the rows without
+// tokens (a binary search per row, run while the chunks are summed). Then
+// EmbBwdCutRows adds each cut segment's partials in chunk order. Every token
+// is read once however the tokens spread over rows (one frequent token's long
+// segment is split across chunks, not summed by one thread), and every grad
+// element is written once: the gradient needs no memset.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+
+#include <cub/device/device_radix_sort.cuh>
 
 #include "csrc/cuda_common.cuh"
 #include "csrc/embedding.h"
@@ -131,7 +138,55 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
   }
 }
 
+// ------------------------------------------------------------------- sort --
+
+// The sort's input pairs: key (vocab for a pad, else the clamped id), token.
+__global__ void __launch_bounds__(kBlock) SortPairsIn(EmbeddingSortArgs s, uint32_t* keys, int32_t* tokens) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < s.tokens; n += stride) {
+    const int32_t id = s.ids[n];
+    keys[n] = static_cast<uint32_t>(id == s.padding_id ? s.vocab : ClampRow(id, s.vocab));
+    tokens[n] = static_cast<int32_t>(n);
+  }
+}
+
+// Bits of the largest key (vocab): the radix sort's passes.
+int KeyBits(int64_t vocab) {
+  int bits = 1;
+  while ((int64_t{1} << bits) <= vocab) ++bits;
+  return bits;
+}
+
+size_t Align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+size_t RadixSortBytes(int64_t tokens, int bits) {
+  size_t bytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, static_cast<const uint32_t*>(nullptr),
+                                  static_cast<uint32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), static_cast<int>(tokens), 0, bits);
+  return bytes;
+}
+
+// Workspace: input keys, input tokens, CUB's temporary storage.
+cudaError_t SortCuda(const EmbeddingSortArgs& s, void* workspace, cudaStream_t stream) {
+  if (s.tokens == 0) return cudaSuccess;
+  const int bits = KeyBits(s.vocab);
+  char* ws = static_cast<char*>(workspace);
+  const size_t column = Align256(4 * static_cast<size_t>(s.tokens));
+  auto* keys = reinterpret_cast<uint32_t*>(ws);
+  auto* tokens = reinterpret_cast<int32_t*>(ws + column);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(CeilDiv(s.tokens, kBlock), 4 * cuda::NumSMs()));
+  SortPairsIn<<<grid, kBlock, 0, stream>>>(s, keys, tokens);
+  size_t bytes = RadixSortBytes(s.tokens, bits);
+  return cub::DeviceRadixSort::SortPairs(ws + 2 * column, bytes, keys, reinterpret_cast<uint32_t*>(s.sorted_keys),
+                                         tokens, s.order, static_cast<int>(s.tokens), 0, bits, stream);
+}
+
 // --------------------------------------------------------------- backward --
+
+constexpr int32_t kNoKey = INT32_MIN;  // a key past either end of the sorted keys
+
+__device__ __forceinline__ bool ValidKey(int64_t key, int64_t rows) { return key >= 0 && key < rows; }
 
 // First index i in [0, n) with keys[i] >= key (keys sorted ascending).
 __device__ __forceinline__ int64_t LowerBound(const int32_t* keys, int64_t n, int64_t key) {
@@ -147,45 +202,64 @@ __device__ __forceinline__ int64_t LowerBound(const int32_t* keys, int64_t n, in
   return lo;
 }
 
-// seg[r] = number of keys < r for r in [0, rows]: row r's segment is
-// [seg[r], seg[r + 1]), and seg[rows] counts the tokens that have a row.
-// One thread per row, so the binary searches' latency overlaps across the grid.
-__global__ void __launch_bounds__(kBlock) SegmentStarts(const int32_t* keys, int64_t tokens, int64_t rows,
-                                                         int32_t* seg) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r <= rows) seg[r] = static_cast<int32_t>(LowerBound(keys, tokens, r));
+// One warp: zeros to the rows of [r0, r0 + 32) that no token has (each lane
+// looks for one row's key), a whole warp writing each such row.
+template <typename T, int VEC>
+__device__ __forceinline__ void ZeroEmptyRows(const EmbeddingBwdArgs<T>& a, int64_t r0) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = r0 + lane;
+  bool empty = false;
+  if (r < a.rows) {
+    const int64_t i = LowerBound(a.keys, a.tokens, r);
+    empty = i == a.tokens || a.keys[i] != r;
+  }
+  float zeros[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) zeros[k] = 0.f;
+  for (uint32_t left = __ballot_sync(~0u, empty); left != 0; left &= left - 1) {
+    T* row = a.grad + (r0 + __ffs(left) - 1) * a.hidden;
+    for (int64_t c = lane * VEC; c < a.hidden; c += 32 * VEC) StoreFloats<T, VEC>(row + c, zeros);
+  }
 }
 
 constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
 
-// Block q walks chunk q's sorted tokens [q * chunk, min(q * chunk + chunk,
-// seg[rows])) in order, one column vector per thread, and sums each run of
-// equal keys in float32 registers. A run that is its row's whole segment is
-// written to grad; a run cut by the chunk's start goes to partial row 2q, one
-// cut by its end (only) to partial row 2q + 1, for EmbBwdRows to finish. The
-// chunk's keys, token order and dropout token indices are read once into
-// shared memory; dy rows arrive through the thread's cp.async slots,
-// kBwdStages tokens ahead, and each token's keep bits are drawn while its row
-// is in flight.
+// Blocks [0, zero_blocks) zero the rows without tokens (ZeroEmptyRows, a warp
+// per 32 rows); the others walk chunks of the sorted tokens. Chunk q's block
+// walks its valid tokens (keys in [0, rows)) in order, one column vector per
+// thread, and sums each run of equal keys in float32 registers. A run that is
+// its row's whole segment is written to grad; a run cut by the chunk's start
+// goes to partial row 2q, one cut by its end (only) to partial row 2q + 1, for
+// EmbBwdCutRows to finish. The chunk's keys, token order and dropout token
+// indices are read once into shared memory; dy rows arrive through the
+// thread's cp.async slots, kBwdStages tokens ahead, and each token's keep bits
+// are drawn while its row is in flight.
 template <typename T, int VEC, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a, const int32_t* seg) {
+__global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a, int zero_blocks) {
   using V = cuda::Vec<T, VEC>;
-  __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk (-1: none)
+  __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk
   __shared__ int32_t s_token[kEmbeddingBwdMaxChunk];
   __shared__ uint32_t s_index[kEmbeddingBwdMaxChunk];  // token_index of each token (dropout)
   __shared__ V ring[kBwdStages][kBlock];
+  if (static_cast<int>(blockIdx.x) < zero_blocks) {
+    const int64_t warps = blockDim.x / 32;
+    for (int64_t r0 = (blockIdx.x * warps + threadIdx.x / 32) * 32; r0 < a.rows; r0 += zero_blocks * warps * 32) {
+      ZeroEmptyRows<T, VEC>(a, r0);
+    }
+    return;
+  }
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
-  const int64_t n_valid = seg[a.rows];
+  const int64_t chunks = CeilDiv(a.tokens, a.chunk);
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
-  for (int64_t q = blockIdx.x; q * a.chunk < n_valid; q += gridDim.x) {
+  for (int64_t q = blockIdx.x - zero_blocks; q < chunks; q += gridDim.x - zero_blocks) {
     const int64_t begin = q * a.chunk;
-    const int len = static_cast<int>(n_valid - begin < a.chunk ? n_valid - begin : a.chunk);
+    const int len = static_cast<int>(a.tokens - begin < a.chunk ? a.tokens - begin : a.chunk);
     __syncthreads();  // the previous chunk's reads of the shared arrays are done
     for (int t = threadIdx.x; t < len + 2; t += blockDim.x) {
       const int64_t i = begin - 1 + t;
-      s_key[t] = i >= 0 && i < n_valid ? a.keys[i] : -1;
+      s_key[t] = i >= 0 && i < a.tokens ? a.keys[i] : kNoKey;
     }
     for (int t = threadIdx.x; t < len; t += blockDim.x) {
       const int32_t n = a.order[begin + t];
@@ -193,21 +267,26 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a,
       if constexpr (DROPOUT) s_index[t] = static_cast<uint32_t>(a.token_index[n]);
     }
     __syncthreads();
-    const bool cut_at_start = s_key[0] == s_key[1];
-    const bool cut_at_end = s_key[len] == s_key[len + 1];
+    // The chunk's valid tokens [lo, hi): excluded keys sort before (< 0) or after (>= rows) them.
+    int lo = 0, hi = len;
+    while (lo < len && s_key[lo + 1] < 0) ++lo;
+    while (hi > lo && s_key[hi] >= a.rows) --hi;
+    if (lo == hi) continue;
+    const bool cut_at_start = lo == 0 && s_key[0] == s_key[1];
+    const bool cut_at_end = hi == len && s_key[len] == s_key[len + 1];
     for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
       const int64_t c = cv * VEC;
       auto stage = [&](int slot, int p) {  // one commit group per token, empty past the end
-        if (p < len) cuda::CopyVecAsync<T, VEC>(&ring[slot][threadIdx.x], a.dy + s_token[p] * h + c);
+        if (p < hi) cuda::CopyVecAsync<T, VEC>(&ring[slot][threadIdx.x], a.dy + s_token[p] * h + c);
         cuda::CopyAsyncCommit();
       };
 #pragma unroll
-      for (int p = 0; p < kBwdStages; ++p) stage(p, p);
+      for (int u = 0; u < kBwdStages; ++u) stage(u, lo + u);
       float acc[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
-      int run_start = 0, slot = 0;
-      for (int p = 0; p < len; ++p) {
+      int run_start = lo, slot = 0;
+      for (int p = lo; p < hi; ++p) {
         uint32_t keep = 0;
         if constexpr (DROPOUT) keep = DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(s_index[p]) * h + c);
         cuda::CopyAsyncWait<kBwdStages - 1>();  // token p's group, the oldest, has landed
@@ -218,10 +297,10 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a,
         if constexpr (DROPOUT) ApplyKeepBits<VEC>(keep, rng.scale, v);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) acc[k] += v[k];
-        if (p + 1 < len && s_key[p + 2] == s_key[p + 1]) continue;  // the run goes on
-        if (run_start == 0 && cut_at_start) {
+        if (p + 1 < hi && s_key[p + 2] == s_key[p + 1]) continue;  // the run goes on
+        if (run_start == lo && cut_at_start) {
           StoreFloats<float, VEC>(a.partials + (2 * q) * h + c, acc);
-        } else if (p + 1 == len && cut_at_end) {
+        } else if (p + 1 == hi && cut_at_end) {
           StoreFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc);
         } else {
 #pragma unroll
@@ -236,43 +315,31 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a,
   }
 }
 
-constexpr int kRowsPerGroup = 8;  // table rows per EmbBwdRows thread group and iteration
-
-// The rows EmbBwdChunks did not write: zeros for rows without tokens, and for
-// a segment cut by chunk boundaries, its partial in its first chunk (2q + 1)
-// then those of the following chunks it reaches (2q), in order. Each thread
-// group (threadIdx.y) takes kRowsPerGroup consecutive rows at a time and reads
-// their segment starts at once (most rows need nothing: one latency for all).
+// The rows whose segment EmbBwdChunks cut: block q (grid-stride) takes the
+// segment that begins in chunk q and goes on past it, and adds its partials in
+// chunk order: chunk q's (2q + 1), then those of the chunks it continues
+// into (2q'), through the chunk of its last token.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlock) EmbBwdRows(EmbeddingBwdArgs<T> a, const int32_t* seg) {
+__global__ void __launch_bounds__(kBlock) EmbBwdCutRows(EmbeddingBwdArgs<T> a) {
   const int64_t h = a.hidden;
-  const int64_t ncv = h / VEC;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.y * kRowsPerGroup;
-  for (int64_t r0 = (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * kRowsPerGroup; r0 < a.rows;
-       r0 += stride) {
-    int64_t starts[kRowsPerGroup + 1];
+  const int64_t chunks = CeilDiv(a.tokens, a.chunk);
+  for (int64_t q = blockIdx.x; q < chunks; q += gridDim.x) {
+    const int64_t begin = q * a.chunk, end = std::min<int64_t>(begin + a.chunk, a.tokens);
+    const int32_t key = a.keys[end - 1];
+    if (end == a.tokens || !ValidKey(key, a.rows) || a.keys[end] != key) continue;  // not cut at chunk q's end
+    if (begin > 0 && a.keys[begin] == key && a.keys[begin - 1] == key) continue;  // began in an earlier chunk
+    const int64_t last = (LowerBound(a.keys, a.tokens, static_cast<int64_t>(key) + 1) - 1) / a.chunk;
+    for (int64_t c = threadIdx.x * VEC; c < h; c += blockDim.x * VEC) {
+      float acc[VEC], v[VEC];
+      LoadFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc);
+      for (int64_t p = q + 1; p <= last; ++p) {
+        LoadFloats<float, VEC>(a.partials + (2 * p) * h + c, v);
 #pragma unroll
-    for (int u = 0; u <= kRowsPerGroup; ++u) starts[u] = seg[r0 + u <= a.rows ? r0 + u : a.rows];
-#pragma unroll
-    for (int u = 0; u < kRowsPerGroup; ++u) {
-      const int64_t r = r0 + u, lo = starts[u], hi = starts[u + 1];
-      const int64_t q0 = lo / a.chunk, q1 = lo < hi ? (hi - 1) / a.chunk : q0;
-      if (r >= a.rows || (lo < hi && q0 == q1)) continue;
-      for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
-        const int64_t c = cv * VEC;
-        float acc[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
-        for (int64_t q = q0; q < q1 + (lo < hi); ++q) {
-          float v[VEC];
-          LoadFloats<float, VEC>(a.partials + (q == q0 ? 2 * q + 1 : 2 * q) * h + c, v);
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) acc[k] += v[k];
-        }
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] *= a.factor;
-        StoreFloats<T, VEC>(a.grad + r * h + c, acc);
+        for (int k = 0; k < VEC; ++k) acc[k] += v[k];
       }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] *= a.factor;
+      StoreFloats<T, VEC>(a.grad + static_cast<int64_t>(key) * h + c, acc);
     }
   }
 }
@@ -337,29 +404,37 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
 }
 
 
+size_t EmbeddingSortWorkspaceBytes(int64_t tokens, int64_t vocab) {
+  return 2 * Align256(4 * static_cast<size_t>(tokens)) + RadixSortBytes(tokens, KeyBits(vocab));
+}
+
+template <typename T>
+cudaError_t EmbeddingFwdSortCuda(const EmbeddingFwdArgs<T>& a, const EmbeddingSortArgs& s, void* workspace,
+                                 cudaStream_t stream) {
+  return cuda::Concurrently(
+      stream, [&](cudaStream_t side) { return SortCuda(s, workspace, side); },
+      [&](cudaStream_t main) { return EmbeddingFwdCuda(a, main); });
+}
+
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) {
   if (a.rows == 0 || a.hidden == 0) return cudaSuccess;
   if (a.chunk < 1 || a.chunk > kEmbeddingBwdMaxChunk) return cudaErrorInvalidValue;
-  int32_t* seg = a.segment_starts;
-  SegmentStarts<<<static_cast<unsigned>(CeilDiv(a.rows + 1, kBlock)), kBlock, 0, stream>>>(a.keys, a.tokens,
-                                                                                         a.rows, seg);
   constexpr int kVec = cuda::kVec16<T>;
   const bool vectorisable = a.hidden % kVec == 0 && cuda::Aligned(a.dy, 16) && cuda::Aligned(a.grad, 16);
   const int vec = vectorisable ? kVec : 1;
   const int tx = ColumnThreads(a.hidden / vec);
-  const dim3 rows_block(tx, kBlock / tx);
-  const int64_t rows_grid = Grid(CeilDiv(a.rows, kRowsPerGroup), kBlock / tx);
+  const int64_t chunks = CeilDiv(a.tokens, a.chunk);
+  const int zero_blocks = static_cast<int>(std::min<int64_t>(CeilDiv(a.rows, tx), cuda::NumSMs()));
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto d) {
     constexpr int kV = decltype(v)::value;
-    const auto chunks = EmbBwdChunks<T, kV, decltype(d)::value>;
-    if (a.tokens > 0) {
-      const int64_t chunks_grid = std::min<int64_t>(CeilDiv(a.tokens, a.chunk),
-                                                    cuda::ResidentBlocksPerSM(chunks, tx, 0) * cuda::NumSMs());
-      chunks<<<chunks_grid, tx, 0, stream>>>(a, seg);
+    const auto walk = EmbBwdChunks<T, kV, decltype(d)::value>;
+    const int64_t chunk_blocks = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, 0) * cuda::NumSMs());
+    walk<<<static_cast<unsigned>(zero_blocks + chunk_blocks), tx, 0, stream>>>(a, zero_blocks);
+    if (chunks > 1) {
+      EmbBwdCutRows<T, kV><<<static_cast<unsigned>(std::min<int64_t>(chunks, 4 * cuda::NumSMs())), tx, 0, stream>>>(a);
     }
-    EmbBwdRows<T, kV><<<rows_grid, rows_block, 0, stream>>>(a, seg);
   };
   auto by_dropout = [&](auto v) {
     if (dropout) {
@@ -378,6 +453,8 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
 
 #define LSJAX_INSTANTIATE(T)                                                                  \
   template cudaError_t EmbeddingFwdCuda<T>(const EmbeddingFwdArgs<T>&, cudaStream_t);         \
+  template cudaError_t EmbeddingFwdSortCuda<T>(const EmbeddingFwdArgs<T>&, const EmbeddingSortArgs&, void*, \
+                                               cudaStream_t);                                 \
   template cudaError_t EmbeddingBwdCuda<T>(const EmbeddingBwdArgs<T>&, cudaStream_t);
 LSJAX_INSTANTIATE(float)
 LSJAX_INSTANTIATE(__half)

@@ -10,8 +10,12 @@
 //   or pe(p) = pos_table[clamp(p)] for a learned table.
 //   Dropout element e = token_index[n] * hidden + j (flat index into the full,
 //   unsharded output; see csrc/philox.h).
+// Sort (for the backward, done by the forward on request): the stable
+// ascending argsort of the tokens by key(n) = vocab for a pad, else
+// clamp(ids[n]): sorted_keys[i] = key(order[i]).
 // Backward (segment sum), for a key per token sorted ascending with `order`
-// the token permutation (excluded tokens carry a key outside [0, rows)):
+// the token permutation (excluded tokens carry a key outside [0, rows), below
+// or above the valid ones, so the keys stay sorted):
 //   grad[r, :] = factor * sum_{i : keys[i] == r, ascending i} keep(dy[order[i], :])
 //   where keep() applies the forward's dropout mask and 1 / (1 - rate).
 #pragma once
@@ -43,18 +47,26 @@ struct EmbeddingFwdArgs {
   float rate;
 };
 
+struct EmbeddingSortArgs {
+  const int32_t* ids;    // [tokens]
+  int32_t* sorted_keys;  // [tokens]
+  int32_t* order;        // [tokens]
+  int64_t tokens;
+  int64_t vocab;
+  int32_t padding_id;
+};
+
 // Most sorted tokens per block of the CUDA backward (EmbeddingBwdArgs::chunk).
 constexpr int64_t kEmbeddingBwdMaxChunk = 64;
 
 template <typename T>
 struct EmbeddingBwdArgs {
   const T* dy;                 // [tokens, hidden]
-  const int32_t* keys;         // [tokens] sorted ascending
+  const int32_t* keys;         // [tokens] sorted ascending (those outside [0, rows) skipped)
   const int32_t* order;        // [tokens] token of each sorted key
   const int32_t* token_index;  // [tokens] (by token, not sorted); read only when rate > 0
   const uint32_t* rng;         // uint32[4]; read only when rate > 0
   T* grad;                     // [rows, hidden], every element written
-  int32_t* segment_starts;     // CUDA only: workspace int32 [rows + 1]
   float* partials;             // CUDA only: workspace float32 [2 * ceil(tokens / chunk), hidden]
   int64_t chunk;               // CUDA only: sorted tokens per block, in [1, kEmbeddingBwdMaxChunk]
   int64_t tokens;
@@ -68,12 +80,21 @@ template <typename T>
 void EmbeddingFwdCpu(const EmbeddingFwdArgs<T>& a);
 template <typename T>
 void EmbeddingBwdCpu(const EmbeddingBwdArgs<T>& a);
+void EmbeddingSortCpu(const EmbeddingSortArgs& s);
 
 #ifdef LSJAX_WITH_CUDA
 template <typename T>
 cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream);
-// a.segment_starts and a.partials (extra XLA outputs) are workspace: each table
-// row's first sorted token, and the partial sums of segments cut by chunks.
+// Device workspace bytes EmbeddingFwdSortCuda needs for `tokens` tokens.
+size_t EmbeddingSortWorkspaceBytes(int64_t tokens, int64_t vocab);
+// The forward on `stream` and, concurrently on a second stream (the sort is
+// latency-bound, the forward bandwidth-bound), the sort: both are done when
+// `stream`'s next work runs. workspace: EmbeddingSortWorkspaceBytes, 256-aligned.
+template <typename T>
+cudaError_t EmbeddingFwdSortCuda(const EmbeddingFwdArgs<T>& a, const EmbeddingSortArgs& s, void* workspace,
+                                 cudaStream_t stream);
+// a.partials (an extra XLA output) is workspace: the partial sums of segments
+// cut by chunks.
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream);
 #endif

@@ -2,6 +2,7 @@
 // and the custom-call path exercised in CI.
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 #include "csrc/cpu_dtypes.h"
@@ -78,6 +79,16 @@ void EmbeddingBwdCpu(const EmbeddingBwdArgs<T>& a) {
     }
   }
   for (int64_t k = 0; k < a.rows * h; ++k) a.grad[k] = FromFloat<T>(acc[k] * a.factor);
+}
+
+void EmbeddingSortCpu(const EmbeddingSortArgs& s) {
+  std::vector<int32_t> key(static_cast<size_t>(s.tokens));
+  for (int64_t n = 0; n < s.tokens; ++n) {
+    key[n] = static_cast<int32_t>(s.ids[n] == s.padding_id ? s.vocab : Clamp(s.ids[n], s.vocab));
+  }
+  std::iota(s.order, s.order + s.tokens, 0);
+  std::stable_sort(s.order, s.order + s.tokens, [&](int32_t i, int32_t j) { return key[i] < key[j]; });
+  for (int64_t i = 0; i < s.tokens; ++i) s.sorted_keys[i] = key[s.order[i]];
 }
 
 #define LSJAX_INSTANTIATE(T)                                         \

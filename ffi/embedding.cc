@@ -1,13 +1,16 @@
 // XLA FFI handlers for the embedding op: decode and check buffers, dispatch
 // dtype, call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
-//   embedding_fwd         (ids, positions, token_index, rng, table)            -> y
-//   embedding_learned_fwd (ids, positions, token_index, rng, table, pos_table) -> y
-//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> (grad, segment_starts: int32 [rows + 1],
-//                         partials: float32 [2 * ceil(tokens / chunk), H]; both CUDA workspace)
+//   embedding_fwd         (ids, positions, token_index, rng, table)            -> (y, sorted_keys, order)
+//   embedding_learned_fwd (ids, positions, token_index, rng, table, pos_table) -> (y, sorted_keys, order)
+//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> (grad,
+//                         partials: float32 [2 * ceil(tokens / chunk), H], CUDA workspace)
+// sorted_keys, order: int32 [tokens] (the backward's stable sort of the tokens
+// by row, done with the forward, concurrently on CUDA) or [0] (no sort).
 // ids, positions, token_index, keys, order: int32 [...] (same element count:
 // tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
 // pos_table: [max_positions, H], y/dy: [..., H], grad: [rows, H], all of one
 // float dtype. Attributes: fwd scale, rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -36,10 +39,20 @@ xffi::Error CheckRows(const char* op, const Buf& b, int64_t tokens, int64_t hidd
                 std::string(name) + " must be [..., hidden] with one row per token");
 }
 
+// run(args, sort): sort is null when the sort outputs are empty.
 template <typename Types, typename Run>
 xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table,
-                const Buf* pos_table, Res y, float scale, float rate, int32_t padding_id) {
+                const Buf* pos_table, Res y, Res sorted_keys, Res order, float scale, float rate,
+                int32_t padding_id) {
   const int64_t tokens = static_cast<int64_t>(ids.element_count());
+  const bool sort = sorted_keys->element_count() > 0;
+  if (auto e = Expect((sort ? tokens : 0) == static_cast<int64_t>(sorted_keys->element_count()) &&
+                          sorted_keys->element_type() == xffi::DataType::S32 &&
+                          order->element_type() == xffi::DataType::S32 &&
+                          order->element_count() == sorted_keys->element_count() && tokens < (int64_t{1} << 31),
+                      op, "sorted_keys and order must be int32 with one element per token (< 2^31) or none");
+      e.failure())
+    return e;
   if (auto e = CheckIndex(op, ids, tokens, "ids"); e.failure()) return e;
   if (auto e = CheckIndex(op, positions, tokens, "positions"); e.failure()) return e;
   if (rate > 0.f) {
@@ -79,13 +92,15 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
                           padding_id,
                           scale,
                           rate};
-    return run(a);
+    const EmbeddingSortArgs s{In<int32_t>(ids), Out<int32_t>(sorted_keys), Out<int32_t>(order), tokens,
+                              table.dimensions()[0], padding_id};
+    return run(a, sort ? &s : nullptr);
   });
 }
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
-                Res segment_starts, Res partials, float factor, float rate, int32_t chunk) {
+                Res partials, float factor, float rate, int32_t chunk) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
   if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
@@ -100,11 +115,6 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
     return e;
   const int64_t hidden = grad->dimensions()[1];
   if (auto e = CheckRows(op, dy, tokens, hidden, "dy"); e.failure()) return e;
-  if (auto e = Expect(segment_starts->element_type() == xffi::DataType::S32 &&
-                          static_cast<int64_t>(segment_starts->element_count()) == grad->dimensions()[0] + 1,
-                      op, "segment_starts must be int32 [rows + 1]");
-      e.failure())
-    return e;
   if (auto e = Expect(chunk >= 1 && chunk <= kEmbeddingBwdMaxChunk, op,
                       "chunk must be in [1, " + std::to_string(kEmbeddingBwdMaxChunk) + "]");
       e.failure())
@@ -124,7 +134,6 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                           dropout ? In<int32_t>(token_index) : nullptr,
                           dropout ? In<uint32_t>(rng) : nullptr,
                           Out<T>(grad),
-                          Out<int32_t>(segment_starts),
                           Out<float>(partials),
                           chunk,
                           tokens,
@@ -138,8 +147,9 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
 
 // ------------------------------------------------------------------- CPU --
 
-auto RunFwdCpu = [](const auto& a) {
+auto RunFwdCpu = [](const auto& a, const EmbeddingSortArgs* sort) {
   EmbeddingFwdCpu(a);
+  if (sort) EmbeddingSortCpu(*sort);
   return xffi::Error::Success();
 };
 auto RunBwdCpu = [](const auto& a) {
@@ -149,10 +159,10 @@ auto RunBwdCpu = [](const auto& a) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCpuHandler,
-    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Res y, float scale, float rate,
-       int32_t padding_id) {
-      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, positions, token_index, rng, table, nullptr, y, scale,
-                           rate, padding_id);
+    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Res y, Res sorted_keys, Res order, float scale,
+       float rate, int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, positions, token_index, rng, table, nullptr, y,
+                           sorted_keys, order, scale, rate, padding_id);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -160,6 +170,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("scale")
         .Attr<float>("rate")
@@ -167,10 +179,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingLearnedFwdCpuHandler,
-    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate,
-       int32_t padding_id) {
+    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys,
+       Res order, float scale, float rate, int32_t padding_id) {
       return Fwd<CpuTypes>("embedding_learned_fwd", RunFwdCpu, ids, positions, token_index, rng, table, &pos_table,
-                           y, scale, rate, padding_id);
+                           y, sorted_keys, order, scale, rate, padding_id);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -179,6 +191,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("scale")
         .Attr<float>("rate")
@@ -186,10 +200,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
-    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res segment_starts, Res partials,
-       float factor, float rate, int32_t chunk) {
-      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, segment_starts,
-                           partials, factor, rate, chunk);
+    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials, float factor, float rate,
+       int32_t chunk) {
+      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, partials, factor,
+                           rate, chunk);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -197,7 +211,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
-        .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("factor")
@@ -211,8 +224,14 @@ LSJAX_FFI_TARGET_CPU("embedding_bwd", EmbeddingBwdCpuHandler);
 // ------------------------------------------------------------------ CUDA --
 #ifdef LSJAX_WITH_CUDA
 
-auto RunFwdCuda(cudaStream_t stream) {
-  return [stream](const auto& a) { return CudaStatus(EmbeddingFwdCuda(a, stream), "embedding_fwd"); };
+// With a sort, its workspace comes from XLA's scratch allocator.
+auto RunFwdCuda(cudaStream_t stream, xffi::ScratchAllocator& scratch) {
+  return [stream, &scratch](const auto& a, const EmbeddingSortArgs* sort) {
+    if (!sort) return CudaStatus(EmbeddingFwdCuda(a, stream), "embedding_fwd");
+    const std::optional<void*> workspace = scratch.Allocate(EmbeddingSortWorkspaceBytes(a.tokens, a.vocab), 256);
+    if (!workspace) return xffi::Error::Internal("embedding_fwd: no device memory for the sort's workspace");
+    return CudaStatus(EmbeddingFwdSortCuda(a, *sort, *workspace, stream), "embedding_fwd");
+  };
 }
 auto RunBwdCuda(cudaStream_t stream) {
   return [stream](const auto& a) { return CudaStatus(EmbeddingBwdCuda(a, stream), "embedding_bwd"); };
@@ -220,51 +239,55 @@ auto RunBwdCuda(cudaStream_t stream) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCudaHandler,
-    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Res y, float scale,
-       float rate, int32_t padding_id) {
-      return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream), ids, positions, token_index, rng, table, nullptr,
-                            y, scale, rate, padding_id);
+    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf ids, Buf positions, Buf token_index, Buf rng,
+       Buf table, Res y, Res sorted_keys, Res order, float scale, float rate, int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream, scratch), ids, positions, token_index, rng, table,
+                            nullptr, y, sorted_keys, order, scale, rate, padding_id);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
+        .Ctx<xffi::ScratchAllocator>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Ret<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
         .Attr<float>("scale")
         .Attr<float>("rate")
-        .Attr<int32_t>("padding_id"),
-    {xffi::Traits::kCmdBufferCompatible});
+        .Attr<int32_t>("padding_id"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingLearnedFwdCudaHandler,
-    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y,
-       float scale, float rate, int32_t padding_id) {
-      return Fwd<CudaTypes>("embedding_learned_fwd", RunFwdCuda(stream), ids, positions, token_index, rng, table,
-                            &pos_table, y, scale, rate, padding_id);
+    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf ids, Buf positions, Buf token_index, Buf rng,
+       Buf table, Buf pos_table, Res y, Res sorted_keys, Res order, float scale, float rate, int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_learned_fwd", RunFwdCuda(stream, scratch), ids, positions, token_index, rng,
+                            table, &pos_table, y, sorted_keys, order, scale, rate, padding_id);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
+        .Ctx<xffi::ScratchAllocator>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("scale")
         .Attr<float>("rate")
-        .Attr<int32_t>("padding_id"),
-    {xffi::Traits::kCmdBufferCompatible});
+        .Attr<int32_t>("padding_id"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
-    [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res segment_starts,
-       Res partials, float factor, float rate, int32_t chunk) {
-      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad,
-                            segment_starts, partials, factor, rate, chunk);
+    [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials,
+       float factor, float rate, int32_t chunk) {
+      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad, partials,
+                            factor, rate, chunk);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
@@ -273,7 +296,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
-        .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("factor")

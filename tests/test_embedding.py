@@ -158,16 +158,56 @@ def test_sinusoid_layout_matches_fairseq():
 
 @pytest.mark.parametrize("rows", [1000, 70000])  # uint16 keys (2 radix passes) / int32 keys
 def test_stable_sort_by_key(rng, rows):
-    from lsjax.ops.embedding import _EXCLUDED, _stable_sort_by_key
+    from lsjax.ops.embedding import _stable_sort_by_key
 
     keys = rng.integers(0, rows, 4096).astype(np.int32)
-    keys[rng.random(4096) < 0.1] = _EXCLUDED  # tokens without a gradient row sort last
+    keys[rng.random(4096) < 0.1] = rows  # tokens without a gradient row sort last
     sorted_keys, order = jax.jit(_stable_sort_by_key, static_argnums=1)(jnp.asarray(keys), rows)
     expected = np.argsort(keys, kind="stable")
     np.testing.assert_array_equal(np.asarray(order), expected)
-    valid = keys[expected] < rows
-    np.testing.assert_array_equal(np.asarray(sorted_keys)[valid], keys[expected][valid])
-    assert (np.asarray(sorted_keys)[~valid] >= rows).all()
+    np.testing.assert_array_equal(np.asarray(sorted_keys), keys[expected])
+
+
+BACKENDS = ["cpu_ffi", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [50, 70000])  # CUB sorts 6 / 17 key bits on CUDA
+def test_forward_sorts_tokens_for_the_backward(rng, backend, vocab):
+    """The forward's sort outputs: the stable argsort of the tokens by row (pads last, as row vocab)."""
+    from lsjax.ops.embedding import _forward_call
+
+    ids = _ids(rng, 7, 300, vocab)
+    table = normal(rng, (vocab, 8), jnp.bfloat16)
+    pos = token_positions(ids, PAD)
+    with ops.use_backend(backend):
+        _, keys, order = jax.jit(lambda i, p: _forward_call(table, None, i, p, np.zeros(4, np.uint32),
+                                                            (1.0, 0.0, PAD, backend), sort=True))(ids, pos)
+    row = np.where(np.asarray(ids) != PAD, np.asarray(ids), vocab).ravel()
+    expected = np.argsort(row, kind="stable")
+    np.testing.assert_array_equal(np.asarray(order).ravel(), expected)
+    np.testing.assert_array_equal(np.asarray(keys).ravel(), row[expected])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_skips_keys_outside_the_rows(rng, backend):
+    """Sorted keys with -1s before and ``rows`` after the valid ones (a vocab-parallel block's view):
+    only the valid ones are summed, every other row is zero."""
+    from lsjax.ops.embedding import _segment_sum_local
+
+    rows, tokens, hidden = 40, 3000, 64
+    used = np.concatenate([[-1, rows], rng.choice(rows, rows // 2, replace=False)])  # half the rows get no token
+    keys = np.sort(rng.choice(used, tokens)).astype(np.int32)
+    order = rng.permutation(tokens).astype(np.int32)
+    dy = normal(rng, (tokens, hidden))
+    like = jnp.zeros((rows, hidden))
+    grad = jax.jit(lambda k, o, d: _segment_sum_local(2.0, 0.0, backend, k, o, d, o, np.zeros(4, np.uint32), like))(
+        keys, order, dy)
+    expected = np.zeros((rows, hidden), np.float32)
+    valid = (keys >= 0) & (keys < rows)
+    np.add.at(expected, keys[valid], 2.0 * np.asarray(dy)[order[valid]])
+    assert (keys == -1).any() and (keys == rows).any()
+    assert_close(grad, expected, 1e-5, "segment sum with excluded keys")
 
 
 def test_reference_gradients(rng):

@@ -6,6 +6,9 @@ A row-wise op treats every operand and result as one of these kinds:
   reduced over inside the kernel (so it must not be sharded) unless the op is
   ``elementwise`` (below);
 * ``STATS``: ``[...]`` - one value per row (per-row statistics, labels, ids);
+* ``CALL_STATS``: sharded as ``STATS``, but the values describe the whole
+  local call (a sort of its rows): under ``jax.vmap`` such an op maps
+  sequentially, so that every instance has its own;
 * ``PARAM``: any shape, read whole by every row (scale, bias, tables);
 * ``COLS``: ``[d]`` - one value per column of the ``ROWS`` operands (a bias),
   sharded as their last dim;
@@ -20,7 +23,7 @@ A row-wise op treats every operand and result as one of these kinds:
 * ``RNG``: the ``uint32[4]`` dropout operand of :mod:`lsjax.ops._philox`.
 
 :func:`rowwise` wraps a function of local arrays (which calls the FFI target)
-so that under a mesh the rows stay sharded as the first ``ROWS``/``STATS``
+so that under a mesh the rows stay sharded as the first ``ROWS``/``STATS``/``CALL_STATS``
 operand is (no all-gather): ``PARAM`` operands are replicated and ``ROW_SUM``/
 ``COL_SUM``/``TABLE_SUM`` results are ``psum``-ed over the mesh axes that shard
 the rows. Under ``jax.vmap`` the mapped axis becomes one more row dim; when a
@@ -73,6 +76,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 ROWS, STATS, PARAM, COLS, TABLE = "rows", "stats", "param", "cols", "table"
+CALL_STATS = "call_stats"
 ROW_SUM, COL_SUM, TABLE_SUM, RNG = "row_sum", "col_sum", "table_sum", "rng"
 _WHOLE = (PARAM, COLS, TABLE, RNG)  # operands that are not split into rows
 _SUMS = (ROW_SUM, COL_SUM, TABLE_SUM)  # results summed over the rows
@@ -103,9 +107,9 @@ class DimShard(NamedTuple):
 
 
 def _row_spec(arg_shapes: Sequence[Any], in_kinds: Sequence[str]) -> tuple:
-    """Partition spec entries of the row dims, from the first ROWS/STATS operand."""
+    """Partition spec entries of the row dims, from the first ROWS/STATS/CALL_STATS operand."""
     for shape, kind in zip(arg_shapes, in_kinds):
-        if kind not in (ROWS, STATS):
+        if kind not in (ROWS, STATS, CALL_STATS):
             continue
         n_rows = len(shape.shape) - (1 if kind == ROWS else 0)
         sharding = shape.sharding
@@ -173,7 +177,7 @@ def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks
     TABLE operand and of the TABLE_SUM results share one (``t``) that may stay
     sharded.
     """
-    n_rows = max(r - (1 if k == ROWS else 0) for k, r in zip(in_kinds, in_ranks) if k in (ROWS, STATS))
+    n_rows = max(r - (1 if k == ROWS else 0) for k, r in zip(in_kinds, in_ranks) if k in (ROWS, STATS, CALL_STATS))
     row = [f"r{i}" for i in range(n_rows)]
     fresh = iter(f"c{i}" for i in range(1000))
     own: list[str] = []
@@ -185,7 +189,7 @@ def _rule(in_kinds: Sequence[str], out_kinds: Sequence[str], in_ranks, out_ranks
         return own[-1]
 
     def dims(kind: str, rank: int) -> str:
-        if kind == STATS:
+        if kind in (STATS, CALL_STATS):
             return " ".join(row[n_rows - rank :])
         if kind == ROWS:
             return " ".join(row[n_rows - (rank - 1) :] + [last()])
@@ -367,8 +371,8 @@ def batched_call(f, in_kinds, out_kinds, axis_size, in_batched, args):
     """vmap rule: the mapped axis (at 0) becomes a leading row dim when possible."""
     mapped_param = any(b for b, k in zip(in_batched, in_kinds) if k in _WHOLE)
     # RNG ops map sequentially too: every instance must see the same mask
-    # as an unbatched call with the same key.
-    if mapped_param or set(_SUMS) & set(out_kinds) or RNG in in_kinds:
+    # as an unbatched call with the same key; so do CALL_STATS results.
+    if mapped_param or set(_SUMS) & set(out_kinds) or RNG in in_kinds or CALL_STATS in out_kinds:
         batched_args = [a for a, b in zip(args, in_batched) if b]
 
         def one(xs):

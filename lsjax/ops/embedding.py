@@ -53,11 +53,10 @@ import numpy as np
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_rank, static_scale
 from lsjax.ops._philox import check_rate, dropout_mask, no_rng, rng_operand
-from lsjax.ops._rowwise import PARAM, ROWS, STATS, TABLE, TABLE_SUM, DimShard, rowwise
+from lsjax.ops._rowwise import CALL_STATS, PARAM, ROWS, STATS, TABLE, TABLE_SUM, DimShard, rowwise
 
 _F32 = jnp.float32
 _I32 = jnp.int32
-_EXCLUDED = np.int32(np.iinfo(np.int32).max)  # sort key of tokens without a gradient row
 _NO_ROW = np.int32(-1)  # padding id of the vocab-parallel forward's token-indexed rows
 
 
@@ -239,43 +238,67 @@ def _out_shape(ids, table):
     return jax.ShapeDtypeStruct(ids.shape + (table.shape[1],), table.dtype)
 
 
-def _fwd_local(scale, rate, padding_id, backend, ids, pos, tok, rng, table, *pos_table):
-    """The forward kernel on local blocks; ``pos_table``: none or a learned one."""
+def _row_keys(index: jax.Array, nonpad: jax.Array, rows: int) -> jax.Array:
+    """int32 sort key of each token: its table row ``index`` (clamped), ``rows`` for a pad (no gradient)."""
+    return jnp.where(nonpad, jnp.clip(index, 0, rows - 1), np.int32(rows)).astype(_I32)
+
+
+def _fwd_local(scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table, *pos_table):
+    """The forward kernel on local blocks; ``pos_table``: none or a learned one.
+
+    With ``sort`` it also returns the backward's stable sort of the tokens by
+    :func:`_row_keys` (int32 ``ids.shape`` sorted keys and token order; on CUDA
+    it runs on a second stream while the forward kernel runs), else ``y`` alone.
+    """
     target = "embedding_learned_fwd" if pos_table else "embedding_fwd"
-    return jax.ffi.ffi_call(_backend.ffi_target(target, backend), _out_shape(ids, table))(
+    index = jax.ShapeDtypeStruct((ids.size if sort else 0,), _I32)
+    y, keys, order = jax.ffi.ffi_call(_backend.ffi_target(target, backend), (_out_shape(ids, table), index, index))(
         ids, pos, tok, rng, table, *pos_table, **_attrs(scale, rate, padding_id))
+    return (y, keys.reshape(ids.shape), order.reshape(ids.shape)) if sort else y
 
 
-def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, ids, pos, tok, rng, table, *pos_table):
-    """The forward on a ``[vocab / shard.count, hidden]`` table block (module doc)."""
+def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table,
+                        *pos_table):
+    """The forward on a ``[vocab / shard.count, hidden]`` table block (module doc); the sort (by the global
+    row, the same on every block) is XLA's here."""
     block = table.shape[0]
-    local, owned = shard.local(jnp.clip(ids, 0, block * shard.count - 1), block)
+    vocab = block * shard.count
+    local, owned = shard.local(jnp.clip(ids, 0, vocab - 1), block)
     picked = jnp.take(table, jnp.clip(local, 0, block - 1).reshape(-1), axis=0)
     rows = jax.lax.psum(jnp.where(owned.reshape(-1, 1), picked, jnp.zeros((), table.dtype)), shard.axes)
     own = jnp.where(ids != padding_id, jnp.arange(ids.size, dtype=_I32).reshape(ids.shape), _NO_ROW)
-    return _fwd_local(scale, rate, int(_NO_ROW), backend, own, pos, tok, rng, rows, *pos_table)
+    y = _fwd_local(scale, rate, int(_NO_ROW), backend, False, own, pos, tok, rng, rows, *pos_table)
+    if not sort:
+        return y
+    keys, order = _stable_sort_by_key(_row_keys(ids, ids != padding_id, vocab).reshape(-1), vocab)
+    return y, keys.reshape(ids.shape), order.reshape(ids.shape)
 
 
-_fwd = rowwise([STATS, STATS, STATS, PARAM, TABLE], [ROWS], n_static=4, split_table=_fwd_vocab_parallel)(_fwd_local)
-_learned_fwd = rowwise([STATS, STATS, STATS, PARAM, TABLE, PARAM], [ROWS], n_static=4,
-                       split_table=_fwd_vocab_parallel)(_fwd_local)
+def _forward(learned: bool, sort: bool):
+    ins = [STATS, STATS, STATS, PARAM, TABLE] + [PARAM] * learned
+    outs = [ROWS, CALL_STATS, CALL_STATS] if sort else [ROWS]
+    return rowwise(ins, outs, n_static=5, split_table=_fwd_vocab_parallel)(_fwd_local)
 
 
-def _segment_sum_local(factor, rate, backend, dy, keys, tok, rng, like):
-    """``like.shape``: sum of ``dy`` (dropout-masked) over tokens with each key, times factor.
+_FORWARD = {(learned, sort): _forward(learned, sort) for learned in (False, True) for sort in (False, True)}
 
-    ``like`` (the table) only gives the row count, dtype and, under a mesh, the
-    gradient's sharding; keys outside ``[0, rows)`` are skipped.
+
+def _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like):
+    """``like.shape``: sum of ``dy`` (dropout-masked) over the tokens of each row, times factor.
+
+    ``keys``/``order``: the tokens' rows sorted stably ascending and the token
+    order (:func:`_stable_sort_by_key`); keys outside ``[0, rows)`` are
+    skipped. ``like`` (the table) only gives the row count, dtype and, under a
+    mesh, the gradient's sharding.
     """
-    sorted_keys, order = _stable_sort_by_key(keys.reshape(-1), like.shape[0])
-    tokens, hidden = sorted_keys.shape[0], dy.shape[-1]
+    tokens, hidden = keys.size, dy.shape[-1]
     chunk = _segment_chunk(tokens)
-    # segment_starts and partials: the CUDA kernels' workspace, dropped.
+    # partials: the CUDA kernels' workspace, dropped.
     out = (jax.ShapeDtypeStruct((like.shape[0], hidden), dy.dtype),
-           jax.ShapeDtypeStruct((like.shape[0] + 1,), _I32),
            jax.ShapeDtypeStruct((2 * -(-tokens // chunk), hidden), jnp.float32))
-    grad, _, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
-        dy, sorted_keys, order, tok, rng, factor=np.float32(factor), rate=np.float32(rate), chunk=np.int32(chunk))
+    grad, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
+        dy, keys.reshape(-1), order.reshape(-1), tok, rng, factor=np.float32(factor), rate=np.float32(rate),
+        chunk=np.int32(chunk))
     return grad
 
 
@@ -292,28 +315,48 @@ def _segment_chunk(tokens: int) -> int:
 
 
 def _stable_sort_by_key(keys: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
-    """int32 ``(keys[order], order)``, ``order`` the stable ascending argsort of int32 ``keys >= 0``.
+    """int32 ``(keys[order], order)``, ``order`` the stable ascending argsort of int32 ``keys`` in ``[0, rows]``.
 
-    With ``rows <= 65535`` (vocabularies up to 64k) the keys are sorted as uint16, every key
-    ``>= rows`` (skipped by the kernel) as 65535: XLA's radix sort then makes 2 passes over
-    the data instead of 4.
+    With ``rows <= 65535`` (vocabularies up to 64k) the keys are sorted as uint16: XLA's radix
+    sort then makes 2 passes over the data instead of 4.
     """
     iota = jnp.arange(keys.size, dtype=_I32)
     if rows <= np.iinfo(np.uint16).max:
-        short = jnp.minimum(keys, np.iinfo(np.uint16).max).astype(jnp.uint16)
-        sorted_short, order = jax.lax.sort((short, iota), num_keys=1, is_stable=True)
+        sorted_short, order = jax.lax.sort((keys.astype(jnp.uint16), iota), num_keys=1, is_stable=True)
         return sorted_short.astype(_I32), order
     return jax.lax.sort((keys, iota), num_keys=1, is_stable=True)
 
 
-def _segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, dy, keys, tok, rng, like):
+def _block_keys(shard: DimShard, keys: jax.Array, rows: int) -> jax.Array:
+    """Global row keys -> those of this ``rows``-row table block: earlier blocks' rows map to -1, later
+    blocks' rows and pads to ``rows`` (skipped). Monotonic, so sorted keys stay sorted."""
+    local, _ = shard.local(keys, rows)
+    return jnp.clip(local, -1, rows).astype(_I32)
+
+
+def _segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, keys, order, dy, tok, rng, like):
     """The gradient block of a ``[rows / shard.count, hidden]`` table block: its own keys only."""
-    local, owned = shard.local(keys, like.shape[0])
-    return _segment_sum_local(factor, rate, backend, dy, jnp.where(owned, local, _EXCLUDED), tok, rng, like)
+    keys = _block_keys(shard, keys, like.shape[0])
+    return _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like)
 
 
-_segment_sum = rowwise([ROWS, STATS, STATS, PARAM, TABLE], [TABLE_SUM], n_static=3,
+def _sort_segment_sum_local(factor, rate, backend, keys, dy, tok, rng, like):
+    """:func:`_segment_sum_local` of unsorted ``keys`` (int32 in ``[0, rows]``): sorted here, by XLA."""
+    keys, order = _stable_sort_by_key(keys.reshape(-1), like.shape[0])
+    return _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like)
+
+
+def _sort_segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, keys, dy, tok, rng, like):
+    keys = _block_keys(shard, keys, like.shape[0])
+    return _sort_segment_sum_local(factor, rate, backend, keys, dy, tok, rng, like)
+
+
+# Sorted by the forward: the sorted keys come first, so their row sharding (the
+# forward's) decides the partitioning and dy follows it.
+_segment_sum = rowwise([CALL_STATS, CALL_STATS, ROWS, STATS, PARAM, TABLE], [TABLE_SUM], n_static=3,
                        split_table=_segment_sum_vocab_parallel)(_segment_sum_local)
+_sort_segment_sum = rowwise([STATS, ROWS, STATS, PARAM, TABLE], [TABLE_SUM], n_static=3,
+                            split_table=_sort_segment_sum_vocab_parallel)(_sort_segment_sum_local)
 
 
 def _token_index(ids, rate, pos):
@@ -327,31 +370,32 @@ def _embedding_ffi(table, pos_table, ids, pos, rng, static):
     return _embedding_ffi_vjp(table, pos_table, ids, pos, rng, static)
 
 
-def _ffi_fwd(table, pos_table, ids, pos, rng, static):
+def _forward_call(table, pos_table, ids, pos, rng, static, sort: bool):
     scale, rate, padding_id, backend = static
     tok = _token_index(ids, rate, pos)
-    if pos_table is None:
-        y = _fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table)
-    else:
-        y = _learned_fwd(scale, rate, padding_id, backend, ids, pos, tok, rng, table, pos_table)
+    learned = pos_table is not None
+    return _FORWARD[learned, sort](scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table,
+                                   *([pos_table] if learned else []))
+
+
+def _ffi_fwd(table, pos_table, ids, pos, rng, static):
+    y, keys, order = _forward_call(table, pos_table, ids, pos, rng, static, sort=True)
     # The tables are saved for their shapes and shardings (params: no copy).
-    return y, (table, pos_table, ids, pos, rng)
+    return y, (table, pos_table, ids, pos, rng, keys, order)
 
 
 def _ffi_bwd(static, saved, dy):
     scale, rate, padding_id, backend = static
-    table, pos_table, ids, pos, rng = saved
+    table, pos_table, ids, pos, rng, keys, order = saved
     tok = _token_index(ids, rate, pos)
-    nonpad = ids != padding_id
-    keys = jnp.where(nonpad, jnp.clip(ids, 0, table.shape[0] - 1), _EXCLUDED)
-    dtable = _segment_sum(scale, rate, backend, dy, keys, tok, rng, table)
+    dtable = _segment_sum(scale, rate, backend, keys, order, dy, tok, rng, table)
     dpos = None
     if pos_table is not None:
-        pkeys = jnp.where(nonpad, jnp.clip(pos, 0, pos_table.shape[0] - 1), _EXCLUDED)
-        dpos = _segment_sum(1.0, rate, backend, dy, pkeys, tok, rng, pos_table)
+        pkeys = _row_keys(pos, ids != padding_id, pos_table.shape[0])
+        dpos = _sort_segment_sum(1.0, rate, backend, pkeys, dy, tok, rng, pos_table)
     return dtable, dpos, None, None, None
 
 
-_embedding_ffi_vjp = jax.custom_vjp(lambda table, pos_table, ids, pos, rng, static: _ffi_fwd(
-    table, pos_table, ids, pos, rng, static)[0], nondiff_argnums=(5,))
+_embedding_ffi_vjp = jax.custom_vjp(lambda table, pos_table, ids, pos, rng, static: _forward_call(
+    table, pos_table, ids, pos, rng, static, sort=False), nondiff_argnums=(5,))
 _embedding_ffi_vjp.defvjp(_ffi_fwd, _ffi_bwd)
