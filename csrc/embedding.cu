@@ -167,11 +167,11 @@ size_t RadixSortBytes(int64_t tokens, int bits) {
   return bytes;
 }
 
-// Workspace: input keys, input tokens, CUB's temporary storage.
+// Workspace (from its first 256-byte boundary): input keys, input tokens, CUB's temporary storage.
 cudaError_t SortCuda(const EmbeddingSortArgs& s, void* workspace, cudaStream_t stream) {
   if (s.tokens == 0) return cudaSuccess;
   const int bits = KeyBits(s.vocab);
-  char* ws = static_cast<char*>(workspace);
+  char* ws = reinterpret_cast<char*>(Align256(reinterpret_cast<uintptr_t>(workspace)));
   const size_t column = Align256(4 * static_cast<size_t>(s.tokens));
   auto* keys = reinterpret_cast<uint32_t*>(ws);
   auto* tokens = reinterpret_cast<int32_t*>(ws + column);
@@ -405,7 +405,7 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
 
 
 size_t EmbeddingSortWorkspaceBytes(int64_t tokens, int64_t vocab) {
-  return 2 * Align256(4 * static_cast<size_t>(tokens)) + RadixSortBytes(tokens, KeyBits(vocab));
+  return 255 + 2 * Align256(4 * static_cast<size_t>(tokens)) + RadixSortBytes(tokens, KeyBits(vocab));
 }
 
 template <typename T>

@@ -85,11 +85,11 @@ void EmbeddingSortCpu(const EmbeddingSortArgs& s);
 #ifdef LSJAX_WITH_CUDA
 template <typename T>
 cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream);
-// Device workspace bytes EmbeddingFwdSortCuda needs for `tokens` tokens.
+// Device workspace bytes EmbeddingFwdSortCuda needs for `tokens` tokens (any alignment).
 size_t EmbeddingSortWorkspaceBytes(int64_t tokens, int64_t vocab);
 // The forward on `stream` and, concurrently on a second stream (the sort is
 // latency-bound, the forward bandwidth-bound), the sort: both are done when
-// `stream`'s next work runs. workspace: EmbeddingSortWorkspaceBytes, 256-aligned.
+// `stream`'s next work runs. workspace: EmbeddingSortWorkspaceBytes.
 template <typename T>
 cudaError_t EmbeddingFwdSortCuda(const EmbeddingFwdArgs<T>& a, const EmbeddingSortArgs& s, void* workspace,
                                  cudaStream_t stream);

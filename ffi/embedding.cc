@@ -1,17 +1,20 @@
 // XLA FFI handlers for the embedding op: decode and check buffers, dispatch
 // dtype, call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
-//   embedding_fwd         (ids, positions, token_index, rng, table)            -> (y, sorted_keys, order)
-//   embedding_learned_fwd (ids, positions, token_index, rng, table, pos_table) -> (y, sorted_keys, order)
-//   embedding_bwd         (dy, keys, order, token_index, rng)                  -> (grad,
-//                         partials: float32 [2 * ceil(tokens / chunk), H], CUDA workspace)
-// sorted_keys, order: int32 [tokens] (the backward's stable sort of the tokens
-// by row, done with the forward, concurrently on CUDA) or [0] (no sort).
+//   embedding_fwd      (ids, positions, token_index, rng, table, pos_table) -> y
+//   embedding_sort_fwd (ids, positions, token_index, rng, table, pos_table) -> (y, sorted_keys, order,
+//                      workspace: uint8 [lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab)], CUDA only)
+//   embedding_bwd      (dy, keys, order, token_index, rng) -> (grad,
+//                      partials: float32 [2 * ceil(tokens / chunk), H], CUDA workspace)
 // ids, positions, token_index, keys, order: int32 [...] (same element count:
 // tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
-// pos_table: [max_positions, H], y/dy: [..., H], grad: [rows, H], all of one
-// float dtype. Attributes: fwd scale, rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
-#include <optional>
+// pos_table: [max_positions, H] learned positions or [0, H] (sinusoidal),
+// y/dy: [..., H], grad: [rows, H], all of one float dtype. sorted_keys, order:
+// int32 [tokens], the backward's stable sort of the tokens by row, done with
+// the forward (on CUDA concurrently, on a second stream: that target is not
+// command-buffer compatible, the plain forward is). Attributes: fwd scale,
+// rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
 #include <string>
+#include <utility>
 #include <type_traits>
 
 #include "csrc/embedding.h"
@@ -39,20 +42,17 @@ xffi::Error CheckRows(const char* op, const Buf& b, int64_t tokens, int64_t hidd
                 std::string(name) + " must be [..., hidden] with one row per token");
 }
 
-// run(args, sort): sort is null when the sort outputs are empty.
+// run(args, sort): sort is null without the sort outputs (sorted_keys, order).
 template <typename Types, typename Run>
 xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table,
-                const Buf* pos_table, Res y, Res sorted_keys, Res order, float scale, float rate,
+                Buf pos_table, Res y, Res* sorted_keys, Res* order, float scale, float rate,
                 int32_t padding_id) {
   const int64_t tokens = static_cast<int64_t>(ids.element_count());
-  const bool sort = sorted_keys->element_count() > 0;
-  if (auto e = Expect((sort ? tokens : 0) == static_cast<int64_t>(sorted_keys->element_count()) &&
-                          sorted_keys->element_type() == xffi::DataType::S32 &&
-                          order->element_type() == xffi::DataType::S32 &&
-                          order->element_count() == sorted_keys->element_count() && tokens < (int64_t{1} << 31),
-                      op, "sorted_keys and order must be int32 with one element per token (< 2^31) or none");
-      e.failure())
-    return e;
+  if (sorted_keys) {
+    if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
+    if (auto e = CheckIndex(op, **sorted_keys, tokens, "sorted_keys"); e.failure()) return e;
+    if (auto e = CheckIndex(op, **order, tokens, "order"); e.failure()) return e;
+  }
   if (auto e = CheckIndex(op, ids, tokens, "ids"); e.failure()) return e;
   if (auto e = CheckIndex(op, positions, tokens, "positions"); e.failure()) return e;
   if (rate > 0.f) {
@@ -68,13 +68,12 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
       e.failure())
     return e;
   if (auto e = CheckRows(op, *y, tokens, hidden, "output"); e.failure()) return e;
-  if (pos_table) {
-    if (auto e = Expect(pos_table->element_type() == table.element_type() && pos_table->dimensions().size() == 2 &&
-                            pos_table->dimensions()[0] >= 1 && pos_table->dimensions()[1] == hidden,
-                        op, "pos_table must be [max_positions >= 1, hidden] in the table's dtype");
-        e.failure())
-      return e;
-  }
+  const bool learned = pos_table.element_count() > 0;
+  if (auto e = Expect(pos_table.element_type() == table.element_type() && pos_table.dimensions().size() == 2 &&
+                          pos_table.dimensions()[1] == hidden,
+                      op, "pos_table must be [max_positions, hidden] (0 rows: sinusoidal) in the table's dtype");
+      e.failure())
+    return e;
   return DispatchFloat<Types>(table.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool dropout = rate > 0.f;
@@ -83,18 +82,19 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
                           dropout ? In<int32_t>(token_index) : nullptr,
                           dropout ? In<uint32_t>(rng) : nullptr,
                           In<T>(table),
-                          pos_table ? In<T>(*pos_table) : nullptr,
+                          learned ? In<T>(pos_table) : nullptr,
                           Out<T>(y),
                           tokens,
                           hidden,
                           table.dimensions()[0],
-                          pos_table ? pos_table->dimensions()[0] : 0,
+                          pos_table.dimensions()[0],
                           padding_id,
                           scale,
                           rate};
-    const EmbeddingSortArgs s{In<int32_t>(ids), Out<int32_t>(sorted_keys), Out<int32_t>(order), tokens,
+    if (!sorted_keys) return run(a, nullptr);
+    const EmbeddingSortArgs s{In<int32_t>(ids), Out<int32_t>(*sorted_keys), Out<int32_t>(*order), tokens,
                               table.dimensions()[0], padding_id};
-    return run(a, sort ? &s : nullptr);
+    return run(a, &s);
   });
 }
 
@@ -157,46 +157,40 @@ auto RunBwdCpu = [](const auto& a) {
   return xffi::Error::Success();
 };
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    EmbeddingFwdCpuHandler,
-    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Res y, Res sorted_keys, Res order, float scale,
-       float rate, int32_t padding_id) {
-      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, positions, token_index, rng, table, nullptr, y,
-                           sorted_keys, order, scale, rate, padding_id);
-    },
-    xffi::Ffi::Bind()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("scale")
-        .Attr<float>("rate")
-        .Attr<int32_t>("padding_id"));
+// The forward's operands and attributes (Rets in between: one, or three with the sort).
+template <typename B>
+auto FwdArgs(B b) {
+  return std::move(b)
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>()
+      .template Arg<Buf>();
+}
+template <typename B>
+auto FwdAttrs(B b) {
+  return std::move(b).template Attr<float>("scale").template Attr<float>("rate").template Attr<int32_t>(
+      "padding_id");
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    EmbeddingLearnedFwdCpuHandler,
-    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys,
-       Res order, float scale, float rate, int32_t padding_id) {
-      return Fwd<CpuTypes>("embedding_learned_fwd", RunFwdCpu, ids, positions, token_index, rng, table, &pos_table,
-                           y, sorted_keys, order, scale, rate, padding_id);
+    EmbeddingFwdCpuHandler,
+    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate,
+       int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, positions, token_index, rng, table, pos_table, y,
+                           nullptr, nullptr, scale, rate, padding_id);
     },
-    xffi::Ffi::Bind()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("scale")
-        .Attr<float>("rate")
-        .Attr<int32_t>("padding_id"));
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    EmbeddingSortFwdCpuHandler,
+    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys,
+       Res order, Res /*workspace: CUDA only*/, float scale, float rate, int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_sort_fwd", RunFwdCpu, ids, positions, token_index, rng, table, pos_table, y,
+                           &sorted_keys, &order, scale, rate, padding_id);
+    },
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
@@ -218,19 +212,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int32_t>("chunk"));
 
 LSJAX_FFI_TARGET_CPU("embedding_fwd", EmbeddingFwdCpuHandler);
-LSJAX_FFI_TARGET_CPU("embedding_learned_fwd", EmbeddingLearnedFwdCpuHandler);
+LSJAX_FFI_TARGET_CPU("embedding_sort_fwd", EmbeddingSortFwdCpuHandler);
 LSJAX_FFI_TARGET_CPU("embedding_bwd", EmbeddingBwdCpuHandler);
 
 // ------------------------------------------------------------------ CUDA --
 #ifdef LSJAX_WITH_CUDA
 
-// With a sort, its workspace comes from XLA's scratch allocator.
-auto RunFwdCuda(cudaStream_t stream, xffi::ScratchAllocator& scratch) {
-  return [stream, &scratch](const auto& a, const EmbeddingSortArgs* sort) {
+// With a sort, workspace is its (unused without one) workspace result.
+auto RunFwdCuda(cudaStream_t stream, Res* workspace) {
+  return [stream, workspace](const auto& a, const EmbeddingSortArgs* sort) {
     if (!sort) return CudaStatus(EmbeddingFwdCuda(a, stream), "embedding_fwd");
-    const std::optional<void*> workspace = scratch.Allocate(EmbeddingSortWorkspaceBytes(a.tokens, a.vocab), 256);
-    if (!workspace) return xffi::Error::Internal("embedding_fwd: no device memory for the sort's workspace");
-    return CudaStatus(EmbeddingFwdSortCuda(a, *sort, *workspace, stream), "embedding_fwd");
+    if ((*workspace)->size_bytes() < EmbeddingSortWorkspaceBytes(a.tokens, a.vocab)) {
+      return xffi::Error::InvalidArgument(
+          "embedding_sort_fwd: workspace must hold lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab) bytes");
+    }
+    return CudaStatus(EmbeddingFwdSortCuda(a, *sort, (*workspace)->untyped_data(), stream), "embedding_sort_fwd");
   };
 }
 auto RunBwdCuda(cudaStream_t stream) {
@@ -239,48 +235,21 @@ auto RunBwdCuda(cudaStream_t stream) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCudaHandler,
-    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf ids, Buf positions, Buf token_index, Buf rng,
-       Buf table, Res y, Res sorted_keys, Res order, float scale, float rate, int32_t padding_id) {
-      return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream, scratch), ids, positions, token_index, rng, table,
-                            nullptr, y, sorted_keys, order, scale, rate, padding_id);
+    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y,
+       float scale, float rate, int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream, nullptr), ids, positions, token_index, rng, table,
+                            pos_table, y, nullptr, nullptr, scale, rate, padding_id);
     },
-    xffi::Ffi::Bind()
-        .Ctx<Stream>()
-        .Ctx<xffi::ScratchAllocator>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("scale")
-        .Attr<float>("rate")
-        .Attr<int32_t>("padding_id"));
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>()), {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    EmbeddingLearnedFwdCudaHandler,
-    [](cudaStream_t stream, xffi::ScratchAllocator scratch, Buf ids, Buf positions, Buf token_index, Buf rng,
-       Buf table, Buf pos_table, Res y, Res sorted_keys, Res order, float scale, float rate, int32_t padding_id) {
-      return Fwd<CudaTypes>("embedding_learned_fwd", RunFwdCuda(stream, scratch), ids, positions, token_index, rng,
-                            table, &pos_table, y, sorted_keys, order, scale, rate, padding_id);
+    EmbeddingSortFwdCudaHandler,
+    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y,
+       Res sorted_keys, Res order, Res workspace, float scale, float rate, int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_sort_fwd", RunFwdCuda(stream, &workspace), ids, positions, token_index, rng,
+                            table, pos_table, y, &sorted_keys, &order, scale, rate, padding_id);
     },
-    xffi::Ffi::Bind()
-        .Ctx<Stream>()
-        .Ctx<xffi::ScratchAllocator>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Arg<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Ret<Buf>()
-        .Attr<float>("scale")
-        .Attr<float>("rate")
-        .Attr<int32_t>("padding_id"));
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
@@ -304,7 +273,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("embedding_fwd", EmbeddingFwdCudaHandler);
-LSJAX_FFI_TARGET_CUDA("embedding_learned_fwd", EmbeddingLearnedFwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("embedding_sort_fwd", EmbeddingSortFwdCudaHandler);
 LSJAX_FFI_TARGET_CUDA("embedding_bwd", EmbeddingBwdCudaHandler);
 
 #endif  // LSJAX_WITH_CUDA

@@ -1,6 +1,7 @@
 // lsjax._ffi: exports the registered XLA FFI handlers as PyCapsules.
 #include <pybind11/pybind11.h>
 
+#include "csrc/embedding.h"
 #include "ffi/registry.h"
 
 namespace py = pybind11;
@@ -23,4 +24,15 @@ PYBIND11_MODULE(_ffi, m) {
       },
       py::arg("platform"),
       "Handlers for one platform ('cpu' or 'CUDA') as {target_name: PyCapsule}.");
+  m.def(
+      "embedding_sort_workspace_bytes",
+      [](int64_t tokens, int64_t vocab) -> int64_t {
+#ifdef LSJAX_WITH_CUDA
+        return static_cast<int64_t>(lsjax::EmbeddingSortWorkspaceBytes(tokens, vocab));
+#else
+        return 0;
+#endif
+      },
+      py::arg("tokens"), py::arg("vocab"),
+      "Bytes of the CUDA embedding_sort_fwd workspace result (its radix sort's; 0 without CUDA).");
 }

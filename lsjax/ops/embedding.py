@@ -2,10 +2,16 @@
 ``lookup_scale_pos_dropout``), with a deterministic table gradient.
 
 Backends: ``"xla"`` runs :func:`embedding_reference`; ``"cpu_ffi"``/``"cuda"``
-run the FFI targets ``lsjax_embedding[_learned]_fwd_{cpu,cuda}`` and
-``lsjax_embedding_bwd_{cpu,cuda}`` under a ``jax.custom_vjp`` that saves only
-the int32 ids, the int32 token positions and the ``uint32[4]`` dropout operand
-(the backward regenerates the dropout mask).
+run the FFI targets ``lsjax_embedding_fwd_{cpu,cuda}`` (and, under autodiff,
+``lsjax_embedding_sort_fwd_*``) and ``lsjax_embedding_bwd_*`` under a
+``jax.custom_vjp`` that saves only int32 per-token arrays: the ids, the token
+positions, and the tokens stably sorted by table row (keys and order, for the
+backward's segment sum), plus the ``uint32[4]`` dropout operand (the backward
+regenerates the dropout mask: it runs at the same speed without dropout, so
+storing mask bits would not pay). The sort is done by the forward: on CUDA by
+CUB on a second stream while the forward kernel runs (the sort is a chain of
+small latency-bound kernels, the forward bandwidth-bound), so it is off the
+backward's critical path.
 
 Position numbering (fairseq ``make_positions`` / LightSeq
 ``get_tokens_position``, shifted to start at ``offset``): the position of a
@@ -43,6 +49,7 @@ which stays sharded like the table.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -197,7 +204,7 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
     Gradients flow to ``table`` (and a learned position table): dense
     ``[rows, hidden]``, zero for unused rows and the padding row. They are
     deterministic without float atomics: the tokens are stably argsorted by
-    row (an XLA sort); on the GPU, blocks of up to 64 sorted tokens sum each
+    row (by the forward, see the module doc); on the GPU, blocks of up to 64 sorted tokens sum each
     row's ``dy`` rows in ascending token order in float32, and a row whose
     tokens span several blocks adds the blocks' float32 partials in block
     order (the CPU twin sums the whole segment in ascending order: the same
@@ -243,22 +250,37 @@ def _row_keys(index: jax.Array, nonpad: jax.Array, rows: int) -> jax.Array:
     return jnp.where(nonpad, jnp.clip(index, 0, rows - 1), np.int32(rows)).astype(_I32)
 
 
-def _fwd_local(scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table, *pos_table):
-    """The forward kernel on local blocks; ``pos_table``: none or a learned one.
+def _fwd_local(scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table, pos_table):
+    """The forward kernel on local blocks; ``pos_table``: a learned one, or ``[0, hidden]`` (sinusoidal).
 
     With ``sort`` it also returns the backward's stable sort of the tokens by
     :func:`_row_keys` (int32 ``ids.shape`` sorted keys and token order; on CUDA
     it runs on a second stream while the forward kernel runs), else ``y`` alone.
     """
-    target = "embedding_learned_fwd" if pos_table else "embedding_fwd"
-    index = jax.ShapeDtypeStruct((ids.size if sort else 0,), _I32)
-    y, keys, order = jax.ffi.ffi_call(_backend.ffi_target(target, backend), (_out_shape(ids, table), index, index))(
-        ids, pos, tok, rng, table, *pos_table, **_attrs(scale, rate, padding_id))
-    return (y, keys.reshape(ids.shape), order.reshape(ids.shape)) if sort else y
+    attrs = _attrs(scale, rate, padding_id)
+    if not sort:
+        return jax.ffi.ffi_call(_backend.ffi_target("embedding_fwd", backend), _out_shape(ids, table))(
+            ids, pos, tok, rng, table, pos_table, **attrs)
+    index = jax.ShapeDtypeStruct(ids.shape, _I32)
+    workspace = jax.ShapeDtypeStruct((_sort_workspace_bytes(backend, ids.size, table.shape[0]),), jnp.uint8)
+    y, keys, order, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_sort_fwd", backend),
+                                         (_out_shape(ids, table), index, index, workspace))(
+        ids, pos, tok, rng, table, pos_table, **attrs)
+    return y, keys, order
+
+
+@functools.cache
+def _sort_workspace_bytes(backend: str, tokens: int, vocab: int) -> int:
+    """Bytes of the sorting forward's workspace result (CUB's radix sort on CUDA; none on the CPU)."""
+    if backend != "cuda":
+        return 0
+    from lsjax import _ffi
+
+    return int(_ffi.embedding_sort_workspace_bytes(tokens, vocab))
 
 
 def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table,
-                        *pos_table):
+                        pos_table):
     """The forward on a ``[vocab / shard.count, hidden]`` table block (module doc); the sort (by the global
     row, the same on every block) is XLA's here."""
     block = table.shape[0]
@@ -267,20 +289,15 @@ def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort,
     picked = jnp.take(table, jnp.clip(local, 0, block - 1).reshape(-1), axis=0)
     rows = jax.lax.psum(jnp.where(owned.reshape(-1, 1), picked, jnp.zeros((), table.dtype)), shard.axes)
     own = jnp.where(ids != padding_id, jnp.arange(ids.size, dtype=_I32).reshape(ids.shape), _NO_ROW)
-    y = _fwd_local(scale, rate, int(_NO_ROW), backend, False, own, pos, tok, rng, rows, *pos_table)
+    y = _fwd_local(scale, rate, int(_NO_ROW), backend, False, own, pos, tok, rng, rows, pos_table)
     if not sort:
         return y
     keys, order = _stable_sort_by_key(_row_keys(ids, ids != padding_id, vocab).reshape(-1), vocab)
     return y, keys.reshape(ids.shape), order.reshape(ids.shape)
 
 
-def _forward(learned: bool, sort: bool):
-    ins = [STATS, STATS, STATS, PARAM, TABLE] + [PARAM] * learned
-    outs = [ROWS, CALL_STATS, CALL_STATS] if sort else [ROWS]
-    return rowwise(ins, outs, n_static=5, split_table=_fwd_vocab_parallel)(_fwd_local)
-
-
-_FORWARD = {(learned, sort): _forward(learned, sort) for learned in (False, True) for sort in (False, True)}
+_FORWARD = {sort: rowwise([STATS, STATS, STATS, PARAM, TABLE, PARAM], [ROWS, CALL_STATS, CALL_STATS] if sort else [ROWS],
+                          n_static=5, split_table=_fwd_vocab_parallel)(_fwd_local) for sort in (False, True)}
 
 
 def _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like):
@@ -373,9 +390,9 @@ def _embedding_ffi(table, pos_table, ids, pos, rng, static):
 def _forward_call(table, pos_table, ids, pos, rng, static, sort: bool):
     scale, rate, padding_id, backend = static
     tok = _token_index(ids, rate, pos)
-    learned = pos_table is not None
-    return _FORWARD[learned, sort](scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table,
-                                   *([pos_table] if learned else []))
+    if pos_table is None:
+        pos_table = jnp.zeros((0, table.shape[1]), table.dtype)
+    return _FORWARD[sort](scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table, pos_table)
 
 
 def _ffi_fwd(table, pos_table, ids, pos, rng, static):
