@@ -26,9 +26,9 @@
 // order, kBwdStages dy rows in flight per thread, and sums each run of equal
 // keys in float32; a segment inside one chunk is written to grad there, a
 // segment cut by chunk boundaries leaves one float32 partial per chunk it
-// touches. The same launch's first blocks write zeros to the rows without
-// tokens (a binary search per row, run while the chunks are summed). Then
-// EmbBwdCutRows adds each cut segment's partials in chunk order. Every token
+// touches, and marks the rows it sums in a bitmap. Then EmbBwdFinish adds
+// each cut segment's partials in chunk order and writes zeros to the rows
+// without tokens. Every token
 // is read once however the tokens spread over rows (one frequent token's long
 // segment is split across chunks, not summed by one thread), and every grad
 // element is written once: the gradient needs no memset.
@@ -188,72 +188,30 @@ constexpr int32_t kNoKey = INT32_MIN;  // a key past either end of the sorted ke
 
 __device__ __forceinline__ bool ValidKey(int64_t key, int64_t rows) { return key >= 0 && key < rows; }
 
-// First index i in [0, n) with keys[i] >= key (keys sorted ascending).
-__device__ __forceinline__ int64_t LowerBound(const int32_t* keys, int64_t n, int64_t key) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (static_cast<int64_t>(keys[mid]) < key) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
-// One warp: zeros to the rows of [r0, r0 + 32) that no token has (each lane
-// looks for one row's key), a whole warp writing each such row.
-template <typename T, int VEC>
-__device__ __forceinline__ void ZeroEmptyRows(const EmbeddingBwdArgs<T>& a, int64_t r0) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = r0 + lane;
-  bool empty = false;
-  if (r < a.rows) {
-    const int64_t i = LowerBound(a.keys, a.tokens, r);
-    empty = i == a.tokens || a.keys[i] != r;
-  }
-  float zeros[VEC];
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) zeros[k] = 0.f;
-  for (uint32_t left = __ballot_sync(~0u, empty); left != 0; left &= left - 1) {
-    T* row = a.grad + (r0 + __ffs(left) - 1) * a.hidden;
-    for (int64_t c = lane * VEC; c < a.hidden; c += 32 * VEC) StoreFloats<T, VEC>(row + c, zeros);
-  }
-}
-
 constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
 
-// Blocks [0, zero_blocks) zero the rows without tokens (ZeroEmptyRows, a warp
-// per 32 rows); the others walk chunks of the sorted tokens. Chunk q's block
-// walks its valid tokens (keys in [0, rows)) in order, one column vector per
-// thread, and sums each run of equal keys in float32 registers. A run that is
-// its row's whole segment is written to grad; a run cut by the chunk's start
-// goes to partial row 2q, one cut by its end (only) to partial row 2q + 1, for
-// EmbBwdCutRows to finish. The chunk's keys, token order and dropout token
+// Chunk q's block walks its valid tokens (keys in [0, rows)) in order, one
+// column vector per thread, and sums each run of equal keys in float32
+// registers. A run that is its row's whole segment is written to grad; a run
+// cut by the chunk's start goes to partial row 2q, one cut by its end (only)
+// to partial row 2q + 1, for EmbBwdFinish, which also zeros the rows whose
+// bit in `present` (set here, one per run) is clear. The chunk's keys, token order and dropout token
 // indices are read once into shared memory; dy rows arrive through the
 // thread's cp.async slots, kBwdStages tokens ahead, and each token's keep bits
 // are drawn while its row is in flight.
 template <typename T, int VEC, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a, int zero_blocks) {
+__global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a) {
   using V = cuda::Vec<T, VEC>;
   __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk
   __shared__ int32_t s_token[kEmbeddingBwdMaxChunk];
   __shared__ uint32_t s_index[kEmbeddingBwdMaxChunk];  // token_index of each token (dropout)
   __shared__ V ring[kBwdStages][kBlock];
-  if (static_cast<int>(blockIdx.x) < zero_blocks) {
-    const int64_t warps = blockDim.x / 32;
-    for (int64_t r0 = (blockIdx.x * warps + threadIdx.x / 32) * 32; r0 < a.rows; r0 += zero_blocks * warps * 32) {
-      ZeroEmptyRows<T, VEC>(a, r0);
-    }
-    return;
-  }
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
   const int64_t chunks = CeilDiv(a.tokens, a.chunk);
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
-  for (int64_t q = blockIdx.x - zero_blocks; q < chunks; q += gridDim.x - zero_blocks) {
+  for (int64_t q = blockIdx.x; q < chunks; q += gridDim.x) {
     const int64_t begin = q * a.chunk;
     const int len = static_cast<int>(a.tokens - begin < a.chunk ? a.tokens - begin : a.chunk);
     __syncthreads();  // the previous chunk's reads of the shared arrays are done
@@ -272,6 +230,10 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a,
     while (lo < len && s_key[lo + 1] < 0) ++lo;
     while (hi > lo && s_key[hi] >= a.rows) --hi;
     if (lo == hi) continue;
+    for (int t = lo + threadIdx.x; t < hi; t += blockDim.x) {  // each run's row has tokens
+      const int32_t key = s_key[t + 1];
+      if (t == lo || key != s_key[t]) atomicOr(a.present + (key >> 5), 1u << (key & 31));
+    }
     const bool cut_at_start = lo == 0 && s_key[0] == s_key[1];
     const bool cut_at_end = hi == len && s_key[len] == s_key[len + 1];
     for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
@@ -315,21 +277,44 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a,
   }
 }
 
-// The rows whose segment EmbBwdChunks cut: block q (grid-stride) takes the
-// segment that begins in chunk q and goes on past it, and adds its partials in
-// chunk order: chunk q's (2q + 1), then those of the chunks it continues
-// into (2q'), through the chunk of its last token.
+constexpr int kFinishBlock = 256;  // EmbBwdFinish: 8 warps a block, a task per warp
+
+// A warp per task. Tasks [0, chunks): the segment that begins in chunk q and
+// goes on past it (cut by EmbBwdChunks): its partials added in chunk order,
+// chunk q's (2q + 1) then those of the chunks it continues into (2q'), 32
+// chunk boundaries probed at once. Tasks [chunks, chunks + words): zeros to
+// the rows of 32-row word w without tokens (their `present` bits clear).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBlock) EmbBwdCutRows(EmbeddingBwdArgs<T> a) {
+__global__ void __launch_bounds__(kFinishBlock) EmbBwdFinish(EmbeddingBwdArgs<T> a) {
   const int64_t h = a.hidden;
-  const int64_t chunks = CeilDiv(a.tokens, a.chunk);
-  for (int64_t q = blockIdx.x; q < chunks; q += gridDim.x) {
-    const int64_t begin = q * a.chunk, end = std::min<int64_t>(begin + a.chunk, a.tokens);
+  const int lane = threadIdx.x & 31;
+  const int64_t chunks = CeilDiv(a.tokens, a.chunk), words = CeilDiv(a.rows, 32);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < chunks + words;
+       w += warps) {
+    if (w >= chunks) {
+      const int64_t r0 = (w - chunks) * 32;
+      uint32_t empty = ~a.present[w - chunks];
+      if (a.rows - r0 < 32) empty &= (1u << (a.rows - r0)) - 1;
+      float zeros[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) zeros[k] = 0.f;
+      for (; empty != 0; empty &= empty - 1) {
+        T* row = a.grad + (r0 + __ffs(empty) - 1) * h;
+        for (int64_t c = lane * VEC; c < h; c += 32 * VEC) StoreFloats<T, VEC>(row + c, zeros);
+      }
+      continue;
+    }
+    const int64_t q = w, begin = q * a.chunk, end = std::min<int64_t>(begin + a.chunk, a.tokens);
     const int32_t key = a.keys[end - 1];
     if (end == a.tokens || !ValidKey(key, a.rows) || a.keys[end] != key) continue;  // not cut at chunk q's end
     if (begin > 0 && a.keys[begin] == key && a.keys[begin - 1] == key) continue;  // began in an earlier chunk
-    const int64_t last = (LowerBound(a.keys, a.tokens, static_cast<int64_t>(key) + 1) - 1) / a.chunk;
-    for (int64_t c = threadIdx.x * VEC; c < h; c += blockDim.x * VEC) {
+    int64_t last = q;  // the segment's last chunk: it continues into chunk p while keys[p * chunk] == key
+    for (int n = 32; n == 32; last += n) {
+      const int64_t p = last + 1 + lane;
+      n = __popc(__ballot_sync(~0u, p < chunks && a.keys[p * a.chunk] == key));  // a prefix of the lanes
+    }
+    for (int64_t c = lane * VEC; c < h; c += 32 * VEC) {
       float acc[VEC], v[VEC];
       LoadFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc);
       for (int64_t p = q + 1; p <= last; ++p) {
@@ -424,17 +409,20 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
   const bool vectorisable = a.hidden % kVec == 0 && cuda::Aligned(a.dy, 16) && cuda::Aligned(a.grad, 16);
   const int vec = vectorisable ? kVec : 1;
   const int tx = ColumnThreads(a.hidden / vec);
-  const int64_t chunks = CeilDiv(a.tokens, a.chunk);
-  const int zero_blocks = static_cast<int>(std::min<int64_t>(CeilDiv(a.rows, tx), cuda::NumSMs()));
+  const int64_t chunks = CeilDiv(a.tokens, a.chunk), words = CeilDiv(a.rows, 32);
+  if (cudaError_t err = cudaMemsetAsync(a.present, 0, words * sizeof(uint32_t), stream); err != cudaSuccess) {
+    return err;
+  }
+  const int64_t finish_grid = std::min<int64_t>(CeilDiv(chunks + words, kFinishBlock / 32), 16 * cuda::NumSMs());
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto d) {
     constexpr int kV = decltype(v)::value;
     const auto walk = EmbBwdChunks<T, kV, decltype(d)::value>;
-    const int64_t chunk_blocks = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, 0) * cuda::NumSMs());
-    walk<<<static_cast<unsigned>(zero_blocks + chunk_blocks), tx, 0, stream>>>(a, zero_blocks);
-    if (chunks > 1) {
-      EmbBwdCutRows<T, kV><<<static_cast<unsigned>(std::min<int64_t>(chunks, 4 * cuda::NumSMs())), tx, 0, stream>>>(a);
+    if (chunks > 0) {
+      const int64_t grid = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, 0) * cuda::NumSMs());
+      walk<<<static_cast<unsigned>(grid), tx, 0, stream>>>(a);
     }
+    EmbBwdFinish<T, kV><<<static_cast<unsigned>(finish_grid), kFinishBlock, 0, stream>>>(a);
   };
   auto by_dropout = [&](auto v) {
     if (dropout) {

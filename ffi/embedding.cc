@@ -3,8 +3,8 @@
 //   embedding_fwd      (ids, positions, token_index, rng, table, pos_table) -> y
 //   embedding_sort_fwd (ids, positions, token_index, rng, table, pos_table) -> (y, sorted_keys, order,
 //                      workspace: uint8 [lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab)], CUDA only)
-//   embedding_bwd      (dy, keys, order, token_index, rng) -> (grad,
-//                      partials: float32 [2 * ceil(tokens / chunk), H], CUDA workspace)
+//   embedding_bwd      (dy, keys, order, token_index, rng) -> (grad, CUDA workspace:
+//                      partials: float32 [2 * ceil(tokens / chunk), H], present: uint32 [ceil(rows / 32)])
 // ids, positions, token_index, keys, order: int32 [...] (same element count:
 // tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
 // pos_table: [max_positions, H] learned positions or [0, H] (sinusoidal),
@@ -100,7 +100,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
-                Res partials, float factor, float rate, int32_t chunk) {
+                Res partials, Res present, float factor, float rate, int32_t chunk) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
   if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
@@ -125,6 +125,11 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                       op, "partials must be float32 [2 * ceil(tokens / chunk), hidden]");
       e.failure())
     return e;
+  if (auto e = Expect(present->element_type() == xffi::DataType::U32 &&
+                          static_cast<int64_t>(present->element_count()) == (grad->dimensions()[0] + 31) / 32,
+                      op, "present must be uint32 [ceil(rows / 32)]");
+      e.failure())
+    return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool dropout = rate > 0.f;
@@ -135,6 +140,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                           dropout ? In<uint32_t>(rng) : nullptr,
                           Out<T>(grad),
                           Out<float>(partials),
+                          Out<uint32_t>(present),
                           chunk,
                           tokens,
                           hidden,
@@ -194,10 +200,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
-    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials, float factor, float rate,
-       int32_t chunk) {
-      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, partials, factor,
-                           rate, chunk);
+    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials, Res present, float factor,
+       float rate, int32_t chunk) {
+      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, partials, present,
+                           factor, rate, chunk);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -205,6 +211,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("factor")
@@ -254,9 +261,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
     [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials,
-       float factor, float rate, int32_t chunk) {
+       Res present, float factor, float rate, int32_t chunk) {
       return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad, partials,
-                            factor, rate, chunk);
+                            present, factor, rate, chunk);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
@@ -265,6 +272,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
+        .Ret<Buf>()
         .Ret<Buf>()
         .Ret<Buf>()
         .Attr<float>("factor")
