@@ -279,22 +279,26 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
 
 constexpr int kFinishBlock = 256;  // EmbBwdFinish: 8 warps a block, a task per warp
 
-// A warp per task. Tasks [0, chunks): the segment that begins in chunk q and
-// goes on past it (cut by EmbBwdChunks): its partials added in chunk order,
-// chunk q's (2q + 1) then those of the chunks it continues into (2q'), 32
-// chunk boundaries probed at once. Tasks [chunks, chunks + words): zeros to
-// the rows of 32-row word w without tokens (their `present` bits clear).
+// A warp per task. Tasks [0, chunks * slices): column slice (32 vectors) of
+// the segment that begins in chunk q and goes on past it (cut by
+// EmbBwdChunks): its partials added in a fixed order, chunk q's (2q + 1) then
+// those of the chunks it continues into (2q'), in four interleaved float32
+// sums (four rows of loads in flight) added pairwise at the end; the last
+// chunk is found by probing 32 chunk boundaries at once. Tasks [chunks *
+// slices, + words): zeros to the rows of 32-row word w without tokens (their
+// `present` bits clear).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kFinishBlock) EmbBwdFinish(EmbeddingBwdArgs<T> a) {
   const int64_t h = a.hidden;
   const int lane = threadIdx.x & 31;
-  const int64_t chunks = CeilDiv(a.tokens, a.chunk), words = CeilDiv(a.rows, 32);
+  const int64_t slices = CeilDiv(h, 32 * VEC);
+  const int64_t cut_tasks = CeilDiv(a.tokens, a.chunk) * slices, words = CeilDiv(a.rows, 32);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < chunks + words;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < cut_tasks + words;
        w += warps) {
-    if (w >= chunks) {
-      const int64_t r0 = (w - chunks) * 32;
-      uint32_t empty = ~a.present[w - chunks];
+    if (w >= cut_tasks) {
+      const int64_t r0 = (w - cut_tasks) * 32;
+      uint32_t empty = ~a.present[w - cut_tasks];
       if (a.rows - r0 < 32) empty &= (1u << (a.rows - r0)) - 1;
       float zeros[VEC];
 #pragma unroll
@@ -305,27 +309,40 @@ __global__ void __launch_bounds__(kFinishBlock) EmbBwdFinish(EmbeddingBwdArgs<T>
       }
       continue;
     }
-    const int64_t q = w, begin = q * a.chunk, end = std::min<int64_t>(begin + a.chunk, a.tokens);
+    const int64_t q = w / slices, c = ((w - q * slices) * 32 + lane) * VEC;
+    const int64_t begin = q * a.chunk, end = std::min<int64_t>(begin + a.chunk, a.tokens);
     const int32_t key = a.keys[end - 1];
     if (end == a.tokens || !ValidKey(key, a.rows) || a.keys[end] != key) continue;  // not cut at chunk q's end
     if (begin > 0 && a.keys[begin] == key && a.keys[begin - 1] == key) continue;  // began in an earlier chunk
     int64_t last = q;  // the segment's last chunk: it continues into chunk p while keys[p * chunk] == key
+    const int64_t chunks = CeilDiv(a.tokens, a.chunk);
     for (int n = 32; n == 32; last += n) {
       const int64_t p = last + 1 + lane;
       n = __popc(__ballot_sync(~0u, p < chunks && a.keys[p * a.chunk] == key));  // a prefix of the lanes
     }
-    for (int64_t c = lane * VEC; c < h; c += 32 * VEC) {
-      float acc[VEC], v[VEC];
-      LoadFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc);
-      for (int64_t p = q + 1; p <= last; ++p) {
-        LoadFloats<float, VEC>(a.partials + (2 * p) * h + c, v);
+    if (c >= h) continue;
+    float acc[4][VEC], v[4][VEC];
+    LoadFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc[0]);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] += v[k];
+    for (int k = 0; k < VEC; ++k) acc[1][k] = acc[2][k] = acc[3][k] = 0.f;
+    int64_t p = q + 1;
+    for (; p + 3 <= last; p += 4) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) LoadFloats<float, VEC>(a.partials + (2 * (p + j)) * h + c, v[j]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[j][k] += v[j][k];
       }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] *= a.factor;
-      StoreFloats<T, VEC>(a.grad + static_cast<int64_t>(key) * h + c, acc);
     }
+    for (; p <= last; ++p) {
+      LoadFloats<float, VEC>(a.partials + (2 * p) * h + c, v[0]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[0][k] += v[0][k];
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[0][k] = ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])) * a.factor;
+    StoreFloats<T, VEC>(a.grad + static_cast<int64_t>(key) * h + c, acc[0]);
   }
 }
 
@@ -413,7 +430,9 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
   if (cudaError_t err = cudaMemsetAsync(a.present, 0, words * sizeof(uint32_t), stream); err != cudaSuccess) {
     return err;
   }
-  const int64_t finish_grid = std::min<int64_t>(CeilDiv(chunks + words, kFinishBlock / 32), 16 * cuda::NumSMs());
+  const int64_t slices = CeilDiv(a.hidden, 32 * vec);
+  const int64_t finish_grid =
+      std::min<int64_t>(CeilDiv(chunks * slices + words, kFinishBlock / 32), 16 * cuda::NumSMs());
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto d) {
     constexpr int kV = decltype(v)::value;
