@@ -292,7 +292,8 @@ __global__ void __launch_bounds__(kFinishBlock) EmbBwdFinish(EmbeddingBwdArgs<T>
   const int64_t h = a.hidden;
   const int lane = threadIdx.x & 31;
   const int64_t slices = CeilDiv(h, 32 * VEC);
-  const int64_t cut_tasks = CeilDiv(a.tokens, a.chunk) * slices, words = CeilDiv(a.rows, 32);
+  const int64_t chunks = CeilDiv(a.tokens, a.chunk), words = CeilDiv(a.rows, 32);
+  const int64_t cut_tasks = chunks * slices;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < cut_tasks + words;
        w += warps) {
@@ -315,7 +316,6 @@ __global__ void __launch_bounds__(kFinishBlock) EmbBwdFinish(EmbeddingBwdArgs<T>
     if (end == a.tokens || !ValidKey(key, a.rows) || a.keys[end] != key) continue;  // not cut at chunk q's end
     if (begin > 0 && a.keys[begin] == key && a.keys[begin - 1] == key) continue;  // began in an earlier chunk
     int64_t last = q;  // the segment's last chunk: it continues into chunk p while keys[p * chunk] == key
-    const int64_t chunks = CeilDiv(a.tokens, a.chunk);
     for (int n = 32; n == 32; last += n) {
       const int64_t p = last + 1 + lane;
       n = __popc(__ballot_sync(~0u, p < chunks && a.keys[p * a.chunk] == key));  // a prefix of the lanes

@@ -296,8 +296,11 @@ def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort,
     return y, keys.reshape(ids.shape), order.reshape(ids.shape)
 
 
-_FORWARD = {sort: rowwise([STATS, STATS, STATS, PARAM, TABLE, PARAM], [ROWS, CALL_STATS, CALL_STATS] if sort else [ROWS],
-                          n_static=5, split_table=_fwd_vocab_parallel)(_fwd_local) for sort in (False, True)}
+# Without and with the sort (whose results describe the whole local call: CALL_STATS).
+_FORWARD = {sort: rowwise([STATS, STATS, STATS, PARAM, TABLE, PARAM],
+                          [ROWS, CALL_STATS, CALL_STATS] if sort else [ROWS],
+                          n_static=5, split_table=_fwd_vocab_parallel)(_fwd_local)
+            for sort in (False, True)}
 
 
 def _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like):
