@@ -56,6 +56,25 @@ __device__ __forceinline__ void StoreFloats(T* p, const float (&in)[VEC]) {
   *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
+// VEC float32 values at p read through the L2 (ld.global.cg), never from a
+// stale L1 line: values other blocks wrote during this kernel.
+template <int VEC>
+__device__ __forceinline__ void LoadFloatsCg(const float* p, float (&out)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC / 4; ++i) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p) + i);
+      out[4 * i] = v.x;
+      out[4 * i + 1] = v.y;
+      out[4 * i + 2] = v.z;
+      out[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = __ldcg(p + i);
+  }
+}
+
 // VEC consecutive elements of a parameter vector from element i, as float32.
 template <typename T, int VEC>
 __device__ __forceinline__ void LoadParams(const ParamVec<T>& p, int64_t i, float (&out)[VEC]) {
@@ -292,18 +311,26 @@ inline SideStream& CurrentSideStream() {
   cudaGetDevice(&device);
   SideStream& s = slots[device & 63];
   if (s.stream == nullptr && s.status == cudaSuccess) {
+    // Possibly while XLA captures the caller's stream into a command buffer:
+    // creating them is not part of the capture (relaxed mode meanwhile).
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
     int least = 0, greatest = 0;
     s.status = cudaDeviceGetStreamPriorityRange(&least, &greatest);
     if (s.status == cudaSuccess) s.status = cudaStreamCreateWithPriority(&s.stream, cudaStreamNonBlocking, greatest);
     if (s.status == cudaSuccess) s.status = cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming);
     if (s.status == cudaSuccess) s.status = cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming);
+    cudaThreadExchangeStreamCaptureMode(&mode);
   }
   return s;
 }
 
 // side(side_stream) and main(stream) run concurrently: side's work after
 // everything enqueued on `stream` before, and `stream`'s later work after
-// both. Each returns a cudaError_t; the first error is returned.
+// both. Each returns a cudaError_t; the first error is returned. A fork and
+// join through events, so a stream capture (a command buffer) of `stream`
+// records both as parallel branches (then without the side stream's
+// priority: see ffi/embedding.cc for what that cost the embedding's sort).
 template <typename Side, typename Main>
 cudaError_t Concurrently(cudaStream_t stream, Side&& side, Main&& main) {
   SideStream& s = CurrentSideStream();

@@ -19,19 +19,19 @@
 // second stream while the forward kernel runs (cuda::Concurrently): the sort
 // is a chain of small latency-bound kernels, the forward bandwidth-bound.
 //
-// Backward: deterministic segment sum, no atomics. The tokens are sorted by
-// key (stably), so each table row's tokens form one contiguous segment in
-// ascending token order. EmbBwdChunks splits the sorted tokens into chunks of
-// `chunk` (<= kEmbeddingBwdMaxChunk): one block per chunk walks its tokens in
-// order, kBwdStages dy rows in flight per thread, and sums each run of equal
-// keys in float32; a segment inside one chunk is written to grad there, a
-// segment cut by chunk boundaries leaves one float32 partial per chunk it
-// touches, and marks the rows it sums in a bitmap. Then EmbBwdFinish adds
-// each cut segment's partials in chunk order and writes zeros to the rows
-// without tokens. Every token
-// is read once however the tokens spread over rows (one frequent token's long
+// Backward: deterministic segment sum, no float atomics. The tokens are
+// sorted by key (stably), so each table row's tokens form one contiguous
+// segment in ascending token order. EmbBwdChunks splits the sorted tokens into
+// chunks of `chunk` (<= kEmbeddingBwdMaxChunk): one block per chunk walks its
+// tokens in order, kBwdStages dy rows in flight per thread, and sums each run
+// of equal keys in float32; a segment inside one chunk is written to grad
+// there, a segment cut by chunk boundaries leaves one float32 partial per
+// chunk it touches, and the last of its chunks to finish (an integer counter
+// per cut segment) adds them in chunk order and writes the row. Every token is
+// read once however the tokens spread over rows (one frequent token's long
 // segment is split across chunks, not summed by one thread), and every grad
-// element is written once: the gradient needs no memset.
+// element is written once: the rows without tokens by EmbBwdZeroRows, on a
+// second stream while EmbBwdChunks runs. The gradient needs no memset.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -186,25 +186,47 @@ cudaError_t SortCuda(const EmbeddingSortArgs& s, void* workspace, cudaStream_t s
 
 constexpr int32_t kNoKey = INT32_MIN;  // a key past either end of the sorted keys
 
-__device__ __forceinline__ bool ValidKey(int64_t key, int64_t rows) { return key >= 0 && key < rows; }
-
 constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
+
+// Chunks [first, last] that hold sorted keys equal to `key`, which chunk q
+// holds: chunk p > q continues it when its first key is `key`, chunk p < q
+// when its last one is (the keys are sorted, so those chunks are contiguous).
+// One warp, 32 chunk boundaries probed per ballot.
+template <typename T>
+__device__ __forceinline__ int2 SegmentChunks(const EmbeddingBwdArgs<T>& a, int64_t q, int32_t key, int64_t chunks) {
+  const int lane = threadIdx.x & 31;
+  int64_t first = q, last = q;
+  for (int n = 32; n == 32; last += n) {
+    const int64_t p = last + 1 + lane;
+    n = __popc(__ballot_sync(~0u, p < chunks && a.keys[p * a.chunk] == key));
+  }
+  for (int n = 32; n == 32; first -= n) {
+    const int64_t p = first - 1 - lane;
+    n = __popc(__ballot_sync(~0u, p >= 0 && a.keys[(p + 1) * a.chunk - 1] == key));
+  }
+  return make_int2(static_cast<int>(first), static_cast<int>(last));
+}
 
 // Chunk q's block walks its valid tokens (keys in [0, rows)) in order, one
 // column vector per thread, and sums each run of equal keys in float32
-// registers. A run that is its row's whole segment is written to grad; a run
-// cut by the chunk's start goes to partial row 2q, one cut by its end (only)
-// to partial row 2q + 1, for EmbBwdFinish, which also zeros the rows whose
-// bit in `present` (set here, one per run) is clear. The chunk's keys, token order and dropout token
-// indices are read once into shared memory; dy rows arrive through the
-// thread's cp.async slots, kBwdStages tokens ahead, and each token's keep bits
-// are drawn while its row is in flight.
+// registers. A run that is its row's whole segment is written to grad. A run
+// of a segment cut by chunk boundaries is a float32 partial row: 2q when
+// chunk q's start cuts it, else 2q + 1; the block then counts itself done
+// with that segment (a counter per segment, at its first chunk), and the
+// segment's last chunk to be done adds its partials in chunk order
+// (2 first + 1, then 2p for the later chunks p) and writes its row. The
+// chunk's keys, token order and dropout token indices are read once into
+// shared memory; dy rows arrive through the thread's cp.async slots,
+// kBwdStages tokens ahead, and each token's keep bits are drawn while its
+// row is in flight.
 template <typename T, int VEC, bool DROPOUT>
 __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a) {
   using V = cuda::Vec<T, VEC>;
   __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk
   __shared__ int32_t s_token[kEmbeddingBwdMaxChunk];
   __shared__ uint32_t s_index[kEmbeddingBwdMaxChunk];  // token_index of each token (dropout)
+  __shared__ int2 s_cut[2];                            // chunks of the segments cut at the start, at the end
+  __shared__ bool s_adds[2];                           // whether this block adds that segment's partials
   __shared__ V ring[kBwdStages][kBlock];
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
@@ -230,12 +252,13 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
     while (lo < len && s_key[lo + 1] < 0) ++lo;
     while (hi > lo && s_key[hi] >= a.rows) --hi;
     if (lo == hi) continue;
-    for (int t = lo + threadIdx.x; t < hi; t += blockDim.x) {  // each run's row has tokens
-      const int32_t key = s_key[t + 1];
-      if (t == lo || key != s_key[t]) atomicOr(a.present + (key >> 5), 1u << (key & 31));
-    }
     const bool cut_at_start = lo == 0 && s_key[0] == s_key[1];
     const bool cut_at_end = hi == len && s_key[len] == s_key[len + 1];
+    const bool one_cut = cut_at_start && cut_at_end && s_key[1] == s_key[len];  // one segment, cut at both ends
+    if (threadIdx.x < 32) {  // warp 0: where the cut segments begin and end, read by the block after its runs
+      if (cut_at_start) s_cut[0] = SegmentChunks(a, q, s_key[1], chunks);
+      if (cut_at_end && !one_cut) s_cut[1] = SegmentChunks(a, q, s_key[len], chunks);
+    }
     for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
       const int64_t c = cv * VEC;
       auto stage = [&](int slot, int p) {  // one commit group per token, empty past the end
@@ -274,75 +297,89 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
         run_start = p + 1;
       }
     }
+    if (!cut_at_start && !cut_at_end) continue;  // uniform over the block
+    __threadfence();  // this thread's partials are visible device-wide before the block counts itself done
+    __syncthreads();
+    if (threadIdx.x < 2) {
+      const bool mine = threadIdx.x == 0 ? cut_at_start : cut_at_end && !one_cut;
+      const int2 cut = s_cut[threadIdx.x];
+      s_adds[threadIdx.x] = mine && atomicAdd(a.counters + cut.x, 1u) == static_cast<uint32_t>(cut.y - cut.x);
+    }
+    __syncthreads();
+    for (int i = 0; i < 2; ++i) {
+      if (!s_adds[i]) continue;
+      __threadfence();  // the other chunks' partials, counted before, are read after
+      const int2 cut = s_cut[i];
+      const int32_t key = i == 0 ? s_key[1] : s_key[len];
+      for (int64_t c = threadIdx.x * VEC; c < h; c += static_cast<int64_t>(blockDim.x) * VEC) {
+        // Four interleaved float32 sums (four rows of loads in flight), added pairwise at the end.
+        float acc[4][VEC], v[4][VEC];
+        cuda::LoadFloatsCg<VEC>(a.partials + (2 * cut.x + 1) * h + c, acc[0]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[1][k] = acc[2][k] = acc[3][k] = 0.f;
+        int64_t p = cut.x + 1;
+        for (; p + 3 <= cut.y; p += 4) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) cuda::LoadFloatsCg<VEC>(a.partials + (2 * (p + j)) * h + c, v[j]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) acc[j][k] += v[j][k];
+          }
+        }
+        for (; p <= cut.y; ++p) {
+          cuda::LoadFloatsCg<VEC>(a.partials + (2 * p) * h + c, v[0]);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc[0][k] += v[0][k];
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[0][k] = ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])) * a.factor;
+        StoreFloats<T, VEC>(a.grad + static_cast<int64_t>(key) * h + c, acc[0]);
+      }
+    }
   }
 }
 
-constexpr int kFinishBlock = 256;  // EmbBwdFinish: 8 warps a block, a task per warp
+constexpr int kZeroBlock = 256;  // EmbBwdZeroRows: 8 warps a block, 32 rows per warp
 
-// A warp per task. Tasks [0, chunks * slices): column slice (32 vectors) of
-// the segment that begins in chunk q and goes on past it (cut by
-// EmbBwdChunks): its partials added in a fixed order, chunk q's (2q + 1) then
-// those of the chunks it continues into (2q'), in four interleaved float32
-// sums (four rows of loads in flight) added pairwise at the end; the last
-// chunk is found by probing 32 chunk boundaries at once. Tasks [chunks *
-// slices, + words): zeros to the rows of 32-row word w without tokens (their
-// `present` bits clear).
+// First sorted position whose key is >= r.
+__device__ __forceinline__ int64_t LowerBound(const int32_t* keys, int64_t n, int64_t r) {
+  int64_t lo = 0;
+  while (n > 0) {
+    const int64_t half = n / 2;
+    if (keys[lo + half] < r) {
+      lo += half + 1;
+      n -= half + 1;
+    } else {
+      n = half;
+    }
+  }
+  return lo;
+}
+
+// Zeros to the grad rows without tokens: a warp per 32 rows, each lane
+// looking its row up in the sorted keys. Runs concurrently with
+// EmbBwdChunks, which writes the other rows.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kFinishBlock) EmbBwdFinish(EmbeddingBwdArgs<T> a) {
+__global__ void __launch_bounds__(kZeroBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T> a) {
   const int64_t h = a.hidden;
   const int lane = threadIdx.x & 31;
-  const int64_t slices = CeilDiv(h, 32 * VEC);
-  const int64_t chunks = CeilDiv(a.tokens, a.chunk), words = CeilDiv(a.rows, 32);
-  const int64_t cut_tasks = chunks * slices;
+  const int64_t words = CeilDiv(a.rows, 32);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < cut_tasks + words;
-       w += warps) {
-    if (w >= cut_tasks) {
-      const int64_t r0 = (w - cut_tasks) * 32;
-      uint32_t empty = ~a.present[w - cut_tasks];
-      if (a.rows - r0 < 32) empty &= (1u << (a.rows - r0)) - 1;
-      float zeros[VEC];
+  float zeros[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) zeros[k] = 0.f;
-      for (; empty != 0; empty &= empty - 1) {
-        T* row = a.grad + (r0 + __ffs(empty) - 1) * h;
-        for (int64_t c = lane * VEC; c < h; c += 32 * VEC) StoreFloats<T, VEC>(row + c, zeros);
-      }
-      continue;
+  for (int k = 0; k < VEC; ++k) zeros[k] = 0.f;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < words; w += warps) {
+    const int64_t r = w * 32 + lane;
+    bool empty = false;
+    if (r < a.rows) {
+      const int64_t i = LowerBound(a.keys, a.tokens, r);
+      empty = i == a.tokens || a.keys[i] != r;
     }
-    const int64_t q = w / slices, c = ((w - q * slices) * 32 + lane) * VEC;
-    const int64_t begin = q * a.chunk, end = std::min<int64_t>(begin + a.chunk, a.tokens);
-    const int32_t key = a.keys[end - 1];
-    if (end == a.tokens || !ValidKey(key, a.rows) || a.keys[end] != key) continue;  // not cut at chunk q's end
-    if (begin > 0 && a.keys[begin] == key && a.keys[begin - 1] == key) continue;  // began in an earlier chunk
-    int64_t last = q;  // the segment's last chunk: it continues into chunk p while keys[p * chunk] == key
-    for (int n = 32; n == 32; last += n) {
-      const int64_t p = last + 1 + lane;
-      n = __popc(__ballot_sync(~0u, p < chunks && a.keys[p * a.chunk] == key));  // a prefix of the lanes
+    for (uint32_t rows = __ballot_sync(~0u, empty); rows != 0; rows &= rows - 1) {
+      T* row = a.grad + (w * 32 + __ffs(rows) - 1) * h;
+      for (int64_t c = lane * VEC; c < h; c += 32 * VEC) StoreFloats<T, VEC>(row + c, zeros);
     }
-    if (c >= h) continue;
-    float acc[4][VEC], v[4][VEC];
-    LoadFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc[0]);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) acc[1][k] = acc[2][k] = acc[3][k] = 0.f;
-    int64_t p = q + 1;
-    for (; p + 3 <= last; p += 4) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) LoadFloats<float, VEC>(a.partials + (2 * (p + j)) * h + c, v[j]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[j][k] += v[j][k];
-      }
-    }
-    for (; p <= last; ++p) {
-      LoadFloats<float, VEC>(a.partials + (2 * p) * h + c, v[0]);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[0][k] += v[0][k];
-    }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) acc[0][k] = ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])) * a.factor;
-    StoreFloats<T, VEC>(a.grad + static_cast<int64_t>(key) * h + c, acc[0]);
   }
 }
 
@@ -378,8 +415,8 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   const int64_t grid = Grid(a.tokens, kBlock / tx);
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto l, auto p, auto d) {
-    EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>
-        <<<grid, block, 0, stream>>>(a, freq_exp);
+    const auto kernel = EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>;
+    kernel<<<grid, block, 0, stream>>>(a, freq_exp);
   };
   auto by_dropout = [&](auto v, auto l, auto p) {
     if (dropout) {
@@ -426,36 +463,32 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
   const bool vectorisable = a.hidden % kVec == 0 && cuda::Aligned(a.dy, 16) && cuda::Aligned(a.grad, 16);
   const int vec = vectorisable ? kVec : 1;
   const int tx = ColumnThreads(a.hidden / vec);
-  const int64_t chunks = CeilDiv(a.tokens, a.chunk), words = CeilDiv(a.rows, 32);
-  if (cudaError_t err = cudaMemsetAsync(a.present, 0, words * sizeof(uint32_t), stream); err != cudaSuccess) {
-    return err;
+  const int64_t chunks = CeilDiv(a.tokens, a.chunk);
+  if (chunks > 0) {
+    if (cudaError_t err = cudaMemsetAsync(a.counters, 0, chunks * sizeof(uint32_t), stream); err != cudaSuccess) {
+      return err;
+    }
   }
-  const int64_t slices = CeilDiv(a.hidden, 32 * vec);
-  const int64_t finish_grid =
-      std::min<int64_t>(CeilDiv(chunks * slices + words, kFinishBlock / 32), 16 * cuda::NumSMs());
+  const int64_t zero_grid = std::min<int64_t>(CeilDiv(CeilDiv(a.rows, 32), kZeroBlock / 32), 16 * cuda::NumSMs());
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto d) {
     constexpr int kV = decltype(v)::value;
     const auto walk = EmbBwdChunks<T, kV, decltype(d)::value>;
-    if (chunks > 0) {
-      const int64_t grid = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, 0) * cuda::NumSMs());
-      walk<<<static_cast<unsigned>(grid), tx, 0, stream>>>(a);
-    }
-    EmbBwdFinish<T, kV><<<static_cast<unsigned>(finish_grid), kFinishBlock, 0, stream>>>(a);
+    return cuda::Concurrently(
+        stream,
+        [&](cudaStream_t side) {
+          EmbBwdZeroRows<T, kV><<<static_cast<unsigned>(zero_grid), kZeroBlock, 0, side>>>(a);
+          return cudaGetLastError();
+        },
+        [&](cudaStream_t main) {
+          if (chunks == 0) return cudaSuccess;
+          const int64_t grid = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, 0) * cuda::NumSMs());
+          walk<<<static_cast<unsigned>(grid), tx, 0, main>>>(a);
+          return cudaGetLastError();
+        });
   };
-  auto by_dropout = [&](auto v) {
-    if (dropout) {
-      launch(v, Bool<true>{});
-    } else {
-      launch(v, Bool<false>{});
-    }
-  };
-  if (vec == 1) {
-    by_dropout(Int<1>{});
-  } else {
-    by_dropout(Int<kVec>{});
-  }
-  return cudaGetLastError();
+  auto by_dropout = [&](auto v) { return dropout ? launch(v, Bool<true>{}) : launch(v, Bool<false>{}); };
+  return vec == 1 ? by_dropout(Int<1>{}) : by_dropout(Int<kVec>{});
 }
 
 #define LSJAX_INSTANTIATE(T)                                                                  \

@@ -4,14 +4,19 @@
 //   embedding_sort_fwd (ids, positions, token_index, rng, table, pos_table) -> (y, sorted_keys, order,
 //                      workspace: uint8 [lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab)], CUDA only)
 //   embedding_bwd      (dy, keys, order, token_index, rng) -> (grad, CUDA workspace:
-//                      partials: float32 [2 * ceil(tokens / chunk), H], present: uint32 [ceil(rows / 32)])
+//                      partials: float32 [2 * ceil(tokens / chunk), H], counters: uint32 [ceil(tokens / chunk)])
 // ids, positions, token_index, keys, order: int32 [...] (same element count:
 // tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
 // pos_table: [max_positions, H] learned positions or [0, H] (sinusoidal),
 // y/dy: [..., H], grad: [rows, H], all of one float dtype. sorted_keys, order:
 // int32 [tokens], the backward's stable sort of the tokens by row, done with
-// the forward (on CUDA concurrently, on a second stream: that target is not
-// command-buffer compatible, the plain forward is). Attributes: fwd scale,
+// the forward (on CUDA concurrently, on a second stream). That target is not
+// command-buffer compatible: captured into XLA's CUDA graph, fwd+bwd at
+// 256x256x1024 took ~19 us longer (session 20; giving the captured sort
+// kernels the side stream's priority did not change it), as if the sort's
+// chain of small kernels waited behind the forward kernel's blocks. The
+// other targets are; the backward's second-stream branch (zeroing the rows
+// without tokens) is one small kernel. Attributes: fwd scale,
 // rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
 #include <string>
 #include <utility>
@@ -100,7 +105,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
-                Res partials, Res present, float factor, float rate, int32_t chunk) {
+                Res partials, Res counters, float factor, float rate, int32_t chunk) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
   if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
@@ -125,9 +130,9 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                       op, "partials must be float32 [2 * ceil(tokens / chunk), hidden]");
       e.failure())
     return e;
-  if (auto e = Expect(present->element_type() == xffi::DataType::U32 &&
-                          static_cast<int64_t>(present->element_count()) == (grad->dimensions()[0] + 31) / 32,
-                      op, "present must be uint32 [ceil(rows / 32)]");
+  if (auto e = Expect(counters->element_type() == xffi::DataType::U32 &&
+                          static_cast<int64_t>(counters->element_count()) == (tokens + chunk - 1) / chunk,
+                      op, "counters must be uint32 [ceil(tokens / chunk)]");
       e.failure())
     return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
@@ -140,7 +145,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
                           dropout ? In<uint32_t>(rng) : nullptr,
                           Out<T>(grad),
                           Out<float>(partials),
-                          Out<uint32_t>(present),
+                          Out<uint32_t>(counters),
                           chunk,
                           tokens,
                           hidden,
@@ -200,9 +205,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
-    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials, Res present, float factor,
+    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials, Res counters, float factor,
        float rate, int32_t chunk) {
-      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, partials, present,
+      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, partials, counters,
                            factor, rate, chunk);
     },
     xffi::Ffi::Bind()
@@ -261,9 +266,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
     [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials,
-       Res present, float factor, float rate, int32_t chunk) {
+       Res counters, float factor, float rate, int32_t chunk) {
       return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad, partials,
-                            present, factor, rate, chunk);
+                            counters, factor, rate, chunk);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
