@@ -415,8 +415,8 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   const int64_t grid = Grid(a.tokens, kBlock / tx);
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto l, auto p, auto d) {
-    const auto kernel = EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>;
-    kernel<<<grid, block, 0, stream>>>(a, freq_exp);
+    EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>
+        <<<grid, block, 0, stream>>>(a, freq_exp);
   };
   auto by_dropout = [&](auto v, auto l, auto p) {
     if (dropout) {
@@ -441,7 +441,6 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   }
   return cudaGetLastError();
 }
-
 
 size_t EmbeddingSortWorkspaceBytes(int64_t tokens, int64_t vocab) {
   return 255 + 2 * Align256(4 * static_cast<size_t>(tokens)) + RadixSortBytes(tokens, KeyBits(vocab));
