@@ -1,8 +1,10 @@
 // CUDA embedding (forward and backward).
 //
-// Forward: a 2-D block (column vectors x tokens); each thread owns fixed
-// 16-byte column vectors and walks tokens grid-stride, so the sinusoid
-// frequencies exp(i * c) are computed once per thread. Table/position rows are
+// Forward: a 2-D block (column vectors x thread rows); each thread owns fixed
+// 16-byte column vectors and walks a contiguous span of tokens, so the
+// sinusoid frequencies exp(i * c) are computed once per thread, and each
+// token's position is a running count of the non-pad tokens of its row (only
+// the span's first token counts the ids before it). Table/position rows are
 // gathered with 16-byte loads, math is float32 in registers, one 16-byte store.
 // With sinusoidal positions and hidden/2 a multiple of the vector width a
 // thread owns column vector c of the sin half and the same vector of the cos
@@ -63,17 +65,34 @@ __device__ __forceinline__ int64_t ClampRow(int64_t v, int64_t rows) {
 
 // ---------------------------------------------------------------- forward --
 
+// Non-pad tokens before token n in its row of `seq`: ids[row start .. n), 32 per ballot of the calling warp
+// (all of its lanes, with the same n).
+__device__ __forceinline__ int32_t NonPadBefore(const int32_t* ids, int64_t n, int64_t seq, int32_t padding_id) {
+  const int lane = threadIdx.x & 31;
+  int32_t count = 0;
+  for (int64_t j = n - n % seq; j < n; j += 32) {
+    count += __popc(__ballot_sync(~0u, j + lane < n && ids[j + lane] != padding_id));
+  }
+  return count;
+}
+
 // LEARNED: positions from pos_table. PAIRED (sinusoidal only, hidden even,
 // half % VEC == 0): column vector cv covers [cv*VEC, +VEC) and the same
-// columns + half.
+// columns + half. Thread row y of block b walks tokens [(b * blockDim.y + y) * span, +span) in order,
+// counting the non-pad tokens of the current row as it goes.
 template <typename T, int VEC, bool LEARNED, bool PAIRED, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp) {
+__global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp, int64_t span) {
   const int64_t h = a.hidden;
   const int64_t half = h / 2;
   const int64_t ncv = PAIRED ? half / VEC : h / VEC;
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
-  const int64_t token_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * span;
+  const int64_t end = first + span < a.tokens ? first + span : a.tokens;
+  // A warp is one thread row (blockDim.x is a multiple of 32), all of it here.
+  const int32_t before = first < end ? NonPadBefore(a.ids, first, a.seq, a.padding_id) : 0;
+  const int64_t first_in_row = first % a.seq;
+  const int32_t offset = *a.offset;
   for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
     const int64_t c = cv * VEC;
     float freq[VEC];
@@ -83,12 +102,11 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
       const int64_t i = (PAIRED || j < half) ? j : j - half;
       freq[k] = LEARNED ? 0.f : expf(static_cast<float>(i) * freq_exp);
     }
-    for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; n < a.tokens; n += token_stride) {
+    int32_t count = before;  // non-pad tokens before n in its row
+    for (int64_t n = first, in_row = first_in_row; n < end; ++n, in_row = in_row + 1 == a.seq ? 0 : in_row + 1) {
       T* out = a.y + n * h + c;
-      // All per-token loads at once: the gathers then wait for one latency.
       const int32_t id = a.ids[n];
-      const int32_t pos = a.positions[n];
-      const uint64_t tok = DROPOUT ? static_cast<uint64_t>(a.token_index[n]) : 0u;
+      if (in_row == 0) count = 0;
       float v[VEC], w[VEC];
       if (id == a.padding_id) {
 #pragma unroll
@@ -97,6 +115,7 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
         if constexpr (PAIRED) StoreFloats<T, VEC>(out + half, v);
         continue;
       }
+      const int32_t pos = offset + count++;
       const T* row = a.table + ClampRow(id, a.vocab) * h + c;
       float pv[VEC], pw[VEC];  // positional values of v's and w's columns
       LoadFloats<T, VEC>(row, v);
@@ -104,7 +123,7 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
       if constexpr (LEARNED) LoadFloats<T, VEC>(a.pos_table + ClampRow(pos, a.max_positions) * h + c, pv);
       uint32_t keep_v = 0, keep_w = 0;
       if constexpr (DROPOUT) {
-        const uint64_t e = tok * static_cast<uint64_t>(h) + c;
+        const uint64_t e = static_cast<uint64_t>(n) * h + c;
         keep_v = DropoutKeepBits<VEC>(rng, e);
         if constexpr (PAIRED) keep_w = DropoutKeepBits<VEC>(rng, e + half);
       }
@@ -215,18 +234,16 @@ __device__ __forceinline__ int2 SegmentChunks(const EmbeddingBwdArgs<T>& a, int6
 // with that segment (a counter per segment, at its first chunk), and the
 // segment's last chunk to be done adds its partials in chunk order
 // (2 first + 1, then 2p for the later chunks p) and writes its row. The
-// chunk's keys, token order and dropout token indices are read once into
-// shared memory; dy rows arrive through the thread's cp.async slots,
+// chunk's keys and token order are read once into shared memory; dy rows arrive through the thread's cp.async slots,
 // kBwdStages tokens ahead, and each token's keep bits are drawn while its
 // row is in flight.
 template <typename T, int VEC, bool DROPOUT>
 __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a) {
   using V = cuda::Vec<T, VEC>;
   __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk
-  __shared__ int32_t s_token[kEmbeddingBwdMaxChunk];
-  __shared__ uint32_t s_index[kEmbeddingBwdMaxChunk];  // token_index of each token (dropout)
-  __shared__ int2 s_cut[2];                            // chunks of the segments cut at the start, at the end
-  __shared__ bool s_adds[2];                           // whether this block adds that segment's partials
+  __shared__ int32_t s_token[kEmbeddingBwdMaxChunk];   // token of each sorted position (dy row, dropout elements)
+  __shared__ int2 s_cut[2];                             // chunks of the segments cut at the start, at the end
+  __shared__ bool s_adds[2];                            // whether this block adds that segment's partials
   __shared__ V ring[kBwdStages][kBlock];
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
@@ -241,11 +258,7 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
       const int64_t i = begin - 1 + t;
       s_key[t] = i >= 0 && i < a.tokens ? a.keys[i] : kNoKey;
     }
-    for (int t = threadIdx.x; t < len; t += blockDim.x) {
-      const int32_t n = a.order[begin + t];
-      s_token[t] = n;
-      if constexpr (DROPOUT) s_index[t] = static_cast<uint32_t>(a.token_index[n]);
-    }
+    for (int t = threadIdx.x; t < len; t += blockDim.x) s_token[t] = a.order[begin + t];
     __syncthreads();
     // The chunk's valid tokens [lo, hi): excluded keys sort before (< 0) or after (>= rows) them.
     int lo = 0, hi = len;
@@ -273,7 +286,7 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
       int run_start = lo, slot = 0;
       for (int p = lo; p < hi; ++p) {
         uint32_t keep = 0;
-        if constexpr (DROPOUT) keep = DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(s_index[p]) * h + c);
+        if constexpr (DROPOUT) keep = DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(s_token[p]) * h + c);
         cuda::CopyAsyncWait<kBwdStages - 1>();  // token p's group, the oldest, has landed
         float v[VEC];
         LoadFloats<T, VEC>(ring[slot][threadIdx.x].v, v);
@@ -388,11 +401,12 @@ __global__ void __launch_bounds__(kZeroBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T>
 // Threads per block along columns (a power of two in [32, 256]) for ncv vectors.
 int ColumnThreads(int64_t ncv) { return static_cast<int>(std::min<int64_t>(kBlock, std::max(32, NextPow2(ncv)))); }
 
-// Grid over `items` (tokens or rows) with `per_block` per block-iteration:
-// about four waves of resident blocks, the rest grid-stride.
-int64_t Grid(int64_t items, int per_block) {
+// The forward's tokens per thread row (`span`, x) and its grid (y) for `rows` thread rows per block: at most
+// about four waves of resident blocks.
+int2 ForwardSpanGrid(int64_t tokens, int rows) {
   const int64_t cap = static_cast<int64_t>(cuda::NumSMs()) * (2048 / kBlock) * 4;
-  return std::max<int64_t>(1, std::min<int64_t>(CeilDiv(items, per_block), cap));
+  const int64_t span = CeilDiv(tokens, cap * rows);
+  return make_int2(static_cast<int>(span), static_cast<int>(CeilDiv(tokens, span * rows)));
 }
 
 }  // namespace
@@ -412,11 +426,11 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   const int64_t ncv = paired ? half / vec : a.hidden / vec;
   const int tx = ColumnThreads(ncv);
   const dim3 block(tx, kBlock / tx);
-  const int64_t grid = Grid(a.tokens, kBlock / tx);
+  const int2 plan = ForwardSpanGrid(a.tokens, block.y);
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto l, auto p, auto d) {
     EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>
-        <<<grid, block, 0, stream>>>(a, freq_exp);
+        <<<plan.y, block, 0, stream>>>(a, freq_exp, plan.x);
   };
   auto by_dropout = [&](auto v, auto l, auto p) {
     if (dropout) {

@@ -2,14 +2,18 @@
 // dropout, and its deterministic backward (a sorted segment sum into the
 // table rows). Framework-free: pointers, sizes, stream.
 //
-// Forward, per token n (ids == padding_id gives an all-zero row):
-//   y[n, :] = dropout(table[clamp(ids[n])] * scale + pe(positions[n]))
+// Forward, per token n of ids [rows of `seq` tokens] (ids == padding_id gives
+// an all-zero row):
+//   y[n, :] = dropout(table[clamp(ids[n])] * scale + pe(p(n)))
+//   p(n) = offset + (number of non-pad tokens before n in its row of `seq`)
+//   (fairseq's make_positions shifted to start at offset; pads do not count)
 //   pe(p)[j] = sin(p * f_j) (j < half), cos(p * f_{j-half}) (half <= j < 2 half),
 //              0 (j = hidden - 1 when hidden is odd);  half = hidden / 2,
 //              f_i = exp(i * -(log(10000) / max(half - 1, 1)))   (fairseq layout)
 //   or pe(p) = pos_table[clamp(p)] for a learned table.
-//   Dropout element e = token_index[n] * hidden + j (flat index into the full,
-//   unsharded output; see csrc/philox.h).
+//   Dropout element e = n * hidden + j plus the rng offset (the flat index into
+//   the unsharded output when the offset is advanced to a shard's first
+//   element; see csrc/philox.h).
 // Sort (for the backward, done by the forward on request): the stable
 // ascending argsort of the tokens by key(n) = vocab for a pad, else
 // clamp(ids[n]): sorted_keys[i] = key(order[i]).
@@ -17,7 +21,8 @@
 // the token permutation (excluded tokens carry a key outside [0, rows), below
 // or above the valid ones, so the keys stay sorted):
 //   grad[r, :] = factor * sum_{i : keys[i] == r, ascending i} keep(dy[order[i], :])
-//   where keep() applies the forward's dropout mask and 1 / (1 - rate).
+//   where keep() applies the forward's dropout mask (token order[i]'s
+//   elements) and 1 / (1 - rate).
 #pragma once
 
 #include <cstddef>
@@ -31,14 +36,14 @@ namespace lsjax {
 
 template <typename T>
 struct EmbeddingFwdArgs {
-  const int32_t* ids;          // [tokens]
-  const int32_t* positions;    // [tokens] position index of each token
-  const int32_t* token_index;  // [tokens] global flat token index; read only when rate > 0
-  const uint32_t* rng;         // uint32[4]; read only when rate > 0
-  const T* table;              // [vocab, hidden]
-  const T* pos_table;          // [max_positions, hidden]; nullptr: sinusoidal positions
-  T* y;                        // [tokens, hidden]
+  const int32_t* ids;     // [tokens]: rows of `seq` tokens
+  const int32_t* offset;  // int32[1]: the position of each row's first non-pad token
+  const uint32_t* rng;    // uint32[4]; read only when rate > 0
+  const T* table;         // [vocab, hidden]
+  const T* pos_table;     // [max_positions, hidden]; nullptr: sinusoidal positions
+  T* y;                   // [tokens, hidden]
   int64_t tokens;
+  int64_t seq;  // tokens per row (positions restart at each row)
   int64_t hidden;
   int64_t vocab;
   int64_t max_positions;
@@ -61,15 +66,14 @@ constexpr int64_t kEmbeddingBwdMaxChunk = 64;
 
 template <typename T>
 struct EmbeddingBwdArgs {
-  const T* dy;                 // [tokens, hidden]
-  const int32_t* keys;         // [tokens] sorted ascending (those outside [0, rows) skipped)
-  const int32_t* order;        // [tokens] token of each sorted key
-  const int32_t* token_index;  // [tokens] (by token, not sorted); read only when rate > 0
-  const uint32_t* rng;         // uint32[4]; read only when rate > 0
-  T* grad;                     // [rows, hidden], every element written
-  float* partials;             // CUDA only: workspace float32 [2 * ceil(tokens / chunk), hidden]
-  uint32_t* counters;          // CUDA only: workspace uint32 [ceil(tokens / chunk)], chunks done per cut segment
-  int64_t chunk;               // CUDA only: sorted tokens per block, in [1, kEmbeddingBwdMaxChunk]
+  const T* dy;           // [tokens, hidden]
+  const int32_t* keys;   // [tokens] sorted ascending (those outside [0, rows) skipped)
+  const int32_t* order;  // [tokens] token of each sorted key
+  const uint32_t* rng;   // uint32[4]; read only when rate > 0
+  T* grad;               // [rows, hidden], every element written
+  float* partials;       // CUDA only: workspace float32 [2 * ceil(tokens / chunk), hidden]
+  uint32_t* counters;    // CUDA only: workspace uint32 [ceil(tokens / chunk)], chunks done per cut segment
+  int64_t chunk;         // CUDA only: sorted tokens per block, in [1, kEmbeddingBwdMaxChunk]
   int64_t tokens;
   int64_t hidden;
   int64_t rows;

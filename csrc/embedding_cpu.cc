@@ -28,17 +28,20 @@ void EmbeddingFwdCpu(const EmbeddingFwdArgs<T>& a) {
   for (int64_t i = 0; i < half; ++i) freq[i] = std::exp(static_cast<float>(i) * c);
   const bool dropout = a.rate > 0.f;
   const DropoutRng rng = dropout ? MakeDropoutRng(a.rng, a.rate) : DropoutRng{};
+  int32_t before = 0;  // non-pad tokens before n in its row
   for (int64_t n = 0; n < a.tokens; ++n) {
     T* out = a.y + n * h;
     const int32_t id = a.ids[n];
+    if (n % a.seq == 0) before = 0;
     if (id == a.padding_id) {
       for (int64_t j = 0; j < h; ++j) out[j] = FromFloat<T>(0.f);
       continue;
     }
+    const int32_t pos = *a.offset + before++;
     const T* row = a.table + Clamp(id, a.vocab) * h;
-    const T* pos_row = a.pos_table ? a.pos_table + Clamp(a.positions[n], a.max_positions) * h : nullptr;
-    const float p = static_cast<float>(a.positions[n]);
-    const uint64_t e0 = dropout ? static_cast<uint64_t>(a.token_index[n]) * h : 0;
+    const T* pos_row = a.pos_table ? a.pos_table + Clamp(pos, a.max_positions) * h : nullptr;
+    const float p = static_cast<float>(pos);
+    const uint64_t e0 = static_cast<uint64_t>(n) * h;
     for (int64_t j = 0; j < h; ++j) {
       float pe;
       if (pos_row) {
@@ -71,7 +74,7 @@ void EmbeddingBwdCpu(const EmbeddingBwdArgs<T>& a) {
     const int64_t n = a.order[i];
     const T* g = a.dy + n * h;
     float* dst = acc.data() + r * h;
-    const uint64_t e0 = dropout ? static_cast<uint64_t>(a.token_index[n]) * h : 0;
+    const uint64_t e0 = static_cast<uint64_t>(n) * h;
     for (int64_t j = 0; j < h; ++j) {
       float v = ToFloat(g[j]);
       if (dropout) v = rng.Keep(e0 + j) ? v * rng.scale : 0.f;

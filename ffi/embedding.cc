@@ -1,12 +1,14 @@
 // XLA FFI handlers for the embedding op: decode and check buffers, dispatch
 // dtype, call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
-//   embedding_fwd      (ids, positions, token_index, rng, table, pos_table) -> y
-//   embedding_sort_fwd (ids, positions, token_index, rng, table, pos_table) -> (y, sorted_keys, order,
+//   embedding_fwd      (ids, offset, rng, table, pos_table) -> y
+//   embedding_sort_fwd (ids, offset, rng, table, pos_table) -> (y, sorted_keys, order,
 //                      workspace: uint8 [lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab)], CUDA only)
-//   embedding_bwd      (dy, keys, order, token_index, rng) -> (grad, CUDA workspace:
+//   embedding_bwd      (dy, keys, order, rng) -> (grad, CUDA workspace:
 //                      partials: float32 [2 * ceil(tokens / chunk), H], counters: uint32 [ceil(tokens / chunk)])
-// ids, positions, token_index, keys, order: int32 [...] (same element count:
-// tokens); rng: uint32[4] (read only when rate > 0); table: [vocab, H],
+// ids: int32 [..., seq] (positions count each row of seq from offset: int32[1]);
+// keys, order: int32 [...] (same element count: tokens); rng: uint32[4] (read
+// only when rate > 0; dropout element of token n, column j: n * H + j plus the
+// rng offset); table: [vocab, H],
 // pos_table: [max_positions, H] learned positions or [0, H] (sinusoidal),
 // y/dy: [..., H], grad: [rows, H], all of one float dtype. sorted_keys, order:
 // int32 [tokens], the backward's stable sort of the tokens by row, done with
@@ -49,9 +51,8 @@ xffi::Error CheckRows(const char* op, const Buf& b, int64_t tokens, int64_t hidd
 
 // run(args, sort): sort is null without the sort outputs (sorted_keys, order).
 template <typename Types, typename Run>
-xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table,
-                Buf pos_table, Res y, Res* sorted_keys, Res* order, float scale, float rate,
-                int32_t padding_id) {
+xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y,
+                Res* sorted_keys, Res* order, float scale, float rate, int32_t padding_id) {
   const int64_t tokens = static_cast<int64_t>(ids.element_count());
   if (sorted_keys) {
     if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
@@ -59,10 +60,8 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
     if (auto e = CheckIndex(op, **order, tokens, "order"); e.failure()) return e;
   }
   if (auto e = CheckIndex(op, ids, tokens, "ids"); e.failure()) return e;
-  if (auto e = CheckIndex(op, positions, tokens, "positions"); e.failure()) return e;
-  if (rate > 0.f) {
-    if (auto e = CheckIndex(op, token_index, tokens, "token_index"); e.failure()) return e;
-  }
+  if (auto e = Expect(ids.dimensions().size() >= 1, op, "ids must be [..., seq]"); e.failure()) return e;
+  if (auto e = CheckIndex(op, offset, 1, "offset"); e.failure()) return e;
   if (auto e = CheckRng(op, rng, rate); e.failure()) return e;
   if (auto e = Expect(table.dimensions().size() == 2 && table.dimensions()[0] >= 1, op,
                       "table must be [vocab >= 1, hidden]");
@@ -83,13 +82,13 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
     using T = typename decltype(tag)::type;
     const bool dropout = rate > 0.f;
     EmbeddingFwdArgs<T> a{In<int32_t>(ids),
-                          In<int32_t>(positions),
-                          dropout ? In<int32_t>(token_index) : nullptr,
+                          In<int32_t>(offset),
                           dropout ? In<uint32_t>(rng) : nullptr,
                           In<T>(table),
                           learned ? In<T>(pos_table) : nullptr,
                           Out<T>(y),
                           tokens,
+                          ids.dimensions().back(),
                           hidden,
                           table.dimensions()[0],
                           pos_table.dimensions()[0],
@@ -104,15 +103,12 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf positions, Buf token_ind
 }
 
 template <typename Types, typename Run>
-xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad,
-                Res partials, Res counters, float factor, float rate, int32_t chunk) {
+xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf rng, Res grad, Res partials,
+                Res counters, float factor, float rate, int32_t chunk) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
   if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
   if (auto e = CheckIndex(op, keys, tokens, "keys"); e.failure()) return e;
-  if (rate > 0.f) {
-    if (auto e = CheckIndex(op, token_index, tokens, "token_index"); e.failure()) return e;
-  }
   if (auto e = CheckRng(op, rng, rate); e.failure()) return e;
   if (auto e = Expect(grad->dimensions().size() == 2 && grad->element_type() == dy.element_type(), op,
                       "grad must be [rows, hidden] in dy's dtype");
@@ -141,7 +137,6 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf toke
     EmbeddingBwdArgs<T> a{In<T>(dy),
                           In<int32_t>(keys),
                           In<int32_t>(order),
-                          dropout ? In<int32_t>(token_index) : nullptr,
                           dropout ? In<uint32_t>(rng) : nullptr,
                           Out<T>(grad),
                           Out<float>(partials),
@@ -176,7 +171,6 @@ auto FwdArgs(B b) {
       .template Arg<Buf>()
       .template Arg<Buf>()
       .template Arg<Buf>()
-      .template Arg<Buf>()
       .template Arg<Buf>();
 }
 template <typename B>
@@ -187,31 +181,29 @@ auto FwdAttrs(B b) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCpuHandler,
-    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate,
-       int32_t padding_id) {
-      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, positions, token_index, rng, table, pos_table, y,
-                           nullptr, nullptr, scale, rate, padding_id);
+    [](Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate, int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, offset, rng, table, pos_table, y, nullptr, nullptr, scale,
+                           rate, padding_id);
     },
     FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingSortFwdCpuHandler,
-    [](Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys,
-       Res order, Res /*workspace: CUDA only*/, float scale, float rate, int32_t padding_id) {
-      return Fwd<CpuTypes>("embedding_sort_fwd", RunFwdCpu, ids, positions, token_index, rng, table, pos_table, y,
-                           &sorted_keys, &order, scale, rate, padding_id);
+    [](Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys, Res order,
+       Res /*workspace: CUDA only*/, float scale, float rate, int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_sort_fwd", RunFwdCpu, ids, offset, rng, table, pos_table, y, &sorted_keys,
+                           &order, scale, rate, padding_id);
     },
     FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
-    [](Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials, Res counters, float factor,
-       float rate, int32_t chunk) {
-      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, token_index, rng, grad, partials, counters,
-                           factor, rate, chunk);
+    [](Buf dy, Buf keys, Buf order, Buf rng, Res grad, Res partials, Res counters, float factor, float rate,
+       int32_t chunk) {
+      return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, rng, grad, partials, counters, factor, rate,
+                           chunk);
     },
     xffi::Ffi::Bind()
-        .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
@@ -247,32 +239,31 @@ auto RunBwdCuda(cudaStream_t stream) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCudaHandler,
-    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y,
-       float scale, float rate, int32_t padding_id) {
-      return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream, nullptr), ids, positions, token_index, rng, table,
-                            pos_table, y, nullptr, nullptr, scale, rate, padding_id);
+    [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate,
+       int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream, nullptr), ids, offset, rng, table, pos_table, y,
+                            nullptr, nullptr, scale, rate, padding_id);
     },
     FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>()), {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingSortFwdCudaHandler,
-    [](cudaStream_t stream, Buf ids, Buf positions, Buf token_index, Buf rng, Buf table, Buf pos_table, Res y,
-       Res sorted_keys, Res order, Res workspace, float scale, float rate, int32_t padding_id) {
-      return Fwd<CudaTypes>("embedding_sort_fwd", RunFwdCuda(stream, &workspace), ids, positions, token_index, rng,
-                            table, pos_table, y, &sorted_keys, &order, scale, rate, padding_id);
+    [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys,
+       Res order, Res workspace, float scale, float rate, int32_t padding_id) {
+      return Fwd<CudaTypes>("embedding_sort_fwd", RunFwdCuda(stream, &workspace), ids, offset, rng, table,
+                            pos_table, y, &sorted_keys, &order, scale, rate, padding_id);
     },
     FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
-    [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf token_index, Buf rng, Res grad, Res partials,
-       Res counters, float factor, float rate, int32_t chunk) {
-      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, token_index, rng, grad, partials,
-                            counters, factor, rate, chunk);
+    [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf rng, Res grad, Res partials, Res counters,
+       float factor, float rate, int32_t chunk) {
+      return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, rng, grad, partials, counters,
+                            factor, rate, chunk);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
-        .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()
         .Arg<Buf>()

@@ -179,10 +179,9 @@ def test_forward_sorts_tokens_for_the_backward(rng, backend, vocab):
 
     ids = _ids(rng, 7, 300, vocab)
     table = normal(rng, (vocab, 8), jnp.bfloat16)
-    pos = token_positions(ids, PAD)
     with ops.use_backend(backend):
-        _, keys, order = jax.jit(lambda i, p: _forward_call(table, None, i, p, np.zeros(4, np.uint32),
-                                                            (1.0, 0.0, PAD, backend), sort=True))(ids, pos)
+        _, keys, order = jax.jit(lambda i: _forward_call(table, None, i, np.zeros(1, np.int32), np.zeros(4, np.uint32),
+                                                         (1.0, 0.0, PAD, backend), sort=True))(ids)
     row = np.where(np.asarray(ids) != PAD, np.asarray(ids), vocab).ravel()
     expected = np.argsort(row, kind="stable")
     np.testing.assert_array_equal(np.asarray(order).ravel(), expected)
@@ -201,7 +200,7 @@ def test_backward_skips_keys_outside_the_rows(rng, backend):
     order = rng.permutation(tokens).astype(np.int32)
     dy = normal(rng, (tokens, hidden))
     like = jnp.zeros((rows, hidden))
-    grad = jax.jit(lambda k, o, d: _segment_sum_local(2.0, 0.0, backend, k, o, d, o, np.zeros(4, np.uint32), like))(
+    grad = jax.jit(lambda k, o, d: _segment_sum_local(2.0, 0.0, backend, k, o, d, np.zeros(4, np.uint32), like))(
         keys, order, dy)
     expected = np.zeros((rows, hidden), np.float32)
     valid = (keys >= 0) & (keys < rows)

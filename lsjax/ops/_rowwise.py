@@ -52,15 +52,18 @@ the table's axes), which looks up only the table rows it owns and combines
 across ``shard.axes`` itself; ``TABLE_SUM`` results are then local
 ``[vocab / count, ...]`` blocks, still ``psum``-ed over the row axes only.
 
-Dropout: an op with an ``RNG`` operand gets one more static argument after its
-own, ``row_stride`` (the global last dim ``H``), for its kernel to draw element
-``(r, c)`` of its local block at Philox index ``offset + r * row_stride + c``.
-Under a mesh it keeps only the leading row dim sharded (others are gathered;
-the last dim stays sharded if the op is ``elementwise``), and the block in row
-shard ``i`` and column block ``j`` (width ``h``) adds ``i * local_rows * H + j
-* h`` to the ``RNG`` offset: every element draws its index ``row * H + column``
-in the global ``[rows, H]`` view, exactly the unsharded mask, for the forward
-and the backward alike.
+Dropout: a kernel with an ``RNG`` operand draws element ``(r, c)`` of its
+local ``[rows, H]`` block (the first ``ROWS`` operand's, else result's) at
+Philox index ``offset + r * row_stride + c``, with ``row_stride`` the global
+last dim ``H``. Only an ``elementwise`` op's last dim can be sharded, so only
+such an op gets ``row_stride`` as one more static argument after its own; any
+other op's stride is its local last dim. Under a mesh an op with an ``RNG``
+operand keeps only the leading row dim sharded (others are gathered; the last
+dim stays sharded if the op is ``elementwise``), and the block in row shard
+``i`` and column block ``j`` (width ``h``) adds ``i * local_rows * H + j * h``
+to the ``RNG`` offset: every element draws its index ``row * H + column`` in
+the global ``[rows, H]`` view, exactly the unsharded mask, for the forward and
+the backward alike.
 """
 
 from __future__ import annotations
@@ -227,10 +230,11 @@ def _advance(rng: jax.Array, index: jax.Array, step: int) -> jax.Array:
     return jnp.stack([rng[0], rng[1], new_lo, new_hi])
 
 
-def _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh):
+def _shift_rng(arrays, in_kinds, out_kinds, arg_shapes, result_shape, row_spec, last, mesh):
     """Advances every RNG operand's offset to this block's first element:
     ``row_shard * local_rows * H + column_block * h`` (module docstring)."""
-    ref = next(r for r, k in zip(jax.tree.leaves(result_shape), out_kinds) if k == ROWS)
+    shapes = [*zip(arg_shapes, in_kinds), *zip(jax.tree.leaves(result_shape), out_kinds)]
+    ref = next(s for s, k in shapes if k == ROWS)
     row_step = int(np.prod(ref.shape, dtype=np.int64)) // _count(row_spec, mesh)  # local_rows * H
     col_step = ref.shape[-1] // _count((last,), mesh)  # h
     out = list(arrays)
@@ -288,7 +292,7 @@ def _make_partitioned(local_fn: Callable, in_kinds: tuple, out_kinds: tuple, n_s
 
         def lower(*arrays):
             if RNG in in_kinds and (axes or last_axes):
-                arrays = _shift_rng(arrays, in_kinds, out_kinds, result_shape, row_spec, last, mesh)
+                arrays = _shift_rng(arrays, in_kinds, out_kinds, arg_shapes, result_shape, row_spec, last, mesh)
             if last_axes and split_last:
                 outs = split_last(_dim_shard(last, mesh), *static, *arrays)
             elif mesh_axes((table,)):
@@ -318,8 +322,8 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
     """Decorator: make ``local_fn(*static, *arrays)`` shard- and vmap-aware.
 
     ``static`` are hashable trace-time constants (attributes, dtypes). The
-    returned function takes ``(*static, *arrays)``; with an ``RNG`` operand
-    ``local_fn`` takes ``(*static, row_stride, *arrays)``. ``split_last(shard,
+    returned function takes ``(*static, *arrays)``; an ``elementwise`` op
+    with an ``RNG`` operand has ``local_fn(*static, row_stride, *arrays)``. ``split_last(shard,
     *static, *arrays)``, if given, runs instead of ``local_fn`` when the last
     dim of the ``ROWS`` operands is sharded; ``elementwise`` runs ``local_fn``
     on such blocks as they are; ``split_table(shard, *static, *arrays)``
@@ -341,7 +345,7 @@ def rowwise(in_kinds: Sequence[str], out_kinds: Sequence[str], n_static: int = 0
     if elementwise and not set(out_kinds) <= {ROWS, COL_SUM}:
         raise ValueError(f"rowwise: an elementwise op's results must be ROWS or COL_SUM (the others would "
                          f"be partial over a sharded last dim), got {out_kinds}")
-    with_stride = RNG in in_kinds
+    with_stride = RNG in in_kinds and elementwise
 
     def wrap(local_fn: Callable) -> Callable:
         partitioned = _make_partitioned(local_fn, in_kinds, out_kinds, n_static + with_stride, split_last,

@@ -4,9 +4,9 @@
 Backends: ``"xla"`` runs :func:`embedding_reference`; ``"cpu_ffi"``/``"cuda"``
 run the FFI targets ``lsjax_embedding_fwd_{cpu,cuda}`` (and, under autodiff,
 ``lsjax_embedding_sort_fwd_*``) and ``lsjax_embedding_bwd_*`` under a
-``jax.custom_vjp`` that saves only int32 per-token arrays: the ids, the token
-positions, and the tokens stably sorted by table row (keys and order, for the
-backward's segment sum), plus the ``uint32[4]`` dropout operand (the backward
+``jax.custom_vjp`` that saves only int32 per-token arrays: the ids and the
+tokens stably sorted by table row (keys and order, for the backward's segment
+sum), plus the ``int32[1]`` offset and the ``uint32[4]`` dropout operand (the backward
 regenerates the dropout mask: it runs at the same speed without dropout, so
 storing mask bits would not pay). The sort is done by the forward: on CUDA by
 CUB on a second stream while the forward kernel runs (the sort is a chain of
@@ -27,13 +27,18 @@ Sinusoids use fairseq's layout: with ``half = hidden // 2`` and
 ``sin(p * f_i)``, columns ``[half, 2 half)`` are ``cos(p * f_i)``, and the last
 column is 0 when ``hidden`` is odd. They are computed in the kernel (no table).
 
-Sharding (``lsjax.ops._rowwise``): ids and the int32 positions/token indices
-are ``STATS``, the output ``ROWS``, the token table a ``TABLE`` (vocab-parallel,
-below), a learned position table a replicated ``PARAM``, and the gradients
-``TABLE_SUM`` (``psum`` over the row shards). Positions are a cumulative sum
-computed in jnp before the kernel, and the dropout element index comes from a
-global flat token index operand (the ``uint32[4]`` rng operand is a replicated
-``PARAM``), so every shard reproduces the unsharded output and mask exactly.
+The kernels count the positions themselves (a running count of each row's
+non-pad tokens from the ``offset`` operand), and draw the dropout bits of token
+``n``'s column ``j`` at Philox element ``n * hidden + j``: no per-token
+operand besides the ids.
+
+Sharding (``lsjax.ops._rowwise``): ids are ``STATS``, the output ``ROWS``, the
+token table a ``TABLE`` (vocab-parallel, below), the offset and a learned
+position table replicated ``PARAM``-s, and the gradients ``TABLE_SUM``
+(``psum`` over the row shards). The dropout operand is an ``RNG``: only the
+batch dim stays sharded (whole rows, so each shard counts its own rows'
+positions) and each shard's Philox offset is advanced to its first element,
+so every shard reproduces the unsharded output and mask exactly.
 
 Vocab-parallel (Megatron's ``VocabParallelEmbedding``): when the token table
 is sharded over its vocab dim (by mesh axes that do not shard the ids), it is
@@ -60,7 +65,7 @@ import numpy as np
 from lsjax.ops import backend as _backend
 from lsjax.ops._checks import check_float, check_rank, static_scale
 from lsjax.ops._philox import check_rate, dropout_mask, no_rng, rng_operand
-from lsjax.ops._rowwise import CALL_STATS, PARAM, ROWS, STATS, TABLE, TABLE_SUM, DimShard, rowwise
+from lsjax.ops._rowwise import CALL_STATS, PARAM, RNG, ROWS, STATS, TABLE, TABLE_SUM, DimShard, rowwise
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -221,7 +226,7 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
         return embedding_reference(ids, table, **kw)
     hidden = table.shape[1]
     ids = jnp.asarray(ids).astype(_I32)
-    pos = token_positions(ids, padding_id, offset)
+    offset = jnp.asarray(offset, _I32).reshape(1)
     dropout = rate > 0 and key is not None
     rng = rng_operand(key) if dropout else no_rng()
     learned = not isinstance(positions, str)
@@ -232,7 +237,7 @@ def embedding(ids: jax.Array, table: jax.Array, *, scale: float | None = None,
         padding_id,
         backend,
     )
-    return _embedding_ffi(table, pos_table, ids, pos, rng, static)
+    return _embedding_ffi(table, pos_table, ids, offset, rng, static)
 
 
 # ------------------------------------------------------------- FFI path --
@@ -250,7 +255,7 @@ def _row_keys(index: jax.Array, nonpad: jax.Array, rows: int) -> jax.Array:
     return jnp.where(nonpad, jnp.clip(index, 0, rows - 1), np.int32(rows)).astype(_I32)
 
 
-def _fwd_local(scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table, pos_table):
+def _fwd_local(scale, rate, padding_id, backend, sort, ids, offset, rng, table, pos_table):
     """The forward kernel on local blocks; ``pos_table``: a learned one, or ``[0, hidden]`` (sinusoidal).
 
     With ``sort`` it also returns the backward's stable sort of the tokens by
@@ -260,12 +265,12 @@ def _fwd_local(scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table
     attrs = _attrs(scale, rate, padding_id)
     if not sort:
         return jax.ffi.ffi_call(_backend.ffi_target("embedding_fwd", backend), _out_shape(ids, table))(
-            ids, pos, tok, rng, table, pos_table, **attrs)
+            ids, offset, rng, table, pos_table, **attrs)
     index = jax.ShapeDtypeStruct(ids.shape, _I32)
     workspace = jax.ShapeDtypeStruct((_sort_workspace_bytes(backend, ids.size, table.shape[0]),), jnp.uint8)
     y, keys, order, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_sort_fwd", backend),
                                          (_out_shape(ids, table), index, index, workspace))(
-        ids, pos, tok, rng, table, pos_table, **attrs)
+        ids, offset, rng, table, pos_table, **attrs)
     return y, keys, order
 
 
@@ -279,8 +284,7 @@ def _sort_workspace_bytes(backend: str, tokens: int, vocab: int) -> int:
     return int(_ffi.embedding_sort_workspace_bytes(tokens, vocab))
 
 
-def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table,
-                        pos_table):
+def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort, ids, offset, rng, table, pos_table):
     """The forward on a ``[vocab / shard.count, hidden]`` table block (module doc); the sort (by the global
     row, the same on every block) is XLA's here."""
     block = table.shape[0]
@@ -289,7 +293,7 @@ def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort,
     picked = jnp.take(table, jnp.clip(local, 0, block - 1).reshape(-1), axis=0)
     rows = jax.lax.psum(jnp.where(owned.reshape(-1, 1), picked, jnp.zeros((), table.dtype)), shard.axes)
     own = jnp.where(ids != padding_id, jnp.arange(ids.size, dtype=_I32).reshape(ids.shape), _NO_ROW)
-    y = _fwd_local(scale, rate, int(_NO_ROW), backend, False, own, pos, tok, rng, rows, pos_table)
+    y = _fwd_local(scale, rate, int(_NO_ROW), backend, False, own, offset, rng, rows, pos_table)
     if not sort:
         return y
     keys, order = _stable_sort_by_key(_row_keys(ids, ids != padding_id, vocab).reshape(-1), vocab)
@@ -297,13 +301,13 @@ def _fwd_vocab_parallel(shard: DimShard, scale, rate, padding_id, backend, sort,
 
 
 # Without and with the sort (whose results describe the whole local call: CALL_STATS).
-_FORWARD = {sort: rowwise([STATS, STATS, STATS, PARAM, TABLE, PARAM],
+_FORWARD = {sort: rowwise([STATS, PARAM, RNG, TABLE, PARAM],
                           [ROWS, CALL_STATS, CALL_STATS] if sort else [ROWS],
                           n_static=5, split_table=_fwd_vocab_parallel)(_fwd_local)
             for sort in (False, True)}
 
 
-def _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like):
+def _segment_sum_local(factor, rate, backend, keys, order, dy, rng, like):
     """``like.shape``: sum of ``dy`` (dropout-masked) over the tokens of each row, times factor.
 
     ``keys``/``order``: the tokens' rows sorted stably ascending and the token
@@ -319,7 +323,7 @@ def _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like):
            jax.ShapeDtypeStruct((2 * chunks, hidden), jnp.float32),
            jax.ShapeDtypeStruct((chunks,), jnp.uint32))
     grad, _, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
-        dy, keys.reshape(-1), order.reshape(-1), tok, rng, factor=np.float32(factor), rate=np.float32(rate),
+        dy, keys.reshape(-1), order.reshape(-1), rng, factor=np.float32(factor), rate=np.float32(rate),
         chunk=np.int32(chunk))
     return grad
 
@@ -356,68 +360,61 @@ def _block_keys(shard: DimShard, keys: jax.Array, rows: int) -> jax.Array:
     return jnp.clip(local, -1, rows).astype(_I32)
 
 
-def _segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, keys, order, dy, tok, rng, like):
+def _segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, keys, order, dy, rng, like):
     """The gradient block of a ``[rows / shard.count, hidden]`` table block: its own keys only."""
     keys = _block_keys(shard, keys, like.shape[0])
-    return _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like)
+    return _segment_sum_local(factor, rate, backend, keys, order, dy, rng, like)
 
 
-def _sort_segment_sum_local(factor, rate, backend, keys, dy, tok, rng, like):
+def _sort_segment_sum_local(factor, rate, backend, keys, dy, rng, like):
     """:func:`_segment_sum_local` of unsorted ``keys`` (int32 in ``[0, rows]``): sorted here, by XLA."""
     keys, order = _stable_sort_by_key(keys.reshape(-1), like.shape[0])
-    return _segment_sum_local(factor, rate, backend, keys, order, dy, tok, rng, like)
+    return _segment_sum_local(factor, rate, backend, keys, order, dy, rng, like)
 
 
-def _sort_segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, keys, dy, tok, rng, like):
+def _sort_segment_sum_vocab_parallel(shard: DimShard, factor, rate, backend, keys, dy, rng, like):
     keys = _block_keys(shard, keys, like.shape[0])
-    return _sort_segment_sum_local(factor, rate, backend, keys, dy, tok, rng, like)
+    return _sort_segment_sum_local(factor, rate, backend, keys, dy, rng, like)
 
 
 # Sorted by the forward: the sorted keys come first, so their row sharding (the
 # forward's) decides the partitioning and dy follows it.
-_segment_sum = rowwise([CALL_STATS, CALL_STATS, ROWS, STATS, PARAM, TABLE], [TABLE_SUM], n_static=3,
+_segment_sum = rowwise([CALL_STATS, CALL_STATS, ROWS, RNG, TABLE], [TABLE_SUM], n_static=3,
                        split_table=_segment_sum_vocab_parallel)(_segment_sum_local)
-_sort_segment_sum = rowwise([STATS, ROWS, STATS, PARAM, TABLE], [TABLE_SUM], n_static=3,
+_sort_segment_sum = rowwise([STATS, ROWS, RNG, TABLE], [TABLE_SUM], n_static=3,
                             split_table=_sort_segment_sum_vocab_parallel)(_sort_segment_sum_local)
 
 
-def _token_index(ids, rate, pos):
-    """Global flat token index (dropout element = index * hidden + column); a stand-in when unused."""
-    if rate == 0.0:
-        return pos
-    return jnp.arange(ids.size, dtype=_I32).reshape(ids.shape)
+def _embedding_ffi(table, pos_table, ids, offset, rng, static):
+    return _embedding_ffi_vjp(table, pos_table, ids, offset, rng, static)
 
 
-def _embedding_ffi(table, pos_table, ids, pos, rng, static):
-    return _embedding_ffi_vjp(table, pos_table, ids, pos, rng, static)
-
-
-def _forward_call(table, pos_table, ids, pos, rng, static, sort: bool):
+def _forward_call(table, pos_table, ids, offset, rng, static, sort: bool):
+    """The forward target on int32 ``ids`` ``[batch, seq]``, ``offset`` ``int32[1]``, ``rng`` ``uint32[4]``."""
     scale, rate, padding_id, backend = static
-    tok = _token_index(ids, rate, pos)
     if pos_table is None:
         pos_table = jnp.zeros((0, table.shape[1]), table.dtype)
-    return _FORWARD[sort](scale, rate, padding_id, backend, sort, ids, pos, tok, rng, table, pos_table)
+    return _FORWARD[sort](scale, rate, padding_id, backend, sort, ids, offset, rng, table, pos_table)
 
 
-def _ffi_fwd(table, pos_table, ids, pos, rng, static):
-    y, keys, order = _forward_call(table, pos_table, ids, pos, rng, static, sort=True)
+def _ffi_fwd(table, pos_table, ids, offset, rng, static):
+    y, keys, order = _forward_call(table, pos_table, ids, offset, rng, static, sort=True)
     # The tables are saved for their shapes and shardings (params: no copy).
-    return y, (table, pos_table, ids, pos, rng, keys, order)
+    return y, (table, pos_table, ids, offset, rng, keys, order)
 
 
 def _ffi_bwd(static, saved, dy):
     scale, rate, padding_id, backend = static
-    table, pos_table, ids, pos, rng, keys, order = saved
-    tok = _token_index(ids, rate, pos)
-    dtable = _segment_sum(scale, rate, backend, keys, order, dy, tok, rng, table)
+    table, pos_table, ids, offset, rng, keys, order = saved
+    dtable = _segment_sum(scale, rate, backend, keys, order, dy, rng, table)
     dpos = None
     if pos_table is not None:
+        pos = token_positions(ids, padding_id, offset[0])
         pkeys = _row_keys(pos, ids != padding_id, pos_table.shape[0])
-        dpos = _sort_segment_sum(1.0, rate, backend, pkeys, dy, tok, rng, pos_table)
+        dpos = _sort_segment_sum(1.0, rate, backend, pkeys, dy, rng, pos_table)
     return dtable, dpos, None, None, None
 
 
-_embedding_ffi_vjp = jax.custom_vjp(lambda table, pos_table, ids, pos, rng, static: _forward_call(
-    table, pos_table, ids, pos, rng, static, sort=False), nondiff_argnums=(5,))
+_embedding_ffi_vjp = jax.custom_vjp(lambda table, pos_table, ids, offset, rng, static: _forward_call(
+    table, pos_table, ids, offset, rng, static, sort=False), nondiff_argnums=(5,))
 _embedding_ffi_vjp.defvjp(_ffi_fwd, _ffi_bwd)
