@@ -1,10 +1,9 @@
 // CUDA embedding (forward and backward).
 //
-// Forward: a 2-D block (column vectors x thread rows); each thread owns fixed
-// 16-byte column vectors and walks a contiguous span of tokens, so the
-// sinusoid frequencies exp(i * c) are computed once per thread, and each
-// token's position is a running count of the non-pad tokens of its row (only
-// the span's first token counts the ids before it). Table/position rows are
+// Forward: RowPositions counts each token's position (a warp per row, ballots
+// over its ids), then EmbFwd: a 2-D block (column vectors x tokens); each
+// thread owns fixed 16-byte column vectors and walks tokens grid-stride, so
+// the sinusoid frequencies exp(i * c) are computed once per thread. Table/position rows are
 // gathered with 16-byte loads, math is float32 in registers, one 16-byte store.
 // With sinusoidal positions and hidden/2 a multiple of the vector width a
 // thread owns column vector c of the sin half and the same vector of the cos
@@ -65,41 +64,48 @@ __device__ __forceinline__ int64_t ClampRow(int64_t v, int64_t rows) {
 
 // ---------------------------------------------------------------- forward --
 
-// Non-pad tokens before token n in its row of `seq`: ids[row start .. n), read by the calling warp (all of its
-// lanes, with the same n) 4 x 32 at a time (four loads in flight per lane), counted by ballots.
-__device__ __forceinline__ int32_t NonPadBefore(const int32_t* ids, int64_t n, int64_t seq, int32_t padding_id) {
+// Each token's position (EmbeddingFwdArgs::positions): a warp per row of seq, the row's ids read 8 x 32 at a
+// time (eight loads in flight per lane) and counted by ballots. A pad gets the position the next non-pad
+// token would have (unused).
+__global__ void __launch_bounds__(kBlock) RowPositions(const int32_t* ids, const int32_t* offset, int32_t* positions,
+                                                       int64_t rows, int64_t seq, int32_t padding_id) {
+  constexpr int kLoads = 8;
   const int lane = threadIdx.x & 31;
-  int32_t count = 0;
-  for (int64_t j = n - n % seq; j < n; j += 4 * 32) {
-    bool nonpad[4];
+  const uint32_t before_lane = (1u << lane) - 1;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const int32_t* row = ids + r * seq;
+    int32_t* out = positions + r * seq;
+    int32_t count = *offset;
+    for (int64_t j0 = 0; j0 < seq; j0 += kLoads * 32) {
+      bool nonpad[kLoads];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int64_t i = j + 32 * u + lane;
-      nonpad[u] = i < n && ids[i] != padding_id;
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t j = j0 + 32 * u + lane;
+        nonpad[u] = j < seq && row[j] != padding_id;
+      }
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int64_t j = j0 + 32 * u + lane;
+        const uint32_t bits = __ballot_sync(~0u, nonpad[u]);
+        if (j < seq) out[j] = count + __popc(bits & before_lane);
+        count += __popc(bits);
+      }
     }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) count += __popc(__ballot_sync(~0u, nonpad[u]));
   }
-  return count;
 }
 
 // LEARNED: positions from pos_table. PAIRED (sinusoidal only, hidden even,
 // half % VEC == 0): column vector cv covers [cv*VEC, +VEC) and the same
-// columns + half. Thread row y of block b walks tokens [(b * blockDim.y + y) * span, +span) in order,
-// counting the non-pad tokens of the current row as it goes.
+// columns + half.
 template <typename T, int VEC, bool LEARNED, bool PAIRED, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp, int64_t span) {
+__global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp) {
   const int64_t h = a.hidden;
   const int64_t half = h / 2;
   const int64_t ncv = PAIRED ? half / VEC : h / VEC;
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
-  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * span;
-  const int64_t end = first + span < a.tokens ? first + span : a.tokens;
-  // A warp is one thread row (blockDim.x is a multiple of 32), all of it here.
-  const int32_t before = first < end ? NonPadBefore(a.ids, first, a.seq, a.padding_id) : 0;
-  const int64_t first_in_row = first % a.seq;
-  const int32_t offset = *a.offset;
+  const int64_t token_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
     const int64_t c = cv * VEC;
     float freq[VEC];
@@ -109,11 +115,11 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
       const int64_t i = (PAIRED || j < half) ? j : j - half;
       freq[k] = LEARNED ? 0.f : expf(static_cast<float>(i) * freq_exp);
     }
-    int32_t count = before;  // non-pad tokens before n in its row
-    for (int64_t n = first, in_row = first_in_row; n < end; ++n, in_row = in_row + 1 == a.seq ? 0 : in_row + 1) {
+    for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; n < a.tokens; n += token_stride) {
       T* out = a.y + n * h + c;
+      // Both per-token loads at once: the gathers then wait for one latency.
       const int32_t id = a.ids[n];
-      if (in_row == 0) count = 0;
+      const int32_t pos = a.positions[n];
       float v[VEC], w[VEC];
       if (id == a.padding_id) {
 #pragma unroll
@@ -122,7 +128,6 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
         if constexpr (PAIRED) StoreFloats<T, VEC>(out + half, v);
         continue;
       }
-      const int32_t pos = offset + count++;
       const T* row = a.table + ClampRow(id, a.vocab) * h + c;
       float pv[VEC], pw[VEC];  // positional values of v's and w's columns
       LoadFloats<T, VEC>(row, v);
@@ -164,6 +169,7 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
   }
 }
 
+// ------------------------------------------------------------------- sort --
 // ------------------------------------------------------------------- sort --
 
 // The sort's input pairs: key (vocab for a pad, else the clamped id), token.
@@ -408,11 +414,11 @@ __global__ void __launch_bounds__(kZeroBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T>
 // Threads per block along columns (a power of two in [32, 256]) for ncv vectors.
 int ColumnThreads(int64_t ncv) { return static_cast<int>(std::min<int64_t>(kBlock, std::max(32, NextPow2(ncv)))); }
 
-// The forward's tokens per thread row (`span`, x) and its grid (y) for `rows` thread rows per block and
-// `resident` blocks per SM: at most one wave, so each thread row counts the ids before its span once.
-int2 ForwardSpanGrid(int64_t tokens, int rows, int resident) {
-  const int64_t span = CeilDiv(tokens, static_cast<int64_t>(resident) * cuda::NumSMs() * rows);
-  return make_int2(static_cast<int>(span), static_cast<int>(CeilDiv(tokens, span * rows)));
+// Grid over `items` (tokens or rows) with `per_block` per block-iteration:
+// about four waves of resident blocks, the rest grid-stride.
+int64_t Grid(int64_t items, int per_block) {
+  const int64_t cap = static_cast<int64_t>(cuda::NumSMs()) * (2048 / kBlock) * 4;
+  return std::max<int64_t>(1, std::min<int64_t>(CeilDiv(items, per_block), cap));
 }
 
 }  // namespace
@@ -432,11 +438,14 @@ cudaError_t EmbeddingFwdCuda(const EmbeddingFwdArgs<T>& a, cudaStream_t stream) 
   const int64_t ncv = paired ? half / vec : a.hidden / vec;
   const int tx = ColumnThreads(ncv);
   const dim3 block(tx, kBlock / tx);
+  const int64_t grid = Grid(a.tokens, kBlock / tx);
   const bool dropout = a.rate > 0.f;
+  const int64_t rows = a.tokens / a.seq;
+  RowPositions<<<static_cast<unsigned>(Grid(rows, kBlock / 32)), kBlock, 0, stream>>>(
+      a.ids, a.offset, a.positions, rows, a.seq, a.padding_id);
   auto launch = [&](auto v, auto l, auto p, auto d) {
-    const auto kernel = EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>;
-    const int2 plan = ForwardSpanGrid(a.tokens, block.y, cuda::ResidentBlocksPerSM(kernel, kBlock, 0));
-    kernel<<<plan.y, block, 0, stream>>>(a, freq_exp, plan.x);
+    EmbFwd<T, decltype(v)::value, decltype(l)::value, decltype(p)::value, decltype(d)::value>
+        <<<grid, block, 0, stream>>>(a, freq_exp);
   };
   auto by_dropout = [&](auto v, auto l, auto p) {
     if (dropout) {

@@ -42,6 +42,7 @@ struct EmbeddingFwdArgs {
   const T* table;         // [vocab, hidden]
   const T* pos_table;     // [max_positions, hidden]; nullptr: sinusoidal positions
   T* y;                   // [tokens, hidden]
+  int32_t* positions;     // [tokens] workspace: each token's position p(n), written first
   int64_t tokens;
   int64_t seq;  // tokens per row (positions restart at each row)
   int64_t hidden;

@@ -28,16 +28,20 @@ void EmbeddingFwdCpu(const EmbeddingFwdArgs<T>& a) {
   for (int64_t i = 0; i < half; ++i) freq[i] = std::exp(static_cast<float>(i) * c);
   const bool dropout = a.rate > 0.f;
   const DropoutRng rng = dropout ? MakeDropoutRng(a.rng, a.rate) : DropoutRng{};
-  int32_t before = 0;  // non-pad tokens before n in its row
+  int32_t count = 0;  // offset + the non-pad tokens before n in its row (a pad: the next one's position)
+  for (int64_t n = 0; n < a.tokens; ++n) {
+    if (n % a.seq == 0) count = *a.offset;
+    a.positions[n] = count;
+    count += a.ids[n] != a.padding_id;
+  }
   for (int64_t n = 0; n < a.tokens; ++n) {
     T* out = a.y + n * h;
     const int32_t id = a.ids[n];
-    if (n % a.seq == 0) before = 0;
     if (id == a.padding_id) {
       for (int64_t j = 0; j < h; ++j) out[j] = FromFloat<T>(0.f);
       continue;
     }
-    const int32_t pos = *a.offset + before++;
+    const int32_t pos = a.positions[n];
     const T* row = a.table + Clamp(id, a.vocab) * h;
     const T* pos_row = a.pos_table ? a.pos_table + Clamp(pos, a.max_positions) * h : nullptr;
     const float p = static_cast<float>(pos);

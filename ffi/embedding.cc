@@ -1,11 +1,12 @@
 // XLA FFI handlers for the embedding op: decode and check buffers, dispatch
 // dtype, call csrc/. Targets (each for "cpu" and, when built, "CUDA"):
-//   embedding_fwd      (ids, offset, rng, table, pos_table) -> y
-//   embedding_sort_fwd (ids, offset, rng, table, pos_table) -> (y, sorted_keys, order,
+//   embedding_fwd      (ids, offset, rng, table, pos_table) -> (y, positions)
+//   embedding_sort_fwd (ids, offset, rng, table, pos_table) -> (y, positions, sorted_keys, order,
 //                      workspace: uint8 [lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab)], CUDA only)
 //   embedding_bwd      (dy, keys, order, rng) -> (grad, CUDA workspace:
 //                      partials: float32 [2 * ceil(tokens / chunk), H], counters: uint32 [ceil(tokens / chunk)])
-// ids: int32 [..., seq] (positions count each row of seq from offset: int32[1]);
+// ids: int32 [..., seq] (positions count each row of seq from offset: int32[1];
+// positions: int32, one per token, the kernels' workspace);
 // keys, order: int32 [...] (same element count: tokens); rng: uint32[4] (read
 // only when rate > 0; dropout element of token n, column j: n * H + j plus the
 // rng offset); table: [vocab, H],
@@ -52,7 +53,7 @@ xffi::Error CheckRows(const char* op, const Buf& b, int64_t tokens, int64_t hidd
 // run(args, sort): sort is null without the sort outputs (sorted_keys, order).
 template <typename Types, typename Run>
 xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y,
-                Res* sorted_keys, Res* order, float scale, float rate, int32_t padding_id) {
+                Res positions, Res* sorted_keys, Res* order, float scale, float rate, int32_t padding_id) {
   const int64_t tokens = static_cast<int64_t>(ids.element_count());
   if (sorted_keys) {
     if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
@@ -62,6 +63,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf offset, Buf rng, Buf tab
   if (auto e = CheckIndex(op, ids, tokens, "ids"); e.failure()) return e;
   if (auto e = Expect(ids.dimensions().size() >= 1, op, "ids must be [..., seq]"); e.failure()) return e;
   if (auto e = CheckIndex(op, offset, 1, "offset"); e.failure()) return e;
+  if (auto e = CheckIndex(op, *positions, tokens, "positions"); e.failure()) return e;
   if (auto e = CheckRng(op, rng, rate); e.failure()) return e;
   if (auto e = Expect(table.dimensions().size() == 2 && table.dimensions()[0] >= 1, op,
                       "table must be [vocab >= 1, hidden]");
@@ -87,6 +89,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf offset, Buf rng, Buf tab
                           In<T>(table),
                           learned ? In<T>(pos_table) : nullptr,
                           Out<T>(y),
+                          Out<int32_t>(positions),
                           tokens,
                           ids.dimensions().back(),
                           hidden,
@@ -181,20 +184,21 @@ auto FwdAttrs(B b) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCpuHandler,
-    [](Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate, int32_t padding_id) {
-      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, offset, rng, table, pos_table, y, nullptr, nullptr, scale,
-                           rate, padding_id);
+    [](Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res positions, float scale, float rate,
+       int32_t padding_id) {
+      return Fwd<CpuTypes>("embedding_fwd", RunFwdCpu, ids, offset, rng, table, pos_table, y, positions, nullptr,
+                           nullptr, scale, rate, padding_id);
     },
-    FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>()));
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>().Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingSortFwdCpuHandler,
-    [](Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys, Res order,
+    [](Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res positions, Res sorted_keys, Res order,
        Res /*workspace: CUDA only*/, float scale, float rate, int32_t padding_id) {
-      return Fwd<CpuTypes>("embedding_sort_fwd", RunFwdCpu, ids, offset, rng, table, pos_table, y, &sorted_keys,
-                           &order, scale, rate, padding_id);
+      return Fwd<CpuTypes>("embedding_sort_fwd", RunFwdCpu, ids, offset, rng, table, pos_table, y, positions,
+                           &sorted_keys, &order, scale, rate, padding_id);
     },
-    FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
@@ -239,21 +243,21 @@ auto RunBwdCuda(cudaStream_t stream) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingFwdCudaHandler,
-    [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, float scale, float rate,
-       int32_t padding_id) {
+    [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res positions,
+       float scale, float rate, int32_t padding_id) {
       return Fwd<CudaTypes>("embedding_fwd", RunFwdCuda(stream, nullptr), ids, offset, rng, table, pos_table, y,
-                            nullptr, nullptr, scale, rate, padding_id);
+                            positions, nullptr, nullptr, scale, rate, padding_id);
     },
-    FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>()), {xffi::Traits::kCmdBufferCompatible});
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>()), {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingSortFwdCudaHandler,
-    [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res sorted_keys,
-       Res order, Res workspace, float scale, float rate, int32_t padding_id) {
+    [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res positions,
+       Res sorted_keys, Res order, Res workspace, float scale, float rate, int32_t padding_id) {
       return Fwd<CudaTypes>("embedding_sort_fwd", RunFwdCuda(stream, &workspace), ids, offset, rng, table,
-                            pos_table, y, &sorted_keys, &order, scale, rate, padding_id);
+                            pos_table, y, positions, &sorted_keys, &order, scale, rate, padding_id);
     },
-    FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
+    FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,

@@ -27,8 +27,9 @@ Sinusoids use fairseq's layout: with ``half = hidden // 2`` and
 ``sin(p * f_i)``, columns ``[half, 2 half)`` are ``cos(p * f_i)``, and the last
 column is 0 when ``hidden`` is odd. They are computed in the kernel (no table).
 
-The kernels count the positions themselves (a running count of each row's
-non-pad tokens from the ``offset`` operand), and draw the dropout bits of token
+The kernels count the positions themselves (a warp per row counts its
+non-pad tokens from the ``offset`` operand into an int32 workspace result,
+dropped), and draw the dropout bits of token
 ``n``'s column ``j`` at Philox element ``n * hidden + j``: no per-token
 operand besides the ids.
 
@@ -263,13 +264,14 @@ def _fwd_local(scale, rate, padding_id, backend, sort, ids, offset, rng, table, 
     it runs on a second stream while the forward kernel runs), else ``y`` alone.
     """
     attrs = _attrs(scale, rate, padding_id)
+    index = jax.ShapeDtypeStruct(ids.shape, _I32)  # int32 per token: the positions workspace, the sort's results
     if not sort:
-        return jax.ffi.ffi_call(_backend.ffi_target("embedding_fwd", backend), _out_shape(ids, table))(
+        y, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_fwd", backend), (_out_shape(ids, table), index))(
             ids, offset, rng, table, pos_table, **attrs)
-    index = jax.ShapeDtypeStruct(ids.shape, _I32)
+        return y
     workspace = jax.ShapeDtypeStruct((_sort_workspace_bytes(backend, ids.size, table.shape[0]),), jnp.uint8)
-    y, keys, order, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_sort_fwd", backend),
-                                         (_out_shape(ids, table), index, index, workspace))(
+    y, _, keys, order, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_sort_fwd", backend),
+                                            (_out_shape(ids, table), index, index, index, workspace))(
         ids, offset, rng, table, pos_table, **attrs)
     return y, keys, order
 
