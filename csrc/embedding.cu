@@ -3,8 +3,9 @@
 // Forward: RowPositions counts each token's position (a warp per row, ballots
 // over its ids), then EmbFwd: a 2-D block (column vectors x tokens); each
 // thread owns fixed 16-byte column vectors and walks tokens grid-stride, so
-// the sinusoid frequencies exp(i * c) are computed once per thread. Table/position rows are
-// gathered with 16-byte loads, math is float32 in registers, one 16-byte store.
+// the sinusoid frequencies exp(i * c) are computed once per thread.
+// Table/position rows are gathered with 16-byte loads, math is float32 in
+// registers, one 16-byte store.
 // With sinusoidal positions and hidden/2 a multiple of the vector width a
 // thread owns column vector c of the sin half and the same vector of the cos
 // half ("paired"): one SinCos (one range reduction, csrc/fast_math.h) feeds
@@ -170,7 +171,6 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
 }
 
 // ------------------------------------------------------------------- sort --
-// ------------------------------------------------------------------- sort --
 
 // The sort's input pairs: key (vocab for a pad, else the clamped id), token.
 __global__ void __launch_bounds__(kBlock) SortPairsIn(EmbeddingSortArgs s, uint32_t* keys, int32_t* tokens) {
@@ -247,9 +247,9 @@ __device__ __forceinline__ int2 SegmentChunks(const EmbeddingBwdArgs<T>& a, int6
 // with that segment (a counter per segment, at its first chunk), and the
 // segment's last chunk to be done adds its partials in chunk order
 // (2 first + 1, then 2p for the later chunks p) and writes its row. The
-// chunk's keys and token order are read once into shared memory; dy rows arrive through the thread's cp.async slots,
-// kBwdStages tokens ahead, and each token's keep bits are drawn while its
-// row is in flight.
+// chunk's keys and token order are read once into shared memory; dy rows
+// arrive through the thread's cp.async slots, kBwdStages tokens ahead, and
+// each token's keep bits are drawn while its row is in flight.
 template <typename T, int VEC, bool DROPOUT>
 __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a) {
   using V = cuda::Vec<T, VEC>;

@@ -6,8 +6,8 @@ run the FFI targets ``lsjax_embedding_fwd_{cpu,cuda}`` (and, under autodiff,
 ``lsjax_embedding_sort_fwd_*``) and ``lsjax_embedding_bwd_*`` under a
 ``jax.custom_vjp`` that saves only int32 per-token arrays: the ids and the
 tokens stably sorted by table row (keys and order, for the backward's segment
-sum), plus the ``int32[1]`` offset and the ``uint32[4]`` dropout operand (the backward
-regenerates the dropout mask: it runs at the same speed without dropout, so
+sum), plus the ``int32[1]`` offset and the ``uint32[4]`` dropout operand (the
+backward regenerates the dropout mask: it runs at the same speed without dropout, so
 storing mask bits would not pay). The sort is done by the forward: on CUDA by
 CUB on a second stream while the forward kernel runs (the sort is a chain of
 small latency-bound kernels, the forward bandwidth-bound), so it is off the
@@ -29,9 +29,8 @@ column is 0 when ``hidden`` is odd. They are computed in the kernel (no table).
 
 The kernels count the positions themselves (a warp per row counts its
 non-pad tokens from the ``offset`` operand into an int32 workspace result,
-dropped), and draw the dropout bits of token
-``n``'s column ``j`` at Philox element ``n * hidden + j``: no per-token
-operand besides the ids.
+dropped), and draw the dropout bits of token ``n``'s column ``j`` at Philox
+element ``n * hidden + j``: no per-token operand besides the ids.
 
 Sharding (``lsjax.ops._rowwise``): ids are ``STATS``, the output ``ROWS``, the
 token table a ``TABLE`` (vocab-parallel, below), the offset and a learned
