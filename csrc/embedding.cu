@@ -368,27 +368,13 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
 
 constexpr int kZeroBlock = 256;  // EmbBwdZeroRows: 8 warps a block, 32 rows per warp
 
-// First sorted position whose key is >= r.
-__device__ __forceinline__ int64_t LowerBound(const int32_t* keys, int64_t n, int64_t r) {
-  int64_t lo = 0;
-  while (n > 0) {
-    const int64_t half = n / 2;
-    if (keys[lo + half] < r) {
-      lo += half + 1;
-      n -= half + 1;
-    } else {
-      n = half;
-    }
-  }
-  return lo;
-}
-
 // Zeros to the grad rows without tokens: a warp per 32 rows, each lane
 // looking its row up in the sorted keys. Runs concurrently with
 // EmbBwdChunks, which writes the other rows.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kZeroBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T> a) {
   const int64_t h = a.hidden;
+  const int tokens = static_cast<int>(a.tokens);  // < 2^31 (checked by the handler)
   const int lane = threadIdx.x & 31;
   const int64_t words = CeilDiv(a.rows, 32);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
@@ -397,11 +383,9 @@ __global__ void __launch_bounds__(kZeroBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T>
   for (int k = 0; k < VEC; ++k) zeros[k] = 0.f;
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < words; w += warps) {
     const int64_t r = w * 32 + lane;
-    bool empty = false;
-    if (r < a.rows) {
-      const int64_t i = LowerBound(a.keys, a.tokens, r);
-      empty = i == a.tokens || a.keys[i] != r;
-    }
+    // A row has tokens iff the last sorted key <= r is r.
+    const bool empty =
+        r < a.rows && (tokens == 0 || a.keys[cuda::TableIndex(a.keys, tokens, static_cast<int>(r))] != r);
     for (uint32_t rows = __ballot_sync(~0u, empty); rows != 0; rows &= rows - 1) {
       T* row = a.grad + (w * 32 + __ffs(rows) - 1) * h;
       for (int64_t c = lane * VEC; c < h; c += 32 * VEC) StoreFloats<T, VEC>(row + c, zeros);
