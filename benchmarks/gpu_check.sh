@@ -24,7 +24,8 @@
 #                 batch-8 beam search ($PROFILE_DECODE: impl:options pairs, default "lsjax:default plain:default
 #                 lsjax:while"); tables in $OUT/<name>.log, JSON and optimized HLO in $OUT/profile_*
 #   profile_case  the same per-kernel table for op cases' fwd+bwd, ours and the XLA reference ($PROFILE_CASES:
-#                 space-separated module:shape:dtype[:op], default "embedding:256x256x1024:bfloat16")
+#                 space-separated module:shape:dtype[:op], default "embedding:256x256x1024:bfloat16"), and the
+#                 last call's timeline ($PROFILE_APPS applications per call, default 1)
 #   sass          SASS instruction counts of our kernels (cuobjdump; $SASS_KERNELS: a regex over the names)
 #   train_step    benchmarks/train_step.py (train_step_base / train_step_big: one model each; + $TRAIN_STEP_ARGS,
 #                 e.g. "--dtypes bfloat16 --lsjax-overrides scan_layers=true")
@@ -74,7 +75,9 @@ pack() {  # (+ the metrics of a convergence run that was stopped before it copie
 trap pack EXIT
 trap 'echo "stopped early (signal): packing what ran"; exit 124' TERM INT
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; date -u; git rev-parse --short HEAD; } > "$OUT/machine.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nvidia-smi --query-gpu=uuid,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu --format=csv
+  nvidia-smi topo -m; date -u; git rev-parse --short HEAD; git status --short | head -20; } > "$OUT/machine.txt" 2>&1
 if [ -d .whl ]; then  # runtime deps the GPU image lacks (no network there): carried wheels, installed if missing
   $PY -m pip install -q --no-index --find-links .whl sentencepiece sacrebleu tqdm pyyaml > "$OUT/deps.log" 2>&1 \
     || { cat "$OUT/deps.log"; status=1; }
@@ -143,7 +146,7 @@ for name in ${BENCH//,/ }; do
       done ;;
     profile_case) for c in ${PROFILE_CASES:-embedding:256x256x1024:bfloat16}; do for impl in lsjax plain; do
         bench "profile_case_${impl}_${c//:/_}" $PY -m benchmarks.profile case --case "$c" --impl $impl \
-          --top "${PROFILE_TOP:-20}" --out "$OUT/profile_case_${impl}_${c//:/_}.json"
+          --top "${PROFILE_TOP:-20}" --timeline --apps "${PROFILE_APPS:-1}" --out "$OUT/profile_case_${impl}_${c//:/_}.json"
       done; done ;;
     sass) bench sass $PY -m benchmarks.sass_count "${SASS_KERNELS:-.}" ;;
     train_step) bench train_step $PY -m benchmarks.train_step --out "$OUT/train_step.json" ;;

@@ -3,6 +3,7 @@
     python -m benchmarks.profile train  [--model transformer-base] [--dtype bfloat16] [--impl lsjax|plain]
     python -m benchmarks.profile decode [--batch 8] [--dtype bfloat16] [--impl lsjax|plain]
     python -m benchmarks.profile case --case embedding:256x256x1024:bfloat16[:op] [--impl lsjax|plain] [--mode fwd]
+                                      [--apps 4]
     ... [--steps 5] [--top 40] [--xla-options default|while|cublas|while+cublas] [--out profile.json] [--smoke]
 
 Compiles one program (the ``benchmarks.train_step`` step, the ``benchmarks.decode`` beam
@@ -18,7 +19,9 @@ benchmarks time them) with ``jax.profiler.trace`` and reads the XSpace back with
   ``xla`` = XLA's fusions, ``copy``) their count and time;
 * the ``--top`` kernels by total time, with launches and mean microseconds.
 
-``--hlo PATH`` also writes the compiled program's optimized HLO (to map fusion names to ops).
+``--hlo PATH`` also writes the compiled program's optimized HLO (to map fusion names to ops);
+``--timeline`` lists the last call's kernels by stream with start and end times (where a call's
+time goes between kernels: launch gaps, waits on the other stream).
 ``--xla-options while`` compiles with XLA's command buffers (CUDA graphs) extended to
 ``WHILE``/``CONDITIONAL`` (the decode loop then runs as one graph, no host round trip per
 step); ``cublas`` sends every GEMM to cuBLAS instead of Triton (see ``XLA_OPTIONS``). ``--smoke`` profiles transformer-tiny / a toy decoder on the CPU, whose XLA thunks
@@ -78,8 +81,8 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
     return total
 
 
-def device_events(xspace_path: str) -> list[tuple[str, int, int]]:
-    """``(name, start_ns, duration_ns)`` of every device activity in an XSpace file.
+def device_events(xspace_path: str) -> list[tuple[str, int, int, str]]:
+    """``(name, start_ns, duration_ns, stream)`` of every device activity in an XSpace file.
 
     GPU planes (``/device:GPU:*``): the events of their stream lines (kernels, copies).
     Without a GPU plane (CPU runs): the host's XLA thunks (events carrying an ``hlo_op`` stat).
@@ -92,12 +95,12 @@ def device_events(xspace_path: str) -> list[tuple[str, int, int]]:
         for plane in gpu:
             for line in plane.lines:
                 if line.name.startswith("Stream"):
-                    events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
+                    events += [(e.name, int(e.start_ns), int(e.duration_ns), line.name) for e in line.events]
         return events
     for plane in planes:
         if plane.name.startswith("/host:CPU"):
             for line in plane.lines:
-                events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events
+                events += [(e.name, int(e.start_ns), int(e.duration_ns), line.name) for e in line.events
                            if any(k == "hlo_op" for k, _ in e.stats) and e.duration_ns > 0]
     return events
 
@@ -119,18 +122,36 @@ def summarize_host(events: Iterable[tuple[str, str, int]], calls: int, top: int)
     return [{"thread": t, "event": n, "count": c / calls, "ms": d / 1e6 / calls} for (t, n), (c, d) in ranked]
 
 
-def summarize(events: Iterable[tuple[str, int, int]], calls: int, wall_s: float, top: int) -> dict:
+def last_call_timeline(events: Iterable[tuple[str, int, int, str]], calls: int) -> list[dict]:
+    """The last call's device activities in start order, times in microseconds from its first start.
+
+    Calls are blocked on one by one, so the ``calls - 1`` longest idle gaps of the device separate them.
+    """
+    events = sorted(events, key=lambda e: e[1])
+    if not events:
+        return []
+    gaps, end = [], events[0][1] + events[0][2]
+    for i, (_, start, dur, _) in enumerate(events[1:], 1):
+        gaps.append((start - end, i))
+        end = max(end, start + dur)
+    first = max((i for _, i in sorted(gaps)[len(gaps) - (calls - 1):]), default=0) if calls > 1 else 0
+    t0 = events[first][1]
+    return [{"stream": stream, "start_us": (start - t0) / 1e3, "end_us": (start + dur - t0) / 1e3,
+             "kernel": name} for name, start, dur, stream in events[first:]]
+
+
+def summarize(events: Iterable[tuple[str, int, int, str]], calls: int, wall_s: float, top: int) -> dict:
     """Per-call totals, per-category and top-kernel tables of ``events`` (see module doc)."""
     events = list(events)
     by_kernel: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for name, _, dur in events:
+    for name, _, dur, _ in events:
         by_kernel[name][0] += 1
         by_kernel[name][1] += dur
     by_cat: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for name, (n, dur) in by_kernel.items():
         by_cat[category(name)][0] += n
         by_cat[category(name)][1] += dur
-    busy_ns = _union_ns([(s, s + d) for _, s, d in events])
+    busy_ns = _union_ns([(s, s + d) for _, s, d, _ in events])
     wall_ms = 1e3 * wall_s / calls
     busy_ms = busy_ns / 1e6 / calls
     kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]
@@ -203,11 +224,13 @@ def _case_program(args, options) -> tuple[Callable, list[tuple], Callable]:
         raise SystemExit(f"no case {args.case}: give module:shape:dtype[:op] of benchmarks/cases")
     case, rng = cases[0], np.random.default_rng(0)
     fn = case.ours if args.impl == "lsjax" else case.ref
-    inputs = [case.make_inputs(rng) for _ in range(2)]
+    inputs = [case.make_inputs(rng) for _ in range(2 * args.apps)]
     if args.mode == "fwd+bwd":
         fn, inputs = harness.fwd_bwd(fn, case.grad_argnums), harness.with_cotangent(case.ref, inputs, rng)
-    prog = jax.jit(fn, compiler_options=options)
-    calls = [inputs[i % len(inputs)] for i in range(args.steps)]
+    # apps applications on distinct inputs per call, as benchmarks.harness.time_fn's program.
+    prog = jax.jit(lambda *sets: [fn(*x) for x in sets], compiler_options=options)
+    sets = [tuple(inputs[a::2]) for a in range(2)]
+    calls = [sets[i % 2] for i in range(args.steps)]
     return prog, calls, lambda: prog.lower(*calls[0])
 
 
@@ -221,6 +244,10 @@ def table(result: dict) -> str:
     lines += ["", "| kernel | cat | launches/call | ms/call | mean us |", "| --- | --- | ---: | ---: | ---: |"]
     lines += [f"| `{t['kernel'][:90]}` | {t['category']} | {t['launches']:.0f} | {t['ms']:.3f} | {t['mean_us']:.1f} |"
               for t in r["top"]]
+    if r.get("timeline"):
+        lines += ["", "last call's timeline:", "", "| stream | start us | end us | kernel |", "| --- | ---: | ---: | --- |"]
+        lines += [f"| {t['stream'][:20]} | {t['start_us']:.1f} | {t['end_us']:.1f} | `{t['kernel'][:80]}` |"
+                  for t in r["timeline"]]
     if r.get("host_top"):
         lines += ["", "| host thread | host event | count/call | ms/call |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {h['thread'][:30]} | `{h['event'][:80]}` | {h['count']:.0f} | {h['ms']:.3f} |"
@@ -241,11 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="decode: batch (beam 4, 64 forced steps)")
     parser.add_argument("--case", default="embedding:256x256x1024:bfloat16", help="case: module:shape:dtype[:op]")
     parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd", help="case: what is traced")
+    parser.add_argument("--apps", type=int, default=1,
+                        help="case: applications per call, on distinct inputs (the timeline then shows them "
+                             "back to back, as benchmarks.ops times them)")
     parser.add_argument("--steps", type=int, default=5, help="traced calls")
     parser.add_argument("--top", type=int, default=40, help="kernels listed")
     parser.add_argument("--xla-options", choices=tuple(XLA_OPTIONS), default="default")
     parser.add_argument("--out", default="", help="write the summary as JSON here")
     parser.add_argument("--hlo", default="", help="write the compiled program's optimized HLO text here")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also list the last call's kernels by stream with start and end times")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -262,11 +294,12 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(lower().compile().as_text())
     result = {"program": args.program, "impl": args.impl, "dtype": args.dtype, "xla_options": args.xla_options,
               "device": jax.devices()[0].device_kind, **summarize(events, len(calls), wall, args.top),
-              "host_top": summarize_host(host, len(calls), args.top)}
+              "host_top": summarize_host(host, len(calls), args.top),
+              "timeline": last_call_timeline(events, len(calls)) if args.timeline else []}
     if args.program == "train":
         result.update(model=args.model, batch=args.batch_sentences, length=args.length)
     elif args.program == "case":
-        result.update(case=args.case, mode=args.mode)
+        result.update(case=args.case, mode=args.mode, apps=args.apps)
     else:
         result.update(batch=args.batch, beam=4, decode_steps=64)
     print(f"{args.program} {args.impl} {args.dtype} on {result['device']}, XLA options {args.xla_options}")

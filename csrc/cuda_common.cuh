@@ -49,11 +49,29 @@ __device__ __forceinline__ void LoadFloats(const T* p, float (&out)[VEC]) {
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void StoreFloats(T* p, const float (&in)[VEC]) {
+__device__ __forceinline__ Vec<T, VEC> PackFloats(const float (&in)[VEC]) {
   Vec<T, VEC> v;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) v.v[i] = FromFloat<T>(in[i]);
-  *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+  return v;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void StoreFloats(T* p, const float (&in)[VEC]) {
+  *reinterpret_cast<Vec<T, VEC>*>(p) = PackFloats<T, VEC>(in);
+}
+
+// StoreFloats with the streaming hint (st.global.cs) for 16-byte vectors: the
+// lines are evicted first, so an output written once and not read back in the
+// kernel does not push the kernel's reused inputs out of the L2.
+template <typename T, int VEC>
+__device__ __forceinline__ void StoreFloatsStreaming(T* p, const float (&in)[VEC]) {
+  if constexpr (sizeof(Vec<T, VEC>) == 16) {
+    const Vec<T, VEC> v = PackFloats<T, VEC>(in);
+    __stcs(reinterpret_cast<int4*>(p), *reinterpret_cast<const int4*>(&v));
+  } else {
+    StoreFloats<T, VEC>(p, in);
+  }
 }
 
 // VEC float32 values at p read through the L2 (ld.global.cg), never from a

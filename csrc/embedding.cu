@@ -5,7 +5,8 @@
 // thread owns fixed 16-byte column vectors and walks tokens grid-stride, so
 // the sinusoid frequencies exp(i * c) are computed once per thread.
 // Table/position rows are gathered with 16-byte loads, math is float32 in
-// registers, one 16-byte store.
+// registers, one 16-byte streaming store (evicted first: y is not read again,
+// the table's rows are, by every token with the same id).
 // With sinusoidal positions and hidden/2 a multiple of the vector width a
 // thread owns column vector c of the sin half and the same vector of the cos
 // half ("paired"): one SinCos (one range reduction, csrc/fast_math.h) feeds
@@ -27,13 +28,16 @@
 // chunks of `chunk` (<= kEmbeddingBwdMaxChunk): one block per chunk walks its
 // tokens in order, kBwdStages dy rows in flight per thread, and sums each run
 // of equal keys in float32; a segment inside one chunk is written to grad
-// there, a segment cut by chunk boundaries leaves one float32 partial per
-// chunk it touches, and the last of its chunks to finish (an integer counter
-// per cut segment) adds them in chunk order and writes the row. Every token is
+// there, and so is a short segment cut by one chunk boundary (ending less
+// than chunk / 4 tokens past it), by the chunk where it starts. A longer
+// segment cut by chunk boundaries leaves one float32 partial per chunk it
+// touches, and the last of its chunks to finish (an integer counter per cut
+// segment) adds them in chunk order and writes the row. Every token is
 // read once however the tokens spread over rows (one frequent token's long
 // segment is split across chunks, not summed by one thread), and every grad
 // element is written once: the rows without tokens by EmbBwdZeroRows, on a
-// second stream while EmbBwdChunks runs. The gradient needs no memset.
+// second stream while EmbBwdChunks runs, after MarkRows has set a bit per row
+// with tokens. The gradient needs no memset.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -52,6 +56,7 @@ using cuda::CeilDiv;
 using cuda::LoadFloats;
 using cuda::NextPow2;
 using cuda::StoreFloats;
+using cuda::StoreFloatsStreaming;
 
 constexpr int kBlock = 256;
 
@@ -100,7 +105,7 @@ __global__ void __launch_bounds__(kBlock) RowPositions(const int32_t* ids, const
 // half % VEC == 0): column vector cv covers [cv*VEC, +VEC) and the same
 // columns + half.
 template <typename T, int VEC, bool LEARNED, bool PAIRED, bool DROPOUT>
-__global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp) {
+__global__ void __launch_bounds__(kBlock, 4) EmbFwd(EmbeddingFwdArgs<T> a, float freq_exp) {
   const int64_t h = a.hidden;
   const int64_t half = h / 2;
   const int64_t ncv = PAIRED ? half / VEC : h / VEC;
@@ -125,8 +130,8 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
       if (id == a.padding_id) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) v[k] = 0.f;
-        StoreFloats<T, VEC>(out, v);
-        if constexpr (PAIRED) StoreFloats<T, VEC>(out + half, v);
+        StoreFloatsStreaming<T, VEC>(out, v);
+        if constexpr (PAIRED) StoreFloatsStreaming<T, VEC>(out + half, v);
         continue;
       }
       const T* row = a.table + ClampRow(id, a.vocab) * h + c;
@@ -164,8 +169,8 @@ __global__ void __launch_bounds__(kBlock, 3) EmbFwd(EmbeddingFwdArgs<T> a, float
         ApplyKeepBits<VEC>(keep_v, rng.scale, v);
         if constexpr (PAIRED) ApplyKeepBits<VEC>(keep_w, rng.scale, w);
       }
-      StoreFloats<T, VEC>(out, v);
-      if constexpr (PAIRED) StoreFloats<T, VEC>(out + half, w);
+      StoreFloatsStreaming<T, VEC>(out, v);
+      if constexpr (PAIRED) StoreFloatsStreaming<T, VEC>(out + half, w);
     }
   }
 }
@@ -220,6 +225,7 @@ constexpr int32_t kNoKey = INT32_MIN;  // a key past either end of the sorted ke
 
 constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
 
+
 // Chunks [first, last] that hold sorted keys equal to `key`, which chunk q
 // holds: chunk p > q continues it when its first key is `key`, chunk p < q
 // when its last one is (the keys are sorted, so those chunks are contiguous).
@@ -241,8 +247,10 @@ __device__ __forceinline__ int2 SegmentChunks(const EmbeddingBwdArgs<T>& a, int6
 
 // Chunk q's block walks its valid tokens (keys in [0, rows)) in order, one
 // column vector per thread, and sums each run of equal keys in float32
-// registers. A run that is its row's whole segment is written to grad. A run
-// of a segment cut by chunk boundaries is a float32 partial row: 2q when
+// registers. A run that is its row's whole segment is written to grad, and so
+// is a short segment cut by the chunk's end (its tokens past the end read
+// too; the next chunk skips them). A run of a longer segment cut by chunk
+// boundaries is a float32 partial row: 2q when
 // chunk q's start cuts it, else 2q + 1; the block then counts itself done
 // with that segment (a counter per segment, at its first chunk), and the
 // segment's last chunk to be done adds its partials in chunk order
@@ -253,42 +261,64 @@ __device__ __forceinline__ int2 SegmentChunks(const EmbeddingBwdArgs<T>& a, int6
 template <typename T, int VEC, bool DROPOUT>
 __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a) {
   using V = cuda::Vec<T, VEC>;
-  __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + 2];  // keys of sorted positions begin - 1 .. begin + chunk
-  __shared__ int32_t s_token[kEmbeddingBwdMaxChunk];   // token of each sorted position (dy row, dropout elements)
+  constexpr int kMaxReach = kEmbeddingBwdMaxChunk / 4;
+  // keys of sorted positions begin - 1 .. begin + chunk + reach, tokens of begin .. begin + chunk + reach - 1
+  __shared__ int32_t s_key[kEmbeddingBwdMaxChunk + kMaxReach + 2];
+  __shared__ int32_t s_token[kEmbeddingBwdMaxChunk + kMaxReach];  // dy row, dropout elements
+  __shared__ int32_t s_before;                          // key of sorted position begin - chunk - 1
   __shared__ int2 s_cut[2];                             // chunks of the segments cut at the start, at the end
   __shared__ bool s_adds[2];                            // whether this block adds that segment's partials
-  __shared__ V ring[kBwdStages][kBlock];
+  extern __shared__ __align__(16) unsigned char ring_bytes[];  // [kBwdStages][blockDim.x] V: the dy slots
+  V* ring = reinterpret_cast<V*>(ring_bytes);
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
   const int64_t chunks = CeilDiv(a.tokens, a.chunk);
+  const int reach = static_cast<int>(a.chunk / 4);  // < chunk: a short segment crosses one boundary
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
   for (int64_t q = blockIdx.x; q < chunks; q += gridDim.x) {
     const int64_t begin = q * a.chunk;
     const int len = static_cast<int>(a.tokens - begin < a.chunk ? a.tokens - begin : a.chunk);
+    const int window = static_cast<int>(a.tokens - begin < len + reach ? a.tokens - begin : len + reach);
     __syncthreads();  // the previous chunk's reads of the shared arrays are done
-    for (int t = threadIdx.x; t < len + 2; t += blockDim.x) {
+    for (int t = threadIdx.x; t < len + reach + 2; t += blockDim.x) {
       const int64_t i = begin - 1 + t;
       s_key[t] = i >= 0 && i < a.tokens ? a.keys[i] : kNoKey;
     }
-    for (int t = threadIdx.x; t < len; t += blockDim.x) s_token[t] = a.order[begin + t];
+    for (int t = threadIdx.x; t < window; t += blockDim.x) s_token[t] = a.order[begin + t];
+    if (threadIdx.x == 0) s_before = begin - a.chunk - 1 >= 0 ? a.keys[begin - a.chunk - 1] : kNoKey;
     __syncthreads();
     // The chunk's valid tokens [lo, hi): excluded keys sort before (< 0) or after (>= rows) them.
     int lo = 0, hi = len;
     while (lo < len && s_key[lo + 1] < 0) ++lo;
     while (hi > lo && s_key[hi] >= a.rows) --hi;
     if (lo == hi) continue;
+    // A segment cut by the boundary before sorted position b is short when it starts at or after
+    // b - chunk (keys[b - chunk - 1] differs) and ends before b + reach (keys[b + reach] differs): it
+    // crosses that boundary only, and the chunk where it starts sums it whole, reading up to reach
+    // tokens past its end. Both chunks decide from the same two keys. Longer segments leave partials.
     const bool cut_at_start = lo == 0 && s_key[0] == s_key[1];
     const bool cut_at_end = hi == len && s_key[len] == s_key[len + 1];
-    const bool one_cut = cut_at_start && cut_at_end && s_key[1] == s_key[len];  // one segment, cut at both ends
+    const bool short_at_start = cut_at_start && s_before != s_key[1] && s_key[reach + 1] != s_key[1];
+    const bool short_at_end = cut_at_end && s_key[0] != s_key[len] && s_key[len + reach + 1] != s_key[len];
+    if (short_at_start) {  // the previous chunk sums it
+      while (lo < hi && s_key[lo + 1] == s_key[1]) ++lo;
+      if (lo == hi) continue;
+    }
+    if (short_at_end) {  // this chunk sums it: its tokens past the end
+      while (s_key[hi + 1] == s_key[len]) ++hi;
+    }
+    const bool lead_partial = cut_at_start && !short_at_start;
+    const bool tail_partial = cut_at_end && !short_at_end;
+    const bool one_cut = lead_partial && tail_partial && s_key[1] == s_key[len];  // one segment, cut at both ends
     if (threadIdx.x < 32) {  // warp 0: where the cut segments begin and end, read by the block after its runs
-      if (cut_at_start) s_cut[0] = SegmentChunks(a, q, s_key[1], chunks);
-      if (cut_at_end && !one_cut) s_cut[1] = SegmentChunks(a, q, s_key[len], chunks);
+      if (lead_partial) s_cut[0] = SegmentChunks(a, q, s_key[1], chunks);
+      if (tail_partial && !one_cut) s_cut[1] = SegmentChunks(a, q, s_key[len], chunks);
     }
     for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
       const int64_t c = cv * VEC;
       auto stage = [&](int slot, int p) {  // one commit group per token, empty past the end
-        if (p < hi) cuda::CopyVecAsync<T, VEC>(&ring[slot][threadIdx.x], a.dy + s_token[p] * h + c);
+        if (p < hi) cuda::CopyVecAsync<T, VEC>(&ring[slot * blockDim.x + threadIdx.x], a.dy + s_token[p] * h + c);
         cuda::CopyAsyncCommit();
       };
 #pragma unroll
@@ -302,16 +332,16 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
         if constexpr (DROPOUT) keep = DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(s_token[p]) * h + c);
         cuda::CopyAsyncWait<kBwdStages - 1>();  // token p's group, the oldest, has landed
         float v[VEC];
-        LoadFloats<T, VEC>(ring[slot][threadIdx.x].v, v);
+        LoadFloats<T, VEC>(ring[slot * blockDim.x + threadIdx.x].v, v);
         stage(slot, p + kBwdStages);
         slot = slot + 1 == kBwdStages ? 0 : slot + 1;
         if constexpr (DROPOUT) ApplyKeepBits<VEC>(keep, rng.scale, v);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) acc[k] += v[k];
         if (p + 1 < hi && s_key[p + 2] == s_key[p + 1]) continue;  // the run goes on
-        if (run_start == lo && cut_at_start) {
+        if (run_start == lo && lead_partial) {
           StoreFloats<float, VEC>(a.partials + (2 * q) * h + c, acc);
-        } else if (p + 1 == hi && cut_at_end) {
+        } else if (p + 1 == hi && tail_partial) {
           StoreFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc);
         } else {
 #pragma unroll
@@ -323,11 +353,11 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
         run_start = p + 1;
       }
     }
-    if (!cut_at_start && !cut_at_end) continue;  // uniform over the block
+    if (!lead_partial && !tail_partial) continue;  // uniform over the block
     __threadfence();  // this thread's partials are visible device-wide before the block counts itself done
     __syncthreads();
     if (threadIdx.x < 2) {
-      const bool mine = threadIdx.x == 0 ? cut_at_start : cut_at_end && !one_cut;
+      const bool mine = threadIdx.x == 0 ? lead_partial : tail_partial && !one_cut;
       const int2 cut = s_cut[threadIdx.x];
       s_adds[threadIdx.x] = mine && atomicAdd(a.counters + cut.x, 1u) == static_cast<uint32_t>(cut.y - cut.x);
     }
@@ -366,15 +396,23 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
   }
 }
 
-constexpr int kZeroBlock = 256;  // EmbBwdZeroRows: 8 warps a block, 32 rows per warp
+// Sets bit k of row_bits for each grad row k that has tokens: a thread per
+// sorted position, the first of each valid key's run. row_bits starts zeroed.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) MarkRows(EmbeddingBwdArgs<T> a) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.tokens; i += stride) {
+    const int32_t key = a.keys[i];
+    if (key >= 0 && key < a.rows && (i == 0 || a.keys[i - 1] != key)) atomicOr(a.row_bits + key / 32, 1u << (key % 32));
+  }
+}
 
-// Zeros to the grad rows without tokens: a warp per 32 rows, each lane
-// looking its row up in the sorted keys. Runs concurrently with
-// EmbBwdChunks, which writes the other rows.
+// Zeros to the grad rows without tokens (row_bits clear): a warp per 32 rows,
+// one row at a time. Runs concurrently with EmbBwdChunks, which writes the
+// other rows.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kZeroBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T> a) {
+__global__ void __launch_bounds__(kBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T> a) {
   const int64_t h = a.hidden;
-  const int tokens = static_cast<int>(a.tokens);  // < 2^31 (checked by the handler)
   const int lane = threadIdx.x & 31;
   const int64_t words = CeilDiv(a.rows, 32);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
@@ -382,12 +420,10 @@ __global__ void __launch_bounds__(kZeroBlock) EmbBwdZeroRows(EmbeddingBwdArgs<T>
 #pragma unroll
   for (int k = 0; k < VEC; ++k) zeros[k] = 0.f;
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; w < words; w += warps) {
-    const int64_t r = w * 32 + lane;
-    // A row has tokens iff the last sorted key <= r is r.
-    const bool empty =
-        r < a.rows && (tokens == 0 || a.keys[cuda::TableIndex(a.keys, tokens, static_cast<int>(r))] != r);
-    for (uint32_t rows = __ballot_sync(~0u, empty); rows != 0; rows &= rows - 1) {
-      T* row = a.grad + (w * 32 + __ffs(rows) - 1) * h;
+    const int64_t in_word = a.rows - w * 32;  // rows of word w: min(32, in_word)
+    uint32_t empty = ~a.row_bits[w] & (in_word >= 32 ? ~0u : (1u << in_word) - 1);
+    for (; empty != 0; empty &= empty - 1) {
+      T* row = a.grad + (w * 32 + __ffs(empty) - 1) * h;
       for (int64_t c = lane * VEC; c < h; c += 32 * VEC) StoreFloats<T, VEC>(row + c, zeros);
     }
   }
@@ -476,26 +512,28 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
   const int vec = vectorisable ? kVec : 1;
   const int tx = ColumnThreads(a.hidden / vec);
   const int64_t chunks = CeilDiv(a.tokens, a.chunk);
-  if (chunks > 0) {
-    if (cudaError_t err = cudaMemsetAsync(a.counters, 0, chunks * sizeof(uint32_t), stream); err != cudaSuccess) {
-      return err;
-    }
+  const int64_t words = CeilDiv(a.rows, 32);
+  // counters and row_bits: one zeroed workspace (the FFI's counters result).
+  if (cudaError_t err = cudaMemsetAsync(a.counters, 0, (chunks + words) * sizeof(uint32_t), stream);
+      err != cudaSuccess) {
+    return err;
   }
-  const int64_t zero_grid = std::min<int64_t>(CeilDiv(CeilDiv(a.rows, 32), kZeroBlock / 32), 16 * cuda::NumSMs());
   const bool dropout = a.rate > 0.f;
   auto launch = [&](auto v, auto d) {
     constexpr int kV = decltype(v)::value;
     const auto walk = EmbBwdChunks<T, kV, decltype(d)::value>;
+    const size_t ring = static_cast<size_t>(kBwdStages) * tx * sizeof(cuda::Vec<T, kV>);
     return cuda::Concurrently(
         stream,
         [&](cudaStream_t side) {
-          EmbBwdZeroRows<T, kV><<<static_cast<unsigned>(zero_grid), kZeroBlock, 0, side>>>(a);
+          if (a.tokens > 0) MarkRows<T><<<static_cast<unsigned>(Grid(a.tokens, kBlock)), kBlock, 0, side>>>(a);
+          EmbBwdZeroRows<T, kV><<<static_cast<unsigned>(Grid(words, kBlock / 32)), kBlock, 0, side>>>(a);
           return cudaGetLastError();
         },
         [&](cudaStream_t main) {
           if (chunks == 0) return cudaSuccess;
-          const int64_t grid = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, 0) * cuda::NumSMs());
-          walk<<<static_cast<unsigned>(grid), tx, 0, main>>>(a);
+          const int64_t grid = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, ring) * cuda::NumSMs());
+          walk<<<static_cast<unsigned>(grid), tx, ring, main>>>(a);
           return cudaGetLastError();
         });
   };

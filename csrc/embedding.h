@@ -74,6 +74,7 @@ struct EmbeddingBwdArgs {
   T* grad;               // [rows, hidden], every element written
   float* partials;       // CUDA only: workspace float32 [2 * ceil(tokens / chunk), hidden]
   uint32_t* counters;    // CUDA only: workspace uint32 [ceil(tokens / chunk)], chunks done per cut segment
+  uint32_t* row_bits;    // CUDA only: workspace uint32 [ceil(rows / 32)], a bit per grad row with tokens
   int64_t chunk;         // CUDA only: sorted tokens per block, in [1, kEmbeddingBwdMaxChunk]
   int64_t tokens;
   int64_t hidden;
@@ -99,9 +100,10 @@ size_t EmbeddingSortWorkspaceBytes(int64_t tokens, int64_t vocab);
 template <typename T>
 cudaError_t EmbeddingFwdSortCuda(const EmbeddingFwdArgs<T>& a, const EmbeddingSortArgs& s, void* workspace,
                                  cudaStream_t stream);
-// a.partials and a.counters (extra XLA outputs) are workspace: the partial
-// sums of segments cut by chunks, and how many of a cut segment's chunks are
-// done. The rows without tokens are zeroed on a second stream, concurrently.
+// a.partials, a.counters and a.row_bits (extra XLA outputs) are workspace:
+// the partial sums of segments cut by chunks, how many of a cut segment's
+// chunks are done, and which grad rows have tokens. The rows without tokens
+// are zeroed on a second stream, concurrently.
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream);
 #endif

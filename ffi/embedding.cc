@@ -4,7 +4,9 @@
 //   embedding_sort_fwd (ids, offset, rng, table, pos_table) -> (y, positions, sorted_keys, order,
 //                      workspace: uint8 [lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab)], CUDA only)
 //   embedding_bwd      (dy, keys, order, rng) -> (grad, CUDA workspace:
-//                      partials: float32 [2 * ceil(tokens / chunk), H], counters: uint32 [ceil(tokens / chunk)])
+//                      partials: float32 [2 * ceil(tokens / chunk), H],
+//                      counters: uint32 [ceil(tokens / chunk) + ceil(rows / 32)]: chunks done per cut segment,
+//                      then a bit per grad row with tokens)
 // ids: int32 [..., seq] (positions count each row of seq from offset: int32[1];
 // positions: int32, one per token, the kernels' workspace);
 // keys, order: int32 [...] (same element count: tokens); rng: uint32[4] (read
@@ -123,15 +125,17 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf rng,
                       "chunk must be in [1, " + std::to_string(kEmbeddingBwdMaxChunk) + "]");
       e.failure())
     return e;
+  const int64_t chunks = (tokens + chunk - 1) / chunk;
+  const int64_t rows = grad->dimensions()[0];
   if (auto e = Expect(partials->element_type() == xffi::DataType::F32 && partials->dimensions().size() == 2 &&
-                          partials->dimensions()[0] == 2 * ((tokens + chunk - 1) / chunk) &&
+                          partials->dimensions()[0] == 2 * chunks &&
                           partials->dimensions()[1] == hidden,
                       op, "partials must be float32 [2 * ceil(tokens / chunk), hidden]");
       e.failure())
     return e;
   if (auto e = Expect(counters->element_type() == xffi::DataType::U32 &&
-                          static_cast<int64_t>(counters->element_count()) == (tokens + chunk - 1) / chunk,
-                      op, "counters must be uint32 [ceil(tokens / chunk)]");
+                          static_cast<int64_t>(counters->element_count()) == chunks + (rows + 31) / 32,
+                      op, "counters must be uint32 [ceil(tokens / chunk) + ceil(rows / 32)]");
       e.failure())
     return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
@@ -144,10 +148,11 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf rng,
                           Out<T>(grad),
                           Out<float>(partials),
                           Out<uint32_t>(counters),
+                          Out<uint32_t>(counters) + chunks,
                           chunk,
                           tokens,
                           hidden,
-                          grad->dimensions()[0],
+                          rows,
                           factor,
                           rate};
     return run(a);

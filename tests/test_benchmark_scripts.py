@@ -55,11 +55,13 @@ def test_profile_case_smoke(tmp_path):
     for impl in ("lsjax", "plain"):
         out = tmp_path / f"case_{impl}.json"
         profile.main(["case", "--smoke", "--case", "embedding:128x64x512:bfloat16", "--impl", impl, "--top", "3",
-                      "--out", str(out)])
+                      "--timeline", "--apps", "2", "--out", str(out)])
         r = json.loads(out.read_text())
         assert (r["program"], r["case"], r["mode"], r["calls"]) == ("case", "embedding:128x64x512:bfloat16",
                                                                      "fwd+bwd", 3)
         assert r["kernels"] > 0 and r["busy_ms"] > 0
+        starts = [t["start_us"] for t in r["timeline"]]
+        assert starts[0] == 0 and starts == sorted(starts) and 0 < len(starts) <= r["kernels"]
     with pytest.raises(SystemExit, match="no case"):
         profile.main(["case", "--smoke", "--case", "embedding:1x1x1:bfloat16"])
 
@@ -87,6 +89,18 @@ def test_profile_categories_and_busy_time():
     assert category("loop_add_fusion_3") == "xla"
     assert category("Memcpy DtoD") == "copy"
     assert _union_ns([(0, 10), (5, 15), (20, 30)]) == 25  # overlapping streams count once
+
+
+def test_last_call_timeline_splits_calls_at_the_longest_idle_gaps():
+    from benchmarks.profile import last_call_timeline
+
+    # Two calls, 1000 ns apart; inside the second, a 300 ns gap and an overlap on a second stream.
+    events = [("a", 0, 100, "s0"), ("b", 150, 50, "s0"),
+              ("a", 1200, 100, "s0"), ("side", 1250, 400, "s1"), ("b", 1950, 50, "s0")]
+    timeline = last_call_timeline(events, calls=2)
+    assert [(t["kernel"], t["stream"], t["start_us"], t["end_us"]) for t in timeline] == [
+        ("a", "s0", 0.0, 0.1), ("side", "s1", 0.05, 0.45), ("b", "s0", 0.75, 0.8)]
+    assert len(last_call_timeline(events, calls=1)) == 5
 
 
 def test_decode_smoke(tmp_path):

@@ -351,6 +351,28 @@ def test_cuda_zipf_ids_across_chunks(rng, batch, seq, vocab, hidden):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch,seq,longest", [(64, 1024, 150), (16, 1024, 40), (8, 1024, 20)])
+def test_cuda_segments_of_every_length_cross_chunk_boundaries(rng, batch, seq, longest):
+    """Rows own 1..longest tokens each, so segments of every length start at every offset of the
+    backward's chunks (64, 16 and 8 sorted tokens, reaching 16, 4 and 2 tokens past their end):
+    those summed whole by the chunk where they start and those left as partials both occur."""
+    tokens = batch * seq
+    counts = np.resize(np.arange(1, longest + 1), tokens)
+    counts = counts[:np.searchsorted(np.cumsum(counts), tokens, side="right")]
+    ids = np.full(tokens, PAD, np.int32)
+    ids[:counts.sum()] = np.repeat(np.arange(PAD + 1, PAD + 1 + counts.size), counts)
+    ids = jnp.asarray(rng.permutation(ids).reshape(batch, seq))
+    vocab = PAD + counts.size + 4  # the first and the last rows have no tokens
+    table = normal(rng, (vocab, 64), jnp.float32)
+    w = normal(rng, (batch, seq, 64))
+    f = lambda emb: lambda t: jnp.sum(emb(ids, t, padding_id=PAD, rate=0.1, key=jax.random.key(4)) * w)
+    with ops.use_backend("cuda"):
+        g = jax.jit(jax.grad(f(embedding)))(table)
+    expected = jax.jit(jax.grad(f(embedding_reference)))(table)
+    assert_close(g, expected, 1e-4, f"segments of 1..{longest} tokens, {tokens} tokens")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(5, 33, 300, 1024), (3, 7, 257, 99)])
 def test_cuda_writes_every_output(rng, shape):
     """Outputs poisoned with NaN (donated buffers) must be fully overwritten."""

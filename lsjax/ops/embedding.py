@@ -318,11 +318,12 @@ def _segment_sum_local(factor, rate, backend, keys, order, dy, rng, like):
     """
     tokens, hidden = keys.size, dy.shape[-1]
     chunk = _segment_chunk(tokens)
-    # partials of the segments cut by chunks and their chunk counters: the CUDA kernel's workspace, dropped.
-    chunks = -(-tokens // chunk)
-    out = (jax.ShapeDtypeStruct((like.shape[0], hidden), dy.dtype),
+    # The CUDA kernel's workspace, dropped: partials of the segments cut by chunks; their chunk counters,
+    # then a bit per grad row with tokens.
+    chunks, rows = -(-tokens // chunk), like.shape[0]
+    out = (jax.ShapeDtypeStruct((rows, hidden), dy.dtype),
            jax.ShapeDtypeStruct((2 * chunks, hidden), jnp.float32),
-           jax.ShapeDtypeStruct((chunks,), jnp.uint32))
+           jax.ShapeDtypeStruct((chunks + -(-rows // 32),), jnp.uint32))
     grad, _, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
         dy, keys.reshape(-1), order.reshape(-1), rng, factor=np.float32(factor), rate=np.float32(rate),
         chunk=np.int32(chunk))
