@@ -106,8 +106,13 @@ fi
 
 if [ "$OPS" != "none" ]; then
   echo "== op benchmarks"
+  # SM/memory clocks and power every 0.5 s while they run: kernels' speed follows the clocks the GPU holds.
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 500 \
+    > "$OUT/clocks.csv" 2>&1 &
+  clocks_pid=$!
   $PY -m benchmarks.ops ${OPS:+--ops "$OPS"} ${OPS_ONLY:+--only "$OPS_ONLY"} --json "$OUT/ops.json" 2>&1 | tee "$OUT/ops.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  kill "$clocks_pid" 2>/dev/null
 fi
 
 bench() {  # name, command...

@@ -3,6 +3,7 @@
 //   embedding_fwd      (ids, offset, rng, table, pos_table) -> (y, positions)
 //   embedding_sort_fwd (ids, offset, rng, table, pos_table) -> (y, positions, sorted_keys, order,
 //                      workspace: uint8 [lsjax._ffi.embedding_sort_workspace_bytes(tokens, vocab)], CUDA only)
+//                      (CUDA also embedding_sort_fwd_graph, the same in XLA's command buffers)
 //   embedding_bwd      (dy, keys, order, rng) -> (grad, CUDA workspace:
 //                      partials: float32 [2 * ceil(tokens / chunk), H],
 //                      counters: uint32 [ceil(tokens / chunk) + ceil(rows / 32)]: chunks done per cut segment,
@@ -19,8 +20,9 @@
 // command-buffer compatible: captured into XLA's CUDA graph, fwd+bwd at
 // 256x256x1024 took ~19 us longer (session 20; giving the captured sort
 // kernels the side stream's priority did not change it), as if the sort's
-// chain of small kernels waited behind the forward kernel's blocks. The
-// other targets are; the backward's second-stream branch (zeroing the rows
+// chain of small kernels waited behind the forward kernel's blocks. Its twin
+// embedding_sort_fwd_graph (CUDA only) is, for small token counts, where the
+// sort's host-side launches cost more. The other targets are; the backward's second-stream branch (zeroing the rows
 // without tokens) is one small kernel. Attributes: fwd scale,
 // rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
 #include <string>
@@ -255,14 +257,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     },
     FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>()), {xffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    EmbeddingSortFwdCudaHandler,
-    [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y, Res positions,
-       Res sorted_keys, Res order, Res workspace, float scale, float rate, int32_t padding_id) {
-      return Fwd<CudaTypes>("embedding_sort_fwd", RunFwdCuda(stream, &workspace), ids, offset, rng, table,
-                            pos_table, y, positions, &sorted_keys, &order, scale, rate, padding_id);
-    },
-    FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>()));
+auto SortFwdCuda = [](cudaStream_t stream, Buf ids, Buf offset, Buf rng, Buf table, Buf pos_table, Res y,
+                      Res positions, Res sorted_keys, Res order, Res workspace, float scale, float rate,
+                      int32_t padding_id) {
+  return Fwd<CudaTypes>("embedding_sort_fwd", RunFwdCuda(stream, &workspace), ids, offset, rng, table, pos_table, y,
+                        positions, &sorted_keys, &order, scale, rate, padding_id);
+};
+auto SortFwdBinding() {
+  return FwdAttrs(FwdArgs(xffi::Ffi::Bind().Ctx<Stream>()).Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
+}
+
+// The sorting forward outside XLA's command buffers (embedding_sort_fwd) and
+// inside them (embedding_sort_fwd_graph, for small token counts, where the
+// host's work of launching the sort's kernels on every call costs more than
+// the graph's ordering of them behind the forward kernel).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmbeddingSortFwdCudaHandler, SortFwdCuda, SortFwdBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmbeddingSortFwdGraphCudaHandler, SortFwdCuda, SortFwdBinding(),
+                              {xffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
@@ -287,6 +298,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 LSJAX_FFI_TARGET_CUDA("embedding_fwd", EmbeddingFwdCudaHandler);
 LSJAX_FFI_TARGET_CUDA("embedding_sort_fwd", EmbeddingSortFwdCudaHandler);
+LSJAX_FFI_TARGET_CUDA("embedding_sort_fwd_graph", EmbeddingSortFwdGraphCudaHandler);
 LSJAX_FFI_TARGET_CUDA("embedding_bwd", EmbeddingBwdCudaHandler);
 
 #endif  // LSJAX_WITH_CUDA

@@ -373,6 +373,18 @@ def test_cuda_segments_of_every_length_cross_chunk_boundaries(rng, batch, seq, l
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch,seq,graph", [(128, 64, True), (256, 256, False)])
+def test_cuda_sort_in_command_buffers_below_a_token_count(rng, batch, seq, graph):
+    """Small token counts take the command-buffer-compatible sorting forward; large ones the other."""
+    ids = jnp.asarray(rng.integers(0, 100, (batch, seq)), jnp.int32)
+    table = normal(rng, (100, 64), jnp.bfloat16)
+    with ops.use_backend("cuda"):
+        hlo = jax.jit(jax.grad(lambda t: jnp.sum(embedding(ids, t).astype(jnp.float32)))).lower(table).as_text()
+    assert ("lsjax_embedding_sort_fwd_graph_cuda" in hlo) == graph
+    assert "lsjax_embedding_sort_fwd_cuda" in hlo or graph
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(5, 33, 300, 1024), (3, 7, 257, 99)])
 def test_cuda_writes_every_output(rng, shape):
     """Outputs poisoned with NaN (donated buffers) must be fully overwritten."""

@@ -255,6 +255,12 @@ def _row_keys(index: jax.Array, nonpad: jax.Array, rows: int) -> jax.Array:
     return jnp.where(nonpad, jnp.clip(index, 0, rows - 1), np.int32(rows)).astype(_I32)
 
 
+# Below this many tokens the CUDA sorting forward runs inside XLA's command buffers (CUDA graphs): its
+# sort's host-side launches then cost nothing per call; above, outside them, where the graph would order
+# the sort's kernels behind the forward kernel's (ffi/embedding.cc).
+_GRAPH_SORT_TOKENS = 32768
+
+
 def _fwd_local(scale, rate, padding_id, backend, sort, ids, offset, rng, table, pos_table):
     """The forward kernel on local blocks; ``pos_table``: a learned one, or ``[0, hidden]`` (sinusoidal).
 
@@ -269,7 +275,8 @@ def _fwd_local(scale, rate, padding_id, backend, sort, ids, offset, rng, table, 
             ids, offset, rng, table, pos_table, **attrs)
         return y
     workspace = jax.ShapeDtypeStruct((_sort_workspace_bytes(backend, ids.size, table.shape[0]),), jnp.uint8)
-    y, _, keys, order, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_sort_fwd", backend),
+    in_graph = backend == "cuda" and ids.size < _GRAPH_SORT_TOKENS
+    y, _, keys, order, _ = jax.ffi.ffi_call(_backend.ffi_target(f"embedding_sort_fwd{'_graph' * in_graph}", backend),
                                             (_out_shape(ids, table), index, index, index, workspace))(
         ids, offset, rng, table, pos_table, **attrs)
     return y, keys, order
