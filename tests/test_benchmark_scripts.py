@@ -60,8 +60,10 @@ def test_profile_case_smoke(tmp_path):
         assert (r["program"], r["case"], r["mode"], r["calls"]) == ("case", "embedding:128x64x512:bfloat16",
                                                                      "fwd+bwd", 3)
         assert r["kernels"] > 0 and r["busy_ms"] > 0
+        # The CPU's "kernels" are host thunks, whose idle gaps need not separate the calls (the splitter
+        # itself: test_last_call_timeline_splits_calls_at_the_longest_idle_gaps).
         starts = [t["start_us"] for t in r["timeline"]]
-        assert starts[0] == 0 and starts == sorted(starts) and 0 < len(starts) <= r["kernels"]
+        assert starts[0] == 0 and starts == sorted(starts) and 0 < len(starts) <= r["kernels"] * r["calls"]
     with pytest.raises(SystemExit, match="no case"):
         profile.main(["case", "--smoke", "--case", "embedding:1x1x1:bfloat16"])
 
