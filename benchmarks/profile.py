@@ -245,7 +245,8 @@ def table(result: dict) -> str:
     lines += [f"| `{t['kernel'][:90]}` | {t['category']} | {t['launches']:.0f} | {t['ms']:.3f} | {t['mean_us']:.1f} |"
               for t in r["top"]]
     if r.get("timeline"):
-        lines += ["", "last call's timeline:", "", "| stream | start us | end us | kernel |", "| --- | ---: | ---: | --- |"]
+        lines += ["", "last call's timeline:", "",
+                  "| stream | start us | end us | kernel |", "| --- | ---: | ---: | --- |"]
         lines += [f"| {t['stream'][:20]} | {t['start_us']:.1f} | {t['end_us']:.1f} | `{t['kernel'][:80]}` |"
                   for t in r["timeline"]]
     if r.get("host_top"):

@@ -110,7 +110,7 @@ __device__ __forceinline__ float ParamAt(const ParamVec<T>& p, int64_t i) {
 }
 
 // The last t in [0, count) with first[t] <= item (first ascending, count >= 1), 0 when there is none:
-// which tensor of a multi-tensor table owns block `item`, or where a sorted array holds `item`.
+// which tensor of a multi-tensor table owns block `item`.
 __device__ __forceinline__ int TableIndex(const int32_t* first, int count, int item) {
   int t = 0;
   for (int hi = count - 1; t < hi;) {

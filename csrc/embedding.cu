@@ -225,7 +225,6 @@ constexpr int32_t kNoKey = INT32_MIN;  // a key past either end of the sorted ke
 
 constexpr int kBwdStages = 4;  // dy rows of loads in flight per thread
 
-
 // Chunks [first, last] that hold sorted keys equal to `key`, which chunk q
 // holds: chunk p > q continues it when its first key is `key`, chunk p < q
 // when its last one is (the keys are sorted, so those chunks are contiguous).
@@ -403,7 +402,9 @@ __global__ void __launch_bounds__(kBlock) MarkRows(EmbeddingBwdArgs<T> a) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.tokens; i += stride) {
     const int32_t key = a.keys[i];
-    if (key >= 0 && key < a.rows && (i == 0 || a.keys[i - 1] != key)) atomicOr(a.row_bits + key / 32, 1u << (key % 32));
+    if (key >= 0 && key < a.rows && (i == 0 || a.keys[i - 1] != key)) {
+      atomicOr(a.row_bits + key / 32, 1u << (key % 32));
+    }
   }
 }
 
