@@ -22,9 +22,10 @@
 // kernels the side stream's priority did not change it), as if the sort's
 // chain of small kernels waited behind the forward kernel's blocks. Its twin
 // embedding_sort_fwd_graph (CUDA only) is, for small token counts, where the
-// sort's host-side launches cost more. The other targets are; the backward's second-stream branch (zeroing the rows
-// without tokens) is one small kernel. Attributes: fwd scale,
-// rate, padding_id; bwd factor, rate, chunk (tokens per block, [1, 64]).
+// sort's host-side launches cost more. The other targets are; the backward's
+// second-stream branch (marking the rows with tokens, zeroing the others) is
+// two small kernels. Attributes: fwd scale, rate, padding_id; bwd factor,
+// rate, chunk (tokens per block, [1, 64]).
 #include <string>
 #include <utility>
 #include <type_traits>
