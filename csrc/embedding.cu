@@ -25,14 +25,16 @@
 // Backward: deterministic segment sum, no float atomics. The tokens are
 // sorted by key (stably), so each table row's tokens form one contiguous
 // segment in ascending token order. EmbBwdChunks splits the sorted tokens into
-// chunks of `chunk` (<= kEmbeddingBwdMaxChunk): one block per chunk walks its
-// tokens in order, kBwdStages dy rows in flight per thread, and sums each run
-// of equal keys in float32; a segment inside one chunk is written to grad
-// there, and so is a short segment cut by one chunk boundary (ending less
-// than chunk / 4 tokens past it), by the chunk where it starts. A longer
-// segment cut by chunk boundaries leaves one float32 partial per chunk it
-// touches, and the last of its chunks to finish (an integer counter per cut
-// segment) adds them in chunk order and writes the row. Every token is
+// chunks of `chunk` (<= kEmbeddingBwdMaxChunk), and those into slices of
+// `slice` tokens that blocks take in order from a queue: a block walks the
+// runs of equal keys starting in its slice, each to its end in the chunk,
+// kBwdStages dy rows in flight per thread, and sums each in float32; a
+// segment inside one chunk is written to grad there, and so is a short
+// segment cut by one chunk boundary (ending less than chunk / 4 tokens past
+// it), by the block where it starts. A longer segment cut by chunk
+// boundaries leaves one float32 partial per chunk it touches, and the last of
+// its chunks to finish (an integer counter per cut segment) adds them in
+// chunk order and writes the row. Every token is
 // read once however the tokens spread over rows (one frequent token's long
 // segment is split across chunks, not summed by one thread), and every grad
 // element is written once: the rows without tokens by EmbBwdZeroRows, on a
@@ -244,8 +246,25 @@ __device__ __forceinline__ int2 SegmentChunks(const EmbeddingBwdArgs<T>& a, int6
   return make_int2(static_cast<int>(first), static_cast<int>(last));
 }
 
-// Chunk q's block walks its valid tokens (keys in [0, rows)) in order, one
-// column vector per thread, and sums each run of equal keys in float32
+// The first p in [from, to) that starts a run: p == lo (lo = -1: none), or
+// its key differs from position p - 1's (s_key[p + 1] vs s_key[p]); `to`
+// when none. Each warp computes it alone, 32 positions per ballot (no
+// barrier).
+__device__ __forceinline__ int FirstRunStart(const int32_t* s_key, int lo, int from, int to) {
+  const int lane = threadIdx.x & 31;
+  for (int base = from; base < to; base += 32) {
+    const int p = base + lane;
+    const unsigned starts = __ballot_sync(~0u, p < to && (p == lo || s_key[p + 1] != s_key[p]));
+    if (starts != 0) return base + __ffs(starts) - 1;
+  }
+  return to;
+}
+
+// Blocks take slices of `slice` sorted tokens in order from a queue (a
+// counter after the segment counters), chunk / slice slices per chunk. The
+// block of slice j of chunk q walks the runs of equal keys that start in the
+// slice (among the chunk's valid tokens, keys in [0, rows)), each to its end
+// in the chunk, one column vector per thread, and sums them in float32
 // registers. A run that is its row's whole segment is written to grad, and so
 // is a short segment cut by the chunk's end (its tokens past the end read
 // too; the next chunk skips them). A run of a longer segment cut by chunk
@@ -253,10 +272,12 @@ __device__ __forceinline__ int2 SegmentChunks(const EmbeddingBwdArgs<T>& a, int6
 // chunk q's start cuts it, else 2q + 1; the block then counts itself done
 // with that segment (a counter per segment, at its first chunk), and the
 // segment's last chunk to be done adds its partials in chunk order
-// (2 first + 1, then 2p for the later chunks p) and writes its row. The
-// chunk's keys and token order are read once into shared memory; dy rows
-// arrive through the thread's cp.async slots, kBwdStages tokens ahead, and
-// each token's keep bits are drawn while its row is in flight.
+// (2 first + 1, then 2p for the later chunks p) and writes its row. So
+// segments are cut only at chunk boundaries, while a block's work is a slice:
+// a long segment costs a partial per chunk, and short ones spread over many
+// blocks. The chunk's keys and token order are read into shared memory; dy
+// rows arrive through the thread's cp.async slots, kBwdStages tokens ahead,
+// and each token's keep bits are drawn while its row is in flight.
 template <typename T, int VEC, bool DROPOUT>
 __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a) {
   using V = cuda::Vec<T, VEC>;
@@ -267,19 +288,30 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
   __shared__ int32_t s_before;                          // key of sorted position begin - chunk - 1
   __shared__ int2 s_cut[2];                             // chunks of the segments cut at the start, at the end
   __shared__ bool s_adds[2];                            // whether this block adds that segment's partials
+  __shared__ uint32_t s_slice[2];                       // slices taken from the queue, used alternately
   extern __shared__ __align__(16) unsigned char ring_bytes[];  // [kBwdStages][blockDim.x] V: the dy slots
   V* ring = reinterpret_cast<V*>(ring_bytes);
   const int64_t h = a.hidden;
   const int64_t ncv = h / VEC;
   const int64_t chunks = CeilDiv(a.tokens, a.chunk);
+  const int64_t slices = CeilDiv(a.tokens, a.slice);
+  const int64_t split = a.chunk / a.slice;
+  uint32_t* queue = a.counters + chunks;
   const int reach = static_cast<int>(a.chunk / 4);  // < chunk: a short segment crosses one boundary
   DropoutRng rng{};
   if constexpr (DROPOUT) rng = MakeDropoutRng(a.rng, a.rate);
-  for (int64_t q = blockIdx.x; q < chunks; q += gridDim.x) {
+  if (threadIdx.x == 0) s_slice[0] = atomicAdd(queue, 1u);
+  __syncthreads();
+  for (int it = 0;; ++it) {
+    const int64_t taken = s_slice[it & 1];
+    if (taken >= slices) break;
+    const int64_t q = taken / split;
+    const int first = static_cast<int>((taken % split) * a.slice);  // the slice's first position in chunk q
     const int64_t begin = q * a.chunk;
     const int len = static_cast<int>(a.tokens - begin < a.chunk ? a.tokens - begin : a.chunk);
     const int window = static_cast<int>(a.tokens - begin < len + reach ? a.tokens - begin : len + reach);
-    __syncthreads();  // the previous chunk's reads of the shared arrays are done
+    __syncthreads();  // the previous slice's reads of the shared arrays are done
+    if (threadIdx.x == 0) s_slice[(it + 1) & 1] = atomicAdd(queue, 1u);
     for (int t = threadIdx.x; t < len + reach + 2; t += blockDim.x) {
       const int64_t i = begin - 1 + t;
       s_key[t] = i >= 0 && i < a.tokens ? a.keys[i] : kNoKey;
@@ -301,14 +333,17 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
     const bool short_at_start = cut_at_start && s_before != s_key[1] && s_key[reach + 1] != s_key[1];
     const bool short_at_end = cut_at_end && s_key[0] != s_key[len] && s_key[len + reach + 1] != s_key[len];
     if (short_at_start) {  // the previous chunk sums it
-      while (lo < hi && s_key[lo + 1] == s_key[1]) ++lo;
+      lo = FirstRunStart(s_key, -1, 1, hi);
       if (lo == hi) continue;
     }
-    if (short_at_end) {  // this chunk sums it: its tokens past the end
-      while (s_key[hi + 1] == s_key[len]) ++hi;
-    }
-    const bool lead_partial = cut_at_start && !short_at_start;
-    const bool tail_partial = cut_at_end && !short_at_end;
+    if (short_at_end) hi = FirstRunStart(s_key, -1, len, len + reach + 1);  // this chunk sums it, past its end
+    // This slice's runs [run_lo, run_hi): those starting in [first, first + slice).
+    const int last = first + static_cast<int>(a.slice) < len ? first + static_cast<int>(a.slice) : len;
+    const int run_lo = FirstRunStart(s_key, lo, lo > first ? lo : first, hi);
+    if (run_lo >= last || run_lo >= hi) continue;
+    const int run_hi = FirstRunStart(s_key, lo, last, hi);
+    const bool lead_partial = cut_at_start && !short_at_start && run_lo == 0;
+    const bool tail_partial = cut_at_end && !short_at_end && run_hi == len;
     const bool one_cut = lead_partial && tail_partial && s_key[1] == s_key[len];  // one segment, cut at both ends
     if (threadIdx.x < 32) {  // warp 0: where the cut segments begin and end, read by the block after its runs
       if (lead_partial) s_cut[0] = SegmentChunks(a, q, s_key[1], chunks);
@@ -317,16 +352,16 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
     for (int64_t cv = threadIdx.x; cv < ncv; cv += blockDim.x) {
       const int64_t c = cv * VEC;
       auto stage = [&](int slot, int p) {  // one commit group per token, empty past the end
-        if (p < hi) cuda::CopyVecAsync<T, VEC>(&ring[slot * blockDim.x + threadIdx.x], a.dy + s_token[p] * h + c);
+        if (p < run_hi) cuda::CopyVecAsync<T, VEC>(&ring[slot * blockDim.x + threadIdx.x], a.dy + s_token[p] * h + c);
         cuda::CopyAsyncCommit();
       };
 #pragma unroll
-      for (int u = 0; u < kBwdStages; ++u) stage(u, lo + u);
+      for (int u = 0; u < kBwdStages; ++u) stage(u, run_lo + u);
       float acc[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
-      int run_start = lo, slot = 0;
-      for (int p = lo; p < hi; ++p) {
+      int run_start = run_lo, slot = 0;
+      for (int p = run_lo; p < run_hi; ++p) {
         uint32_t keep = 0;
         if constexpr (DROPOUT) keep = DropoutKeepBits<VEC>(rng, static_cast<uint64_t>(s_token[p]) * h + c);
         cuda::CopyAsyncWait<kBwdStages - 1>();  // token p's group, the oldest, has landed
@@ -337,10 +372,10 @@ __global__ void __launch_bounds__(kBlock, 4) EmbBwdChunks(EmbeddingBwdArgs<T> a)
         if constexpr (DROPOUT) ApplyKeepBits<VEC>(keep, rng.scale, v);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) acc[k] += v[k];
-        if (p + 1 < hi && s_key[p + 2] == s_key[p + 1]) continue;  // the run goes on
-        if (run_start == lo && lead_partial) {
+        if (p + 1 < run_hi && s_key[p + 2] == s_key[p + 1]) continue;  // the run goes on
+        if (run_start == run_lo && lead_partial) {
           StoreFloats<float, VEC>(a.partials + (2 * q) * h + c, acc);
-        } else if (p + 1 == hi && tail_partial) {
+        } else if (p + 1 == run_hi && tail_partial) {
           StoreFloats<float, VEC>(a.partials + (2 * q + 1) * h + c, acc);
         } else {
 #pragma unroll
@@ -507,15 +542,17 @@ cudaError_t EmbeddingFwdSortCuda(const EmbeddingFwdArgs<T>& a, const EmbeddingSo
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) {
   if (a.rows == 0 || a.hidden == 0) return cudaSuccess;
-  if (a.chunk < 1 || a.chunk > kEmbeddingBwdMaxChunk) return cudaErrorInvalidValue;
+  if (a.chunk < 1 || a.chunk > kEmbeddingBwdMaxChunk || a.slice < 1 || a.chunk % a.slice != 0) {
+    return cudaErrorInvalidValue;
+  }
   constexpr int kVec = cuda::kVec16<T>;
   const bool vectorisable = a.hidden % kVec == 0 && cuda::Aligned(a.dy, 16) && cuda::Aligned(a.grad, 16);
   const int vec = vectorisable ? kVec : 1;
   const int tx = ColumnThreads(a.hidden / vec);
   const int64_t chunks = CeilDiv(a.tokens, a.chunk);
   const int64_t words = CeilDiv(a.rows, 32);
-  // counters and row_bits: one zeroed workspace (the FFI's counters result).
-  if (cudaError_t err = cudaMemsetAsync(a.counters, 0, (chunks + words) * sizeof(uint32_t), stream);
+  // counters, the slice queue and row_bits: one zeroed workspace (the FFI's counters result).
+  if (cudaError_t err = cudaMemsetAsync(a.counters, 0, (chunks + 1 + words) * sizeof(uint32_t), stream);
       err != cudaSuccess) {
     return err;
   }
@@ -533,7 +570,8 @@ cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream) 
         },
         [&](cudaStream_t main) {
           if (chunks == 0) return cudaSuccess;
-          const int64_t grid = std::min<int64_t>(chunks, cuda::ResidentBlocksPerSM(walk, tx, ring) * cuda::NumSMs());
+          const int64_t slices = CeilDiv(a.tokens, a.slice);
+          const int64_t grid = std::min<int64_t>(slices, cuda::ResidentBlocksPerSM(walk, tx, ring) * cuda::NumSMs());
           walk<<<static_cast<unsigned>(grid), tx, ring, main>>>(a);
           return cudaGetLastError();
         });

@@ -73,9 +73,11 @@ struct EmbeddingBwdArgs {
   const uint32_t* rng;   // uint32[4]; read only when rate > 0
   T* grad;               // [rows, hidden], every element written
   float* partials;       // CUDA only: workspace float32 [2 * ceil(tokens / chunk), hidden]
-  uint32_t* counters;    // CUDA only: workspace uint32 [ceil(tokens / chunk)], chunks done per cut segment
+  uint32_t* counters;    // CUDA only: workspace uint32 [ceil(tokens / chunk) + 1]: chunks done per cut
+                         // segment, then the queue of slices
   uint32_t* row_bits;    // CUDA only: workspace uint32 [ceil(rows / 32)], a bit per grad row with tokens
-  int64_t chunk;         // CUDA only: sorted tokens per block, in [1, kEmbeddingBwdMaxChunk]
+  int64_t chunk;         // CUDA only: sorted tokens per partial sum, in [1, kEmbeddingBwdMaxChunk]
+  int64_t slice;         // CUDA only: sorted tokens per block's turn, dividing chunk
   int64_t tokens;
   int64_t hidden;
   int64_t rows;
@@ -102,7 +104,7 @@ cudaError_t EmbeddingFwdSortCuda(const EmbeddingFwdArgs<T>& a, const EmbeddingSo
                                  cudaStream_t stream);
 // a.partials, a.counters and a.row_bits (extra XLA outputs) are workspace:
 // the partial sums of segments cut by chunks, how many of a cut segment's
-// chunks are done, and which grad rows have tokens. The rows without tokens
+// chunks are done (and the next slice), and which grad rows have tokens. The rows without tokens
 // are zeroed on a second stream, concurrently.
 template <typename T>
 cudaError_t EmbeddingBwdCuda(const EmbeddingBwdArgs<T>& a, cudaStream_t stream);

@@ -6,8 +6,8 @@
 //                      (CUDA also embedding_sort_fwd_graph, the same in XLA's command buffers)
 //   embedding_bwd      (dy, keys, order, rng) -> (grad, CUDA workspace:
 //                      partials: float32 [2 * ceil(tokens / chunk), H],
-//                      counters: uint32 [ceil(tokens / chunk) + ceil(rows / 32)]: chunks done per cut segment,
-//                      then a bit per grad row with tokens)
+//                      counters: uint32 [ceil(tokens / chunk) + 1 + ceil(rows / 32)]: chunks done per cut
+//                      segment, the next slice, then a bit per grad row with tokens)
 // ids: int32 [..., seq] (positions count each row of seq from offset: int32[1];
 // positions: int32, one per token, the kernels' workspace);
 // keys, order: int32 [...] (same element count: tokens); rng: uint32[4] (read
@@ -25,7 +25,8 @@
 // sort's host-side launches cost more. The other targets are; the backward's
 // second-stream branch (marking the rows with tokens, zeroing the others) is
 // two small kernels. Attributes: fwd scale, rate, padding_id; bwd factor,
-// rate, chunk (tokens per block, [1, 64]).
+// rate, chunk (sorted tokens per partial sum, [1, 64]), slice (sorted tokens
+// per block's turn, dividing chunk).
 #include <string>
 #include <utility>
 #include <type_traits>
@@ -112,7 +113,7 @@ xffi::Error Fwd(const char* op, Run&& run, Buf ids, Buf offset, Buf rng, Buf tab
 
 template <typename Types, typename Run>
 xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf rng, Res grad, Res partials,
-                Res counters, float factor, float rate, int32_t chunk) {
+                Res counters, float factor, float rate, int32_t chunk, int32_t slice) {
   const int64_t tokens = static_cast<int64_t>(keys.element_count());
   if (auto e = Expect(tokens < (int64_t{1} << 31), op, "at most 2^31 - 1 tokens per shard"); e.failure()) return e;
   if (auto e = CheckIndex(op, order, tokens, "order"); e.failure()) return e;
@@ -128,6 +129,7 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf rng,
                       "chunk must be in [1, " + std::to_string(kEmbeddingBwdMaxChunk) + "]");
       e.failure())
     return e;
+  if (auto e = Expect(slice >= 1 && chunk % slice == 0, op, "slice must divide chunk"); e.failure()) return e;
   const int64_t chunks = (tokens + chunk - 1) / chunk;
   const int64_t rows = grad->dimensions()[0];
   if (auto e = Expect(partials->element_type() == xffi::DataType::F32 && partials->dimensions().size() == 2 &&
@@ -137,8 +139,8 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf rng,
       e.failure())
     return e;
   if (auto e = Expect(counters->element_type() == xffi::DataType::U32 &&
-                          static_cast<int64_t>(counters->element_count()) == chunks + (rows + 31) / 32,
-                      op, "counters must be uint32 [ceil(tokens / chunk) + ceil(rows / 32)]");
+                          static_cast<int64_t>(counters->element_count()) == chunks + 1 + (rows + 31) / 32,
+                      op, "counters must be uint32 [ceil(tokens / chunk) + 1 + ceil(rows / 32)]");
       e.failure())
     return e;
   return DispatchFloat<Types>(dy.element_type(), op, [&](auto tag) {
@@ -151,8 +153,9 @@ xffi::Error Bwd(const char* op, Run&& run, Buf dy, Buf keys, Buf order, Buf rng,
                           Out<T>(grad),
                           Out<float>(partials),
                           Out<uint32_t>(counters),
-                          Out<uint32_t>(counters) + chunks,
+                          Out<uint32_t>(counters) + chunks + 1,
                           chunk,
+                          slice,
                           tokens,
                           hidden,
                           rows,
@@ -211,9 +214,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCpuHandler,
     [](Buf dy, Buf keys, Buf order, Buf rng, Res grad, Res partials, Res counters, float factor, float rate,
-       int32_t chunk) {
+       int32_t chunk, int32_t slice) {
       return Bwd<CpuTypes>("embedding_bwd", RunBwdCpu, dy, keys, order, rng, grad, partials, counters, factor, rate,
-                           chunk);
+                           chunk, slice);
     },
     xffi::Ffi::Bind()
         .Arg<Buf>()
@@ -225,7 +228,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<Buf>()
         .Attr<float>("factor")
         .Attr<float>("rate")
-        .Attr<int32_t>("chunk"));
+        .Attr<int32_t>("chunk")
+        .Attr<int32_t>("slice"));
 
 LSJAX_FFI_TARGET_CPU("embedding_fwd", EmbeddingFwdCpuHandler);
 LSJAX_FFI_TARGET_CPU("embedding_sort_fwd", EmbeddingSortFwdCpuHandler);
@@ -279,9 +283,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EmbeddingSortFwdGraphCudaHandler, SortFwdCuda, Sor
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     EmbeddingBwdCudaHandler,
     [](cudaStream_t stream, Buf dy, Buf keys, Buf order, Buf rng, Res grad, Res partials, Res counters,
-       float factor, float rate, int32_t chunk) {
+       float factor, float rate, int32_t chunk, int32_t slice) {
       return Bwd<CudaTypes>("embedding_bwd", RunBwdCuda(stream), dy, keys, order, rng, grad, partials, counters,
-                            factor, rate, chunk);
+                            factor, rate, chunk, slice);
     },
     xffi::Ffi::Bind()
         .Ctx<Stream>()
@@ -294,7 +298,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<Buf>()
         .Attr<float>("factor")
         .Attr<float>("rate")
-        .Attr<int32_t>("chunk"),
+        .Attr<int32_t>("chunk")
+        .Attr<int32_t>("slice"),
     {xffi::Traits::kCmdBufferCompatible});
 
 LSJAX_FFI_TARGET_CUDA("embedding_fwd", EmbeddingFwdCudaHandler);

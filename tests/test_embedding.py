@@ -1,5 +1,6 @@
 """Embedding: reference vs CPU FFI vs CUDA, gradients, dropout masks, positions, sharding, bad input."""
 
+import importlib
 import math
 
 import jax
@@ -209,6 +210,30 @@ def test_backward_skips_keys_outside_the_rows(rng, backend):
     assert_close(grad, expected, 1e-5, "segment sum with excluded keys")
 
 
+# (chunk, slice) plans of the CUDA backward: the default's and ones where chunks hold 1, 4 or 8 slices
+# of 1 to 64 tokens (short segments reach chunk / 4 past a chunk's end).
+PLANS = [(64, 16), (64, 8), (64, 64), (16, 4), (8, 1)]
+
+
+@pytest.fixture(params=PLANS, ids=lambda p: f"chunk{p[0]}-slice{p[1]}")
+def segment_plan(request, monkeypatch):
+    module = importlib.import_module("lsjax.ops.embedding")  # the package's `embedding` is the function
+    monkeypatch.setattr(module, "_SEGMENT_PLAN", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("segment_plan,message", [((65, 13), "chunk must be in"), ((64, 24), "slice must divide chunk"),
+                                                  ((64, 0), "slice must divide chunk")], indirect=["segment_plan"])
+def test_backward_rejects_bad_plans(segment_plan, backend, message):
+    from lsjax.ops.embedding import _segment_sum_local
+
+    keys, order = jnp.arange(100, dtype=jnp.int32) % 7, jnp.arange(100, dtype=jnp.int32)
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(jax.jit(lambda d: _segment_sum_local(
+            1.0, 0.0, backend, keys, order, d, np.zeros(4, np.uint32), jnp.zeros((7, 8))))(jnp.ones((100, 8))))
+
+
 def test_reference_gradients(rng):
     ids, table, pos_table = _inputs(rng, (2, 5, 7, 6), jnp.float32)
     f = lambda t, p: embedding_reference(ids, t, positions=p, padding_id=PAD)
@@ -335,9 +360,9 @@ def test_cuda_backward_is_deterministic_with_hot_rows(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch,seq,vocab,hidden", [(256, 256, 5000, 64), (64, 256, 3000, 136), (16, 64, 400, 1024)])
-def test_cuda_zipf_ids_across_chunks(rng, batch, seq, vocab, hidden):
+def test_cuda_zipf_ids_across_chunks(rng, segment_plan, batch, seq, vocab, hidden):
     """Zipf-distributed ids (a few rows own long segments cut by many chunks, most rows few tokens
-    or none) at chunk sizes 64, 16 and 8: float32 gradients match the reference's."""
+    or none) under every plan: float32 gradients match the reference's."""
     ids = jnp.asarray((rng.zipf(1.2, (batch, seq)) - 1) % vocab, jnp.int32)  # id 0 (the pad) is the hottest
     table = normal(rng, (vocab, hidden), jnp.float32)
     w = normal(rng, (batch, seq, hidden))
@@ -352,10 +377,10 @@ def test_cuda_zipf_ids_across_chunks(rng, batch, seq, vocab, hidden):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch,seq,longest", [(64, 1024, 150), (16, 1024, 40), (8, 1024, 20)])
-def test_cuda_segments_of_every_length_cross_chunk_boundaries(rng, batch, seq, longest):
+def test_cuda_segments_of_every_length_cross_chunk_boundaries(rng, segment_plan, batch, seq, longest):
     """Rows own 1..longest tokens each, so segments of every length start at every offset of the
-    backward's chunks (64, 16 and 8 sorted tokens, reaching 16, 4 and 2 tokens past their end):
-    those summed whole by the chunk where they start and those left as partials both occur."""
+    backward's chunks and slices under every plan: those summed whole by the slice where they start
+    and those left as partials both occur."""
     tokens = batch * seq
     counts = np.resize(np.arange(1, longest + 1), tokens)
     counts = counts[:np.searchsorted(np.cumsum(counts), tokens, side="right")]

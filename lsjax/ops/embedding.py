@@ -324,29 +324,26 @@ def _segment_sum_local(factor, rate, backend, keys, order, dy, rng, like):
     mesh, the gradient's sharding.
     """
     tokens, hidden = keys.size, dy.shape[-1]
-    chunk = _segment_chunk(tokens)
+    chunk, slice_ = _SEGMENT_PLAN
     # The CUDA kernel's workspace, dropped: partials of the segments cut by chunks; their chunk counters,
-    # then a bit per grad row with tokens.
+    # the slice queue, then a bit per grad row with tokens.
     chunks, rows = -(-tokens // chunk), like.shape[0]
     out = (jax.ShapeDtypeStruct((rows, hidden), dy.dtype),
            jax.ShapeDtypeStruct((2 * chunks, hidden), jnp.float32),
-           jax.ShapeDtypeStruct((chunks + -(-rows // 32),), jnp.uint32))
+           jax.ShapeDtypeStruct((chunks + 1 + -(-rows // 32),), jnp.uint32))
     grad, _, _ = jax.ffi.ffi_call(_backend.ffi_target("embedding_bwd", backend), out)(
         dy, keys.reshape(-1), order.reshape(-1), rng, factor=np.float32(factor), rate=np.float32(rate),
-        chunk=np.int32(chunk))
+        chunk=np.int32(chunk), slice=np.int32(slice_))
     return grad
 
 
-_MAX_CHUNK = 64  # csrc/embedding.h kEmbeddingBwdMaxChunk
-
-
-def _segment_chunk(tokens: int) -> int:
-    """Sorted tokens per block of the CUDA backward: a power of two in [8, _MAX_CHUNK], about 1024 blocks.
-
-    Fewer tokens per block keep every SM busy at small batches; up to 64 amortise each block's
-    set-up at large ones. A row's segment cut by chunks costs a float32 partial per chunk.
-    """
-    return int(min(_MAX_CHUNK, max(8, 1 << max(0, (tokens // 1024).bit_length() - 1))))
+# (chunk, slice) of the CUDA backward: sorted tokens per partial sum and per block's turn. A row's
+# segment is cut only at chunk boundaries (a float32 partial per chunk it touches: frequent rows want
+# long chunks, at most csrc/embedding.h kEmbeddingBwdMaxChunk); blocks take slices in turn from a
+# queue, so short slices spread a batch's many short segments over every SM. Slices of 16 were the
+# fastest or within 4% of it at every benchmarked shape, 8 to 32 tried (benchmarks/RESULTS.md,
+# session 23).
+_SEGMENT_PLAN = (64, 16)
 
 
 def _stable_sort_by_key(keys: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
