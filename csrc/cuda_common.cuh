@@ -41,23 +41,14 @@ struct alignas(sizeof(T) * VEC < 16 ? sizeof(T) * VEC : 16) Vec {
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);
 
-// A Vec as plain words of its alignment: copies through these are single
-// accesses of up to 16 bytes (a copy of the struct itself may be split per
-// element: nvcc stored a 16-byte Vec of bfloat16 as eight 2-byte stores).
+// A Vec as plain words of its alignment, for stores: one access of up to 16
+// bytes per word (an assignment of the struct itself may be split per
+// element: nvcc stored EmbBwdChunks' 16-byte bfloat16 rows as eight 2-byte
+// stores). Loads stay struct copies: reading through words changed layer
+// norm's forward code and cost it 11-14% (RESULTS.md, session 23).
 template <typename V>
 using VecWord = std::conditional_t<alignof(V) == 16, uint4,
                 std::conditional_t<alignof(V) == 8, uint2, std::conditional_t<alignof(V) == 4, uint32_t, uint16_t>>>;
-
-template <typename V>
-__device__ __forceinline__ V LoadVec(const void* p) {
-  using W = VecWord<V>;
-  V v;
-#pragma unroll
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(W)); ++i) {
-    reinterpret_cast<W*>(&v)[i] = reinterpret_cast<const W*>(p)[i];
-  }
-  return v;
-}
 
 template <typename V>
 __device__ __forceinline__ void StoreVec(void* p, const V& v) {
@@ -70,7 +61,7 @@ __device__ __forceinline__ void StoreVec(void* p, const V& v) {
 
 template <typename T, int VEC>
 __device__ __forceinline__ void LoadFloats(const T* p, float (&out)[VEC]) {
-  const Vec<T, VEC> v = LoadVec<Vec<T, VEC>>(p);
+  const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(p);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) out[i] = ToFloat(v.v[i]);
 }
